@@ -1,0 +1,1 @@
+"""The language-model toolkit: corpora, models, training, evaluation and generation."""

@@ -1,0 +1,348 @@
+"""The multi-layer Mogrifier LSTM, with the ``torch.nn.LSTM`` contract."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from moglstm.nn import functional as F
+from moglstm.nn._checks import (
+    check_floating,
+    check_like,
+    check_positive_int,
+    check_probability,
+    check_rank,
+    check_rounds,
+    check_shape,
+    check_tensor,
+)
+from moglstm.nn.cell import check_variants, lstm_parameter_shapes
+from moglstm.nn.mogrifier import Mogrifier
+
+
+@dataclass
+class LayerWeights:
+    """Everything one direction of one layer needs for a step."""
+
+    mogrifier_weights: list[F.RoundWeight]
+    mogrifier_biases: list[Tensor | None]
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Tensor | None
+    bias_hh: Tensor | None
+    variants: dict
+
+
+@dataclass
+class Steps:
+    """A sequence as steps: ``x`` is ``(T, B, I)``, or packed data ``(N, I)`` with
+    ``batch_sizes`` (a list of ints, non-increasing) for variable lengths."""
+
+    x: Tensor
+    batch_sizes: list[int] | None
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[0] if self.batch_sizes is None else len(self.batch_sizes)
+
+    def slices(self) -> list[tuple[int, int]]:
+        """``(offset, n)`` of each step's rows in packed data."""
+        out, offset = [], 0
+        for n in self.batch_sizes:
+            out.append((offset, n))
+            offset += n
+        return out
+
+
+def run_direction_reference(
+    steps: Steps,
+    h: Tensor,
+    c: Tensor,
+    w: LayerWeights,
+    reverse: bool = False,
+    state_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run one direction of one layer step by step with :mod:`moglstm.nn.functional`.
+
+    Args:
+        steps: the layer input.
+        h, c: ``(B, H)`` initial state.
+        state_mask: ``(B, H)`` dropout mask on the ``h`` fed back (not on the outputs).
+
+    Returns:
+        ``(output, h_n, c_n)``; ``output`` is ``(T, B, H)``, or ``(N, H)`` when packed.
+        Sequences shorter than the batch keep their state after their last step.
+    """
+    precompute = not w.mogrifier_weights  # with no rounds, x is not gated: one big matmul
+    gates_x = F.round_linear(steps.x, w.weight_ih, w.bias_ih) if precompute else None
+    if steps.batch_sizes is None:
+        index = [(t, None) for t in range(steps.length)]
+    else:
+        index = [(slice(o, o + n), n) for o, n in steps.slices()]
+    outputs: list[Tensor] = [None] * len(index)  # type: ignore[list-item]
+    order = range(len(index) - 1, -1, -1) if reverse else range(len(index))
+    for t in order:
+        rows, n = index[t]
+        x_t = steps.x[rows]
+        h_t, c_t = (h, c) if n is None else (h[:n], c[:n])
+        h_in = h_t if state_mask is None else h_t * (state_mask if n is None else state_mask[:n])
+        x_t, h_in = F.mogrify(x_t, h_in, w.mogrifier_weights, w.mogrifier_biases)
+        h_t, c_t = F.lstm_cell(
+            x_t,
+            h_in,
+            c_t,
+            w.weight_ih,
+            w.weight_hh,
+            None if precompute else w.bias_ih,
+            w.bias_hh,
+            gates_x=None if gates_x is None else gates_x[rows],
+            **w.variants,
+        )
+        outputs[t] = h_t
+        if n is None or n == h.shape[0]:
+            h, c = h_t, c_t
+        else:  # rows past n have ended (forward) or not started (reverse): keep them
+            h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
+    return (torch.stack(outputs) if steps.batch_sizes is None else torch.cat(outputs)), h, c
+
+
+class MogrifierLSTM(nn.Module):
+    r"""A multi-layer Mogrifier LSTM, a drop-in for :class:`torch.nn.LSTM`.
+
+    Each layer runs :class:`MogrifierLSTMCell`'s step over the sequence: before
+    step :math:`t`, the layer input :math:`x_t` and :math:`h_{t-1}` gate each other
+    for ``mogrify_rounds`` rounds (see :class:`Mogrifier`); the gated pair feeds the
+    LSTM gates and the ordinary :math:`(h_t, c_t)` is carried on. Layer
+    :math:`l > 0` takes the outputs of layer :math:`l-1` (both directions
+    concatenated), with dropout in between when ``dropout > 0``.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional:
+            as in :class:`torch.nn.LSTM`.
+        mogrify_rounds: Mogrifier rounds per step; 0 gives a plain LSTM.
+        mogrify_rank: rank of the round matrices (``None``: full rank).
+        coupled, peephole, cap_input_gate: the cell variants of :class:`MogrifierLSTMCell`.
+        state_dropout: variational dropout on the :math:`h_{t-1}` fed back into each
+            step (one mask per layer, direction and call, in training mode only). It
+            does not touch the outputs or the returned state.
+
+    Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
+    ``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``_reverse`` for the backward direction
+    (plus ``weight_c{i,f,o}_l{k}`` for peepholes); the Mogrifier of each layer and
+    direction is the submodule ``mogrifier_l{k}`` / ``mogrifier_l{k}_reverse``. So
+    ``load_state_dict(torch_lstm.state_dict())`` works, with ``strict=False`` when
+    there are Mogrifier or peephole parameters too.
+
+    Inputs: ``input, hx``
+        - input: ``(L, H_in)`` unbatched, ``(L, N, H_in)``, ``(N, L, H_in)`` with
+          ``batch_first=True``, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
+          Padding of a packed sequence never affects any result.
+        - hx: ``None`` (zeros) or ``(h_0, c_0)``, each ``(D * num_layers, N, H)``
+          (``(D * num_layers, H)`` unbatched), ``D = 2`` if bidirectional else 1.
+
+    Outputs: ``output, (h_n, c_n)``
+        - output: ``(L, N, D * H)`` (batch first if asked), or a ``PackedSequence``.
+        - h_n, c_n: ``(D * num_layers, N, H)``; for packed input, each sequence's
+          state after its own last step.
+
+    Example::
+
+        >>> rnn = MogrifierLSTM(10, 20, num_layers=2, mogrify_rounds=5, mogrify_rank=4)
+        >>> x = torch.randn(5, 3, 10)
+        >>> output, (h_n, c_n) = rnn(x)
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        mogrify_rounds: int = 5,
+        mogrify_rank: int | None = None,
+        coupled: bool = False,
+        peephole: bool = False,
+        cap_input_gate: bool = False,
+        state_dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_variants(coupled, cap_input_gate)
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.num_layers = check_positive_int("num_layers", num_layers)
+        self.dropout = check_probability("dropout", dropout)
+        self.state_dropout = check_probability("state_dropout", state_dropout)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.coupled = bool(coupled)
+        self.peephole = bool(peephole)
+        self.cap_input_gate = bool(cap_input_gate)
+        self.mogrify_rounds = check_rounds("mogrify_rounds", mogrify_rounds)
+        self.mogrify_rank = mogrify_rank
+        factory = {"device": device, "dtype": dtype}
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
+            check_rank("mogrify_rank", mogrify_rank, layer_input, hidden_size)
+            for suffix in self._suffixes(layer):
+                mog = Mogrifier(layer_input, hidden_size, mogrify_rounds, mogrify_rank, **factory)
+                self.add_module(f"mogrifier{suffix}", mog)
+                shapes = lstm_parameter_shapes(layer_input, hidden_size, bias, coupled, peephole)
+                for name, shape in shapes.items():
+                    self.register_parameter(
+                        f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory))
+                    )
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self, layer: int) -> list[str]:
+        return [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
+
+    def reset_parameters(self) -> None:
+        """torch's LSTM scheme, U(-1/sqrt(H), 1/sqrt(H)), for the LSTM weights; the
+        Mogrifiers reset themselves (see :class:`Mogrifier`)."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters(recurse=False):
+            nn.init.uniform_(p, -bound, bound)
+        for module in self.children():
+            module.reset_parameters()
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written against :class:`torch.nn.LSTM`."""
+
+    def layer_weights(self, layer: int, direction: int) -> LayerWeights:
+        suffix = self._suffixes(layer)[direction]
+        mog: Mogrifier = getattr(self, f"mogrifier{suffix}")
+        peephole = None
+        if self.peephole:
+            peephole = tuple(getattr(self, f"weight_c{g}{suffix}", None) for g in "ifo")
+        return LayerWeights(
+            mogrifier_weights=mog.round_weights(),
+            mogrifier_biases=mog.round_biases(),
+            weight_ih=getattr(self, f"weight_ih{suffix}"),
+            weight_hh=getattr(self, f"weight_hh{suffix}"),
+            bias_ih=getattr(self, f"bias_ih{suffix}", None),
+            bias_hh=getattr(self, f"bias_hh{suffix}", None),
+            variants={
+                "peephole": peephole,
+                "coupled": self.coupled,
+                "cap_input_gate": self.cap_input_gate,
+            },
+        )
+
+    def forward(
+        self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        steps, batch, unbatched, packed = self._unpack_input(input)
+        order = input.sorted_indices if packed else None
+        h0, c0 = self._initial_state(steps.x, hx, batch, unbatched, order)
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                steps = Steps(nn.functional.dropout(steps.x, self.dropout, True), steps.batch_sizes)
+            outs = []
+            for d in range(self.num_directions):
+                k = layer * self.num_directions + d
+                out, h, c = self._run(steps, h0[k], c0[k], layer, d)
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            steps = Steps(torch.cat(outs, -1) if len(outs) > 1 else outs[0], steps.batch_sizes)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        return self._pack_output(steps.x, h_n, c_n, input, unbatched)
+
+    def _run(self, steps: Steps, h: Tensor, c: Tensor, layer: int, d: int):
+        mask = None
+        if self.state_dropout > 0 and self.training:
+            keep = 1.0 - self.state_dropout
+            mask = torch.empty_like(h).bernoulli_(keep) / keep
+        return run_direction_reference(steps, h, c, self.layer_weights(layer, d), d == 1, mask)
+
+    def _unpack_input(self, input):
+        """Return ``(Steps, batch, unbatched, packed)`` with time-major data."""
+        if isinstance(input, PackedSequence):
+            x = input.data
+            self._check_features(x, 2, "input.data")
+            sizes = input.batch_sizes.tolist()
+            return Steps(x, sizes), sizes[0], False, True
+        check_tensor("input", input)
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"input must be 2-D (unbatched) or 3-D (batched), got shape {tuple(input.shape)}"
+            )
+        self._check_features(input, input.dim(), "input")
+        if input.dim() == 2:
+            return Steps(input.unsqueeze(1), None), 1, True, False
+        x = input.transpose(0, 1) if self.batch_first else input
+        return Steps(x, None), x.shape[1], False, False
+
+    def _check_features(self, x: Tensor, dim: int, name: str) -> None:
+        check_floating(name, x)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{name} must have {self.input_size} features (input_size), "
+                f"got shape {tuple(x.shape)}"
+            )
+        check_like(name, x, self.weight_ih_l0, "weight_ih_l0")
+
+    def _initial_state(self, x, hx, batch, unbatched, order):
+        layers = self.num_layers * self.num_directions
+        if hx is None:
+            zeros = x.new_zeros(layers, batch, self.hidden_size)
+            return zeros, zeros
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"hx must be None or a pair (h_0, c_0), got {type(hx).__name__}")
+        shape = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
+        for name, v in zip(("hx[0]", "hx[1]"), hx, strict=True):
+            check_tensor(name, v)
+            check_shape(name, v, shape)
+            check_like(name, v, x, "input")
+        h0, c0 = hx
+        if unbatched:
+            return h0.unsqueeze(1), c0.unsqueeze(1)
+        if order is not None:  # packed input: states follow the sorted batch
+            return h0.index_select(1, order), c0.index_select(1, order)
+        return h0, c0
+
+    def _pack_output(self, out, h_n, c_n, input, unbatched):
+        if isinstance(input, PackedSequence):
+            if input.unsorted_indices is not None:
+                h_n = h_n.index_select(1, input.unsorted_indices)
+                c_n = c_n.index_select(1, input.unsorted_indices)
+            packed = PackedSequence(
+                out, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            )
+            return packed, (h_n, c_n)
+        if unbatched:
+            return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (h_n, c_n)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for name in ("batch_first", "bidirectional", "coupled", "peephole", "cap_input_gate"):
+            if getattr(self, name):
+                s += f", {name}=True"
+        for name in ("dropout", "state_dropout"):
+            if getattr(self, name):
+                s += f", {name}={getattr(self, name)}"
+        if not self.bias:
+            s += ", bias=False"
+        return s
