@@ -21,7 +21,10 @@ from moglstm.nn._checks import (
     check_tensor,
 )
 from moglstm.nn.cell import check_variants, lstm_parameter_shapes
+from moglstm.nn.fused import FUSED_DTYPES, run_direction_fused
 from moglstm.nn.mogrifier import Mogrifier
+
+IMPLEMENTATIONS = ("auto", "fused", "reference")
 
 
 @dataclass
@@ -129,6 +132,12 @@ class MogrifierLSTM(nn.Module):
         state_dropout: variational dropout on the :math:`h_{t-1}` fed back into each
             step (one mask per layer, direction and call, in training mode only). It
             does not touch the outputs or the returned state.
+        implementation: ``"auto"`` (default) runs each layer direction as one fused
+            autograd node (:mod:`moglstm.nn.fused`) where it applies (unpacked
+            float32/float64 input) and the reference step loop otherwise;
+            ``"reference"`` always runs :mod:`moglstm.nn.functional` step by step;
+            ``"fused"`` insists on the fused path. Both give the same outputs and
+            gradients; the fused path supports first derivatives only.
 
     Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
     ``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``_reverse`` for the backward direction
@@ -173,11 +182,17 @@ class MogrifierLSTM(nn.Module):
         peephole: bool = False,
         cap_input_gate: bool = False,
         state_dropout: float = 0.0,
+        implementation: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_variants(coupled, cap_input_gate)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+            )
+        self.implementation = implementation
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.num_layers = check_positive_int("num_layers", num_layers)
@@ -270,7 +285,24 @@ class MogrifierLSTM(nn.Module):
         if self.state_dropout > 0 and self.training:
             keep = 1.0 - self.state_dropout
             mask = torch.empty_like(h).bernoulli_(keep) / keep
-        return run_direction_reference(steps, h, c, self.layer_weights(layer, d), d == 1, mask)
+        weights = self.layer_weights(layer, d)
+        if self.uses_fused_path(steps):
+            return run_direction_fused(steps.x, h, c, weights, d == 1, mask)
+        return run_direction_reference(steps, h, c, weights, d == 1, mask)
+
+    def uses_fused_path(self, steps: Steps) -> bool:
+        """The fused path takes unpacked float32/float64 input; packed sequences and
+        other dtypes run the reference path (an error if the fused one was asked for)."""
+        if self.implementation == "reference":
+            return False
+        reason = None
+        if steps.batch_sizes is not None:
+            reason = "packed sequences"
+        elif steps.x.dtype not in FUSED_DTYPES:
+            reason = f"dtype {steps.x.dtype}"
+        if reason and self.implementation == "fused":
+            raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
+        return reason is None
 
     def _unpack_input(self, input):
         """Return ``(Steps, batch, unbatched, packed)`` with time-major data."""

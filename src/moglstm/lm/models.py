@@ -1,0 +1,557 @@
+"""Language models behind one interface.
+
+Every model maps time-major token ids to next-token logits and an opaque state::
+
+    logits, state = model(tokens, state)  # tokens (T, B) long -> logits (T, B, V)
+
+``state=None`` means "start from zeros". Recurrent models return their final
+hidden state, which the caller hands back (after :func:`detach_state`) with the
+next window; the Transformer keeps no state and always returns ``None``. So a
+training loop never needs to know which kind of model it drives.
+
+:func:`build_model` turns a :class:`~moglstm.lm.config.ModelConfig` into a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moglstm.lm.config import ModelConfig
+from moglstm.nn import MogrifierLSTM
+
+__all__ = [
+    "MODEL_KINDS",
+    "RECURRENT_KINDS",
+    "LockedDropout",
+    "RNNLanguageModel",
+    "TransformerLanguageModel",
+    "build_model",
+    "count_parameters",
+    "detach_state",
+]
+
+RECURRENT_KINDS = ("mogrifier", "lstm", "gru", "rnn")
+MODEL_KINDS = (*RECURRENT_KINDS, "transformer")
+POSITIONAL_KINDS = ("sinusoidal", "learned", "none")
+
+# A model's recurrent state: None, a tensor, or (nested) tuples/lists of tensors.
+State = Any
+
+
+def detach_state(state: State) -> State:
+    r"""Cut the autograd history of a model state, keeping its structure.
+
+    Works for any state a model here returns: ``None``, a tensor, or tuples,
+    lists and dicts of those (nested freely), so truncated backpropagation can
+    carry state from one window to the next without knowing the model type.
+
+    Args:
+        state: the state returned by a model's ``forward``.
+
+    Returns:
+        The same structure with every tensor detached (``None`` stays ``None``).
+    """
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, tuple):
+        parts = [detach_state(s) for s in state]
+        # Named tuples are rebuilt field by field; plain tuples from a list.
+        return type(state)(*parts) if hasattr(state, "_fields") else tuple(parts)
+    if isinstance(state, list):
+        return [detach_state(s) for s in state]
+    if isinstance(state, dict):
+        return {k: detach_state(v) for k, v in state.items()}
+    raise TypeError(f"detach_state: unsupported state type {type(state).__name__}")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    r"""Number of scalar parameters in ``model``, counting shared (tied) tensors once.
+
+    Args:
+        model: any module.
+        trainable_only: count only parameters with ``requires_grad``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_parameters: model must be an nn.Module, got {type(model).__name__}")
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_prob(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def _check_tokens(tokens: Any) -> None:
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a LongTensor, got {type(tokens).__name__}")
+    if tokens.dim() != 2 or tokens.dtype != torch.long:
+        raise ValueError(
+            f"tokens must be a (T, B) LongTensor, got shape {tuple(tokens.shape)} "
+            f"and dtype {tokens.dtype}"
+        )
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be non-empty, got shape {tuple(tokens.shape)}")
+
+
+class LockedDropout(nn.Module):
+    r"""Variational ("locked") dropout: one mask per forward call, shared over time.
+
+    The input is time-major ``(T, B, *)``; a mask of shape ``(1, B, *)`` is drawn
+    once, scaled by :math:`1 / (1 - p)`, and applied at every time step. Identity
+    in eval mode or when ``p == 0``.
+
+    Args:
+        p: probability of zeroing a unit, in ``[0, 1)``.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        _check_prob("p", p)
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        # mask: (1, B, *) broadcast over the T axis
+        mask = x.new_empty((1, *x.shape[1:])).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class RNNLanguageModel(nn.Module):
+    r"""Recurrent language model: embedding, stacked recurrent layers, softmax layer.
+
+    Each layer is its own module (a one-layer :class:`moglstm.nn.MogrifierLSTM`,
+    :class:`torch.nn.LSTM`, :class:`torch.nn.GRU` or tanh :class:`torch.nn.RNN`;
+    the torch ones run their fused kernel over time), so the dropout between
+    layers can use one mask for the whole window.
+
+    Args:
+        vocab_size: number of token types ``V``.
+        kind: recurrent core: ``"mogrifier"``, ``"lstm"``, ``"gru"`` or ``"rnn"``.
+        hidden_size: units per recurrent layer.
+        embedding_size: embedding width; ``None`` means ``hidden_size``.
+        num_layers: number of stacked recurrent layers.
+        mogrify_rounds: mogrifier rounds (``mogrifier`` only; 0 gives a plain LSTM cell).
+        mogrify_rank: rank of the mogrifier matrices; ``None`` for full rank.
+        coupled: the Mogrifier layer's coupled-gate variant (``mogrifier`` only).
+        peephole: the Mogrifier layer's peephole variant (``mogrifier`` only).
+        cap_input_gate: the Mogrifier layer's capped-input-gate variant (``mogrifier`` only).
+        tie_weights: share the embedding matrix with the softmax weights; when
+            ``embedding_size != hidden_size`` a linear projection from hidden to
+            embedding size is inserted before the softmax.
+        embedding_dropout: probability of dropping a whole word type (a row of the
+            embedding matrix) for a forward call; kept rows are rescaled.
+        input_dropout: variational dropout on the embedding output.
+        layer_dropout: variational dropout between recurrent layers.
+        state_dropout: variational dropout on the hidden state fed back to the
+            next step (``mogrifier`` only; passed to the layer).
+        output_dropout: variational dropout on the last layer's output.
+
+    Shape:
+        - tokens: ``(T, B)`` long.
+        - logits: ``(T, B, V)``.
+        - state: a list with one entry per layer: ``(h, c)`` with ``h, c`` of shape
+          ``(1, B, hidden_size)`` for ``mogrifier``/``lstm``, ``h`` alone for
+          ``gru``/``rnn``. Treat it as opaque.
+
+    Example::
+
+        >>> model = RNNLanguageModel(100, kind="lstm", hidden_size=32, num_layers=2)
+        >>> logits, state = model(torch.randint(100, (35, 4)))
+        >>> logits.shape
+        torch.Size([35, 4, 100])
+        >>> logits, state = model(torch.randint(100, (35, 4)), detach_state(state))
+    """
+
+    stateful = True
+
+    def __init__(
+        self,
+        vocab_size: int,
+        kind: str = "mogrifier",
+        hidden_size: int = 256,
+        embedding_size: int | None = None,
+        num_layers: int = 2,
+        mogrify_rounds: int = 5,
+        mogrify_rank: int | None = None,
+        coupled: bool = False,
+        peephole: bool = False,
+        cap_input_gate: bool = False,
+        tie_weights: bool = True,
+        embedding_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        layer_dropout: float = 0.0,
+        state_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        embedding_size = hidden_size if embedding_size is None else embedding_size
+        self._check_args(vocab_size, kind, hidden_size, embedding_size, num_layers)
+        self._check_mogrifier_args(
+            kind, mogrify_rounds, mogrify_rank, coupled, peephole, cap_input_gate
+        )
+        self._check_dropouts(
+            kind,
+            embedding_dropout=embedding_dropout,
+            input_dropout=input_dropout,
+            layer_dropout=layer_dropout,
+            state_dropout=state_dropout,
+            output_dropout=output_dropout,
+        )
+        self.kind = kind
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.embedding_size = embedding_size
+        self.num_layers = num_layers
+        self.embedding_dropout = float(embedding_dropout)
+
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
+        self.input_drop = LockedDropout(input_dropout)
+        self.layer_drop = LockedDropout(layer_dropout)
+        self.output_drop = LockedDropout(output_dropout)
+        mogrifier_args = dict(
+            mogrify_rounds=mogrify_rounds,
+            mogrify_rank=mogrify_rank,
+            coupled=coupled,
+            peephole=peephole,
+            cap_input_gate=cap_input_gate,
+            state_dropout=state_dropout,
+        )
+        self.layers = nn.ModuleList(
+            self._make_layer(embedding_size if i == 0 else hidden_size, mogrifier_args)
+            for i in range(num_layers)
+        )
+        self.projection: nn.Linear | None = None
+        if tie_weights and embedding_size != hidden_size:
+            self.projection = nn.Linear(hidden_size, embedding_size, bias=False)
+        self.decoder = nn.Linear(embedding_size if tie_weights else hidden_size, vocab_size)
+        if tie_weights:
+            self.decoder.weight = self.embedding.weight
+        self.tie_weights = tie_weights
+        self._init_weights()
+
+    @staticmethod
+    def _check_args(
+        vocab_size: int, kind: str, hidden_size: int, embedding_size: int, num_layers: int
+    ) -> None:
+        _check_int("vocab_size", vocab_size)
+        if kind not in RECURRENT_KINDS:
+            raise ValueError(f"kind must be one of {RECURRENT_KINDS}, got {kind!r}")
+        _check_int("hidden_size", hidden_size)
+        _check_int("embedding_size", embedding_size)
+        _check_int("num_layers", num_layers)
+
+    @staticmethod
+    def _check_mogrifier_args(
+        kind: str, rounds: int, rank: int | None, coupled: bool, peephole: bool, cap: bool
+    ) -> None:
+        _check_int("mogrify_rounds", rounds, minimum=0)
+        if rank is not None:
+            _check_int("mogrify_rank", rank)
+        # The cell variants exist only in the Mogrifier layer.
+        for name, flag in (("coupled", coupled), ("peephole", peephole), ("cap_input_gate", cap)):
+            if flag and kind != "mogrifier":
+                raise ValueError(f"{name}=True needs kind='mogrifier', got kind={kind!r}")
+
+    @staticmethod
+    def _check_dropouts(kind: str, **probabilities: float) -> None:
+        for name, p in probabilities.items():
+            _check_prob(name, p)
+        if probabilities["state_dropout"] > 0 and kind != "mogrifier":
+            raise ValueError(
+                f"state_dropout={probabilities['state_dropout']} needs kind='mogrifier' "
+                f"(got kind={kind!r}): only the Mogrifier layer drops the recurrent state"
+            )
+
+    def _make_layer(self, input_size: int, mogrifier_args: dict[str, Any]) -> nn.Module:
+        if self.kind == "mogrifier":
+            return MogrifierLSTM(input_size, self.hidden_size, **mogrifier_args)
+        if self.kind == "lstm":
+            return nn.LSTM(input_size, self.hidden_size)
+        if self.kind == "gru":
+            return nn.GRU(input_size, self.hidden_size)
+        return nn.RNN(input_size, self.hidden_size, nonlinearity="tanh")
+
+    def _init_weights(self) -> None:
+        # std E**-0.5: unit-norm embedding rows, so the tied softmax starts with logits of
+        # order one, yet inputs large enough that small models leave the unigram plateau.
+        nn.init.normal_(self.embedding.weight, std=self.embedding_size**-0.5)
+        nn.init.zeros_(self.decoder.bias)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        r"""All-zero state for ``batch_size`` sequences (the same as passing ``None``)."""
+        _check_int("batch_size", batch_size)
+        dtype = self.embedding.weight.dtype
+        shape = (1, batch_size, self.hidden_size)
+        state: list[Any] = []
+        for _ in range(self.num_layers):
+            h = torch.zeros(shape, device=device, dtype=dtype)
+            state.append((h, torch.zeros_like(h)) if self.kind in ("mogrifier", "lstm") else h)
+        return state
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        emb = self.embedding(tokens)  # (T, B, E)
+        p = self.embedding_dropout
+        if self.training and p > 0:
+            # One keep/drop draw per word type, looked up per token: the same as
+            # zeroing rows of the embedding matrix, without copying the matrix.
+            keep = emb.new_empty(self.vocab_size).bernoulli_(1.0 - p).div_(1.0 - p)  # (V,)
+            emb = emb * keep[tokens].unsqueeze(-1)
+        return emb
+
+    def _layer_states(self, state: State) -> list[Any]:
+        if state is None:
+            return [None] * self.num_layers
+        if not isinstance(state, (list, tuple)) or len(state) != self.num_layers:
+            raise ValueError(
+                f"state must be None or a list of {self.num_layers} per-layer states "
+                f"(as returned by forward or init_state), got {type(state).__name__}"
+                + (f" of length {len(state)}" if isinstance(state, (list, tuple)) else "")
+            )
+        return list(state)
+
+    def forward(self, tokens: Tensor, state: State = None) -> tuple[Tensor, State]:
+        r"""Logits for the next token at every position, and the final state.
+
+        Args:
+            tokens: ``(T, B)`` token ids.
+            state: the state from the previous window, or ``None`` for zeros.
+
+        Returns:
+            ``(logits, state)`` with ``logits`` of shape ``(T, B, V)``.
+        """
+        _check_tokens(tokens)
+        states = self._layer_states(state)
+        x = self.input_drop(self._embed(tokens))  # (T, B, E)
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x = self.layer_drop(x)
+            x, s = layer(x, states[i])  # x: (T, B, H)
+            new_states.append(s)
+        x = self.output_drop(x)
+        if self.projection is not None:
+            x = self.projection(x)  # (T, B, E)
+        return self.decoder(x), new_states
+
+
+def _sinusoidal_table(max_len: int, d_model: int) -> Tensor:
+    # (max_len, d_model): sin on even features, cos on odd ones (Vaswani et al., 2017).
+    position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(1e4) / d_model))
+    table = torch.zeros(max_len, d_model)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: d_model // 2])
+    return table
+
+
+class TransformerLanguageModel(nn.Module):
+    r"""Causal (decoder-only) Transformer language model with tied embeddings.
+
+    Pre-layer-norm blocks of :class:`torch.nn.TransformerEncoderLayer` under a
+    causal mask, so the logits at position ``t`` depend only on tokens ``0..t``.
+    The model keeps no state between windows: ``state`` must be ``None`` and the
+    returned state is always ``None``.
+
+    Args:
+        vocab_size: number of token types ``V``.
+        d_model: model width (also the embedding size).
+        heads: attention heads; must divide ``d_model``.
+        depth: number of blocks.
+        ffn_size: feed-forward width; ``None`` means ``4 * d_model``.
+        positional: ``"sinusoidal"``, ``"learned"`` or ``"none"``; ``True`` means
+            ``"sinusoidal"`` and ``False`` means ``"none"``.
+        max_len: longest window accepted.
+        dropout: dropout on embeddings, attention weights and block outputs.
+
+    Shape:
+        - tokens: ``(T, B)`` long with ``T <= max_len``.
+        - logits: ``(T, B, V)``.
+    """
+
+    stateful = False
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 256,
+        heads: int = 4,
+        depth: int = 2,
+        ffn_size: int | None = None,
+        positional: str | bool = "sinusoidal",
+        max_len: int = 1024,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        ffn_size = 4 * d_model if ffn_size is None else ffn_size
+        positional = self._positional_kind(positional)
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("d_model", d_model),
+            ("heads", heads),
+            ("depth", depth),
+            ("ffn_size", ffn_size),
+            ("max_len", max_len),
+        ):
+            _check_int(name, value)
+        if d_model % heads != 0:
+            raise ValueError(f"heads={heads} must divide d_model={d_model}")
+        _check_prob("dropout", dropout)
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.max_len = max_len
+        self.positional = positional
+
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.position: nn.Embedding | None = None
+        if positional == "learned":
+            self.position = nn.Embedding(max_len, d_model)
+        if positional == "sinusoidal":
+            self.register_buffer("sinusoid", _sinusoidal_table(max_len, d_model), persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model, heads, ffn_size, dropout, activation="gelu", norm_first=True
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.decoder = nn.Linear(d_model, vocab_size)
+        self.decoder.weight = self.embedding.weight
+        self._init_weights()
+
+    @staticmethod
+    def _positional_kind(positional: str | bool) -> str:
+        if positional is True:
+            return "sinusoidal"
+        if positional is False:
+            return "none"
+        if positional not in POSITIONAL_KINDS:
+            raise ValueError(f"positional must be one of {POSITIONAL_KINDS}, got {positional!r}")
+        return positional
+
+    def _init_weights(self) -> None:
+        # Embeddings are scaled by sqrt(d_model) on input, so std d_model**-0.5 gives unit-size
+        # inputs and unit-size initial logits through the tied softmax.
+        nn.init.normal_(self.embedding.weight, std=self.d_model**-0.5)
+        if self.position is not None:
+            nn.init.normal_(self.position.weight, std=0.02)
+        nn.init.zeros_(self.decoder.bias)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> None:
+        r"""The Transformer keeps no state: always ``None``."""
+        _check_int("batch_size", batch_size)
+        return None
+
+    def forward(self, tokens: Tensor, state: State = None) -> tuple[Tensor, None]:
+        r"""Logits for the next token at every position.
+
+        Args:
+            tokens: ``(T, B)`` token ids, ``T <= max_len``.
+            state: must be ``None`` (accepted for interface compatibility).
+
+        Returns:
+            ``(logits, None)`` with ``logits`` of shape ``(T, B, V)``.
+        """
+        _check_tokens(tokens)
+        if state is not None:
+            raise ValueError(
+                f"TransformerLanguageModel keeps no state; state must be None, "
+                f"got {type(state).__name__}"
+            )
+        length = tokens.shape[0]
+        if length > self.max_len:
+            raise ValueError(f"window length {length} exceeds max_len {self.max_len}")
+        x = self.embedding(tokens) * math.sqrt(self.d_model)  # (T, B, D)
+        if self.position is not None:
+            x = x + self.position.weight[:length].unsqueeze(1)
+        elif self.positional == "sinusoidal":
+            x = x + self.sinusoid[:length].unsqueeze(1).to(x.dtype)
+        x = self.drop(x)
+        # True above the diagonal: position t may not attend to t+1 and later.
+        mask = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu_(1)
+        for block in self.blocks:
+            x = block(x, src_mask=mask, is_causal=True)
+        return self.decoder(self.norm(x)), None
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    r"""Build the language model that ``cfg`` describes.
+
+    Args:
+        cfg: model configuration; ``cfg.kind`` picks the class: ``"transformer"`` gives a
+            :class:`TransformerLanguageModel`, the recurrent kinds an :class:`RNNLanguageModel`.
+        vocab_size: number of token types.
+
+    Returns:
+        The model, on the CPU, in training mode.
+    """
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    _check_int("vocab_size", vocab_size)
+    if cfg.kind not in MODEL_KINDS:
+        raise ValueError(f"cfg.kind must be one of {MODEL_KINDS}, got {cfg.kind!r}")
+    if cfg.kind == "transformer":
+        if cfg.state_dropout > 0:
+            raise ValueError(
+                f"state_dropout={cfg.state_dropout} needs kind='mogrifier', got 'transformer'"
+            )
+        if cfg.positional_kind not in ("sinusoidal", "learned"):
+            raise ValueError(
+                "cfg.positional_kind must be 'sinusoidal' or 'learned', "
+                f"got {cfg.positional_kind!r}"
+            )
+        positional = cfg.positional_kind if cfg.positional else "none"
+        return TransformerLanguageModel(
+            vocab_size,
+            d_model=cfg.d_model,
+            heads=cfg.heads,
+            depth=cfg.depth,
+            ffn_size=cfg.ffn_size,
+            positional=positional,
+            max_len=cfg.max_len,
+            dropout=cfg.dropout,
+        )
+    return RNNLanguageModel(
+        vocab_size,
+        kind=cfg.kind,
+        hidden_size=cfg.hidden_size,
+        embedding_size=cfg.embedding_size,
+        num_layers=cfg.num_layers,
+        mogrify_rounds=cfg.mogrify_rounds,
+        mogrify_rank=cfg.mogrify_rank,
+        coupled=cfg.coupled,
+        peephole=cfg.peephole,
+        cap_input_gate=cfg.cap_input_gate,
+        tie_weights=cfg.tie_weights,
+        embedding_dropout=cfg.embedding_dropout,
+        input_dropout=cfg.input_dropout,
+        layer_dropout=cfg.layer_dropout,
+        state_dropout=cfg.state_dropout,
+        output_dropout=cfg.output_dropout,
+    )

@@ -1,0 +1,373 @@
+"""Fast path: one layer direction over a whole window as a single autograd node.
+
+The reference path lets autograd record every small op of every step; its
+backward then computes weight gradients step by step as thousands of small
+matrix products. Here the forward loop keeps what backward needs in
+preallocated ``(T, B, .)`` buffers, the backward loop runs only the chain
+through ``h`` and ``c`` (and through the Mogrifier rounds), and all weight
+gradients are computed after the loop as a few large products over ``T * B``
+rows. The math is :mod:`moglstm.nn.functional`'s, and the tests check outputs
+and gradients of every parameter against it.
+
+Buffers reuse: in backward, step ``t``'s gate activations are overwritten by
+the gate gradients and each round's sigmoid output by that round's
+pre-activation gradient, once they have been read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The static shape of a layer direction: what the flat parameter list holds."""
+
+    rounds: int
+    low_rank: bool
+    round_bias: bool
+    bias: bool
+    coupled: bool
+    peephole: bool
+    cap_input_gate: bool
+
+
+@dataclass
+class Params:
+    rounds: list[tuple[Tensor, ...]]  # (W,) or (left, right) per round
+    round_biases: list[Tensor | None]
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias: Tensor | None  # bias_ih + bias_hh
+    peephole: tuple[Tensor | None, Tensor, Tensor] | None
+
+
+def flatten_params(spec: LayerSpec, w) -> list[Tensor]:
+    """The flat tensor list the Function takes, from a :class:`LayerWeights`."""
+    flat: list[Tensor] = []
+    for weight, bias in zip(w.mogrifier_weights, w.mogrifier_biases, strict=True):
+        flat.extend(weight if spec.low_rank else (weight,))
+        if spec.round_bias:
+            flat.append(bias)
+    flat += [w.weight_ih, w.weight_hh]
+    if spec.bias:
+        flat += [w.bias_ih, w.bias_hh]
+    if spec.peephole:
+        p_i, p_f, p_o = w.variants["peephole"]
+        flat += ([] if spec.coupled else [p_i]) + [p_f, p_o]
+    return flat
+
+
+def unflatten_params(spec: LayerSpec, flat: tuple[Tensor, ...]) -> Params:
+    it = iter(flat)
+    rounds, biases = [], []
+    for _ in range(spec.rounds):
+        rounds.append((next(it), next(it)) if spec.low_rank else (next(it),))
+        biases.append(next(it) if spec.round_bias else None)
+    weight_ih, weight_hh = next(it), next(it)
+    bias = next(it) + next(it) if spec.bias else None
+    peephole = None
+    if spec.peephole:
+        p_i = None if spec.coupled else next(it)
+        peephole = (p_i, next(it), next(it))
+    return Params(rounds, biases, weight_ih, weight_hh, bias, peephole)
+
+
+def round_slots(rounds: int) -> list[tuple[int, int]]:
+    """For each round, ``(version index of the gated vector before the round,
+    version index of the gating vector)``; x versions change on odd rounds
+    (index 0 of the list), h versions on even ones."""
+    slots, xi, hi = [], 0, 0
+    for r in range(rounds):
+        if r % 2 == 0:
+            slots.append((xi, hi))
+            xi += 1
+        else:
+            slots.append((hi, xi))
+            hi += 1
+    return slots
+
+
+class Buffers:
+    """Everything the forward keeps for backward, ``T`` steps of ``B`` rows."""
+
+    def __init__(self, spec: LayerSpec, p: Params, x: Tensor, hidden: int) -> None:
+        T, B, I = x.shape
+        H = hidden
+        nx, nh = (spec.rounds + 1) // 2 + 1, spec.rounds // 2 + 1
+        new = x.new_empty
+        self.xs = new(nx, T, B, I)  # x versions: input, after round 1, 3, ...
+        self.hs = new(nh, T, B, H)  # h versions: h_{t-1} (masked), after round 2, 4, ...
+        self.s = [new(T, B, I if r % 2 == 0 else H) for r in range(spec.rounds)]
+        ranks = [p.rounds[r][0].shape[1] for r in range(spec.rounds)] if spec.low_rank else []
+        self.u = [new(T, B, k) for k in ranks]  # low-rank v @ right.T per round
+        self.gates = new(T, B, p.weight_hh.shape[0])  # activated i, f, g, o
+        self.c = new(T + 1, B, H)  # c[0] = c_0, c[t + 1] = c_t
+        self.tanh_c = new(T, B, H)
+
+
+def store_state(dest: Tensor, h: Tensor, mask: Tensor | None) -> None:
+    """The h fed into a step: ``h * mask`` under state dropout."""
+    if mask is None:
+        dest.copy_(h)
+    else:
+        torch.mul(h, mask, out=dest)
+
+
+def forward_step(spec: LayerSpec, p: Params, buf: Buffers, t: int, h: Tensor, mask) -> Tensor:
+    """Step ``t``: Mogrifier rounds, gates, cell update; writes buffers, returns h_t."""
+    xs, hs = buf.xs, buf.hs
+    store_state(hs[0, t], h, mask)
+    for r, (tgt, src) in enumerate(round_slots(spec.rounds)):
+        odd = r % 2 == 0  # rounds count from 1: r = 0 is round 1
+        v = hs[src, t] if odd else xs[src, t]
+        old = xs[tgt, t] if odd else hs[tgt, t]
+        new = xs[tgt + 1, t] if odd else hs[tgt + 1, t]
+        s = buf.s[r][t]
+        weights, b = p.rounds[r], p.round_biases[r]
+        if spec.low_rank:
+            torch.mm(v, weights[1].t(), out=buf.u[r][t])
+            v = buf.u[r][t]
+        if b is None:
+            torch.mm(v, weights[0].t(), out=s)
+        else:
+            torch.addmm(b, v, weights[0].t(), out=s)
+        s.sigmoid_()
+        torch.mul(s, old, out=new).mul_(2)
+    gates = buf.gates[t]
+    x_m, h_m = xs[-1, t], hs[-1, t]
+    if p.bias is None:
+        torch.mm(x_m, p.weight_ih.t(), out=gates)
+    else:
+        torch.addmm(p.bias, x_m, p.weight_ih.t(), out=gates)
+    gates.addmm_(h_m, p.weight_hh.t())
+    return lstm_pointwise(spec, p, buf, t)
+
+
+def forward_step_x_precomputed(spec, p, buf, t, h, mask, gates_x) -> Tensor:
+    """Step ``t`` with no rounds: ``gates_x[t]`` already holds ``x W_ih^T + b``."""
+    hs = buf.hs
+    store_state(hs[0, t], h, mask)
+    torch.addmm(gates_x[t], hs[0, t], p.weight_hh.t(), out=buf.gates[t])
+    return lstm_pointwise(spec, p, buf, t)
+
+
+def split_gates(spec: LayerSpec, gates: Tensor):
+    """``(i, f, g, o)`` views of a ``(B, G*H)`` gate tensor (``i`` is None if coupled)."""
+    if spec.coupled:
+        f, g, o = gates.chunk(3, -1)
+        return None, f, g, o
+    return gates.chunk(4, -1)
+
+
+def lstm_pointwise(spec: LayerSpec, p: Params, buf: Buffers, t: int) -> Tensor:
+    """Activate ``buf.gates[t]`` in place and update the cell; returns ``h_t``."""
+    i, f, g, o = split_gates(spec, buf.gates[t])
+    c_prev, c = buf.c[t], buf.c[t + 1]
+    if p.peephole is not None:
+        f.addcmul_(p.peephole[1], c_prev)
+        if i is not None:
+            i.addcmul_(p.peephole[0], c_prev)
+    f.sigmoid_()
+    g.tanh_()
+    torch.mul(f, c_prev, out=c)
+    if spec.coupled:
+        c.addcmul_(1 - f, g)
+    else:
+        i.sigmoid_()
+        c.addcmul_(torch.minimum(1 - f, i) if spec.cap_input_gate else i, g)
+    if p.peephole is not None:
+        o.addcmul_(p.peephole[2], c)
+    o.sigmoid_()
+    torch.tanh(c, out=buf.tanh_c[t])
+    return o * buf.tanh_c[t]
+
+
+def lstm_pointwise_backward(spec, p, buf, t, dh, dc) -> Tensor:
+    """Gradients of step ``t``'s cell update: overwrites ``buf.gates[t]`` with the
+    pre-activation gate gradients; returns ``dc_{t-1}``. ``dc`` is updated in place."""
+    gates = buf.gates[t]
+    i, f, g, o = split_gates(spec, gates)
+    c_prev, tanh_c = buf.c[t], buf.tanh_c[t]
+    dc.addcmul_(dh * o, 1 - tanh_c * tanh_c)
+    dz_o = dh * tanh_c * o * (1 - o)
+    if p.peephole is not None:
+        dc.addcmul_(dz_o, p.peephole[2])
+    if spec.coupled:
+        dz_i = None
+        df = dc * (c_prev - g)
+        dg = dc * (1 - f)
+    elif spec.cap_input_gate:
+        one_minus_f = 1 - f
+        # d min(a, b): to the smaller one, split evenly on ties (as torch.minimum does)
+        to_a = (one_minus_f < i).to(dc.dtype) + 0.5 * (one_minus_f == i).to(dc.dtype)
+        dm = dc * g
+        df = dc * c_prev - dm * to_a
+        dz_i = dm * (1 - to_a) * i * (1 - i)
+        dg = dc * torch.minimum(one_minus_f, i)
+    else:
+        df = dc * c_prev
+        dz_i = dc * g * i * (1 - i)
+        dg = dc * i
+    dz_f = df * f * (1 - f)
+    dz_g = dg * (1 - g * g)
+    dc_prev = dc * f
+    if p.peephole is not None:
+        dc_prev.addcmul_(dz_f, p.peephole[1])
+        if dz_i is not None:
+            dc_prev.addcmul_(dz_i, p.peephole[0])
+    di, dfv, dgv, dov = split_gates(spec, gates)
+    if di is not None:
+        di.copy_(dz_i)
+    dfv.copy_(dz_f)
+    dgv.copy_(dz_g)
+    dov.copy_(dz_o)
+    return dc_prev
+
+
+def rounds_backward(spec, p, buf, t, dx: Tensor, dh: Tensor, du_buf) -> tuple[Tensor, Tensor]:
+    """Back through the rounds of step ``t``; ``buf.s[r][t]`` becomes ``dz`` of round r."""
+    for r, (tgt, _src) in reversed(list(enumerate(round_slots(spec.rounds)))):
+        odd = r % 2 == 0
+        d_new = dx if odd else dh
+        old = buf.xs[tgt, t] if odd else buf.hs[tgt, t]
+        s = buf.s[r][t]
+        d_old = 2 * s * d_new
+        s.mul_(1 - s).mul_(d_new).mul_(old).mul_(2)  # dz = 2 old d_new s (1 - s)
+        weights = p.rounds[r]
+        if spec.low_rank:
+            torch.mm(s, weights[0], out=du_buf[r][t])
+            dv = du_buf[r][t] @ weights[1]
+        else:
+            dv = s @ weights[0]
+        if odd:
+            dx, dh = d_old, dh + dv
+        else:
+            dx, dh = dx + dv, d_old
+    return dx, dh
+
+
+def weight_grads(spec: LayerSpec, p: Params, buf: Buffers, du_buf, needs) -> list[Tensor | None]:
+    """All parameter gradients as products over ``T * B`` rows, in flat order."""
+    rows = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731  (T, B, n) -> (T*B, n)
+    dgates = rows(buf.gates)
+    grads: list[Tensor | None] = []
+    for r, (_tgt, src) in enumerate(round_slots(spec.rounds)):
+        v = rows(buf.hs[src] if r % 2 == 0 else buf.xs[src])
+        dz = rows(buf.s[r])
+        if spec.low_rank:
+            grads += [dz.t() @ rows(buf.u[r]), rows(du_buf[r]).t() @ v]
+        else:
+            grads.append(dz.t() @ v)
+        if spec.round_bias:
+            grads.append(dz.sum(0))
+    grads += [dgates.t() @ rows(buf.xs[-1]), dgates.t() @ rows(buf.hs[-1])]
+    if spec.bias:
+        db = dgates.sum(0)
+        grads += [db, db.clone()]
+    if spec.peephole:
+        dz_i, dz_f, _, dz_o = split_gates(spec, buf.gates)
+        c_prev, c = buf.c[:-1], buf.c[1:]
+        if dz_i is not None:
+            grads.append((dz_i * c_prev).sum((0, 1)))
+        grads += [(dz_f * c_prev).sum((0, 1)), (dz_o * c).sum((0, 1))]
+    return [g if need else None for g, need in zip(grads, needs, strict=True)]
+
+
+def run_forward(spec, p, x, h, c0, mask, buf) -> Tensor:
+    T = x.shape[0]
+    buf.xs[0].copy_(x)
+    buf.c[0].copy_(c0)
+    gates_x = None
+    if spec.rounds == 0:  # x is never gated: project all steps at once
+        gates_x = torch.matmul(x, p.weight_ih.t())
+        if p.bias is not None:
+            gates_x += p.bias
+    out = x.new_empty(T, h.shape[0], h.shape[1])
+    for t in range(T):
+        if gates_x is None:
+            h = forward_step(spec, p, buf, t, h, mask)
+        else:
+            h = forward_step_x_precomputed(spec, p, buf, t, h, mask, gates_x)
+        out[t] = h
+    return out
+
+
+class MogrifierLayerFunction(torch.autograd.Function):
+    """``(spec, x (T,B,I), h0 (B,H), c0 (B,H), mask (B,H) or None, *flat params)``
+    -> ``(output (T,B,H), h_n, c_n)``."""
+
+    @staticmethod
+    def forward(ctx, spec: LayerSpec, x, h0, c0, mask, *flat):
+        p = unflatten_params(spec, flat)
+        buf = Buffers(spec, p, x, h0.shape[1])
+        out = run_forward(spec, p, x, h0, c0, mask, buf)
+        h_n, c_n = out[-1].clone(), buf.c[-1].clone()
+        ctx.spec, ctx.buf = spec, buf
+        ctx.save_for_backward(mask, *flat)
+        return out, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        spec, buf = ctx.spec, ctx.buf
+        if buf is None:
+            raise RuntimeError(
+                "the fused Mogrifier LSTM path frees its buffers in its first backward, so "
+                "it cannot run backward twice (retain_graph=True, gradcheck); build the "
+                "module with implementation='reference' for that"
+            )
+        mask, *flat = ctx.saved_tensors
+        p = unflatten_params(spec, flat)
+        T = buf.gates.shape[0]
+        dx_all = torch.empty_like(buf.xs[0]) if spec.rounds else None
+        du_buf = [torch.empty_like(u) for u in buf.u]
+        dh = d_hn.clone() if d_hn is not None else torch.zeros_like(buf.c[0])
+        dc = d_cn.clone() if d_cn is not None else torch.zeros_like(buf.c[0])
+        for t in reversed(range(T)):
+            if d_out is not None:
+                dh = dh + d_out[t]
+            dc = lstm_pointwise_backward(spec, p, buf, t, dh, dc)
+            dgates = buf.gates[t]
+            dh = dgates @ p.weight_hh
+            if spec.rounds:
+                dx, dh = rounds_backward(spec, p, buf, t, dgates @ p.weight_ih, dh, du_buf)
+                dx_all[t] = dx
+            if mask is not None:
+                dh = dh * mask
+        if dx_all is None:  # no rounds: the input's gradient in one product
+            dx_all = buf.gates @ p.weight_ih
+        needs = ctx.needs_input_grad[5:]
+        grads = weight_grads(spec, p, buf, du_buf, needs)
+        ctx.buf = None
+        return None, dx_all, dh, dc, None, *grads
+
+
+FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def run_direction_fused(
+    x: Tensor, h: Tensor, c: Tensor, w, reverse: bool = False, state_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Same contract as :func:`moglstm.nn.rnn.run_direction_reference` for unpacked
+    input ``x`` of shape ``(T, B, I)``."""
+    round_weights = w.mogrifier_weights
+    spec = LayerSpec(
+        rounds=len(round_weights),
+        low_rank=bool(round_weights) and isinstance(round_weights[0], tuple),
+        round_bias=bool(round_weights) and w.mogrifier_biases[0] is not None,
+        bias=w.bias_ih is not None,
+        coupled=w.variants["coupled"],
+        peephole=w.variants["peephole"] is not None,
+        cap_input_gate=w.variants["cap_input_gate"],
+    )
+    if reverse:
+        x = x.flip(0)
+    out, h_n, c_n = MogrifierLayerFunction.apply(
+        spec, x.contiguous(), h.contiguous(), c.contiguous(), state_mask, *flatten_params(spec, w)
+    )
+    return (out.flip(0) if reverse else out), h_n, c_n

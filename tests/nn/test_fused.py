@@ -1,0 +1,153 @@
+"""The fused path equals the reference path: outputs and gradients of everything."""
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from moglstm.nn import MogrifierLSTM
+
+D = torch.double
+VARIANTS = [
+    {},
+    {"coupled": True},
+    {"peephole": True},
+    {"cap_input_gate": True},
+    {"coupled": True, "peephole": True, "bias": False},
+    {"peephole": True, "cap_input_gate": True},
+]
+ROUNDS = [(0, None), (1, None), (4, None), (5, 2), (6, 3)]
+
+
+def twins(dtype=D, **kwargs):
+    torch.manual_seed(0)
+    ref = MogrifierLSTM(implementation="reference", **kwargs).to(dtype)
+    fused = MogrifierLSTM(implementation="fused", **kwargs).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def run(module, x, hx, seed=0):
+    """Outputs and gradients of x, hx and every parameter for a weighted loss."""
+    torch.manual_seed(seed)  # same state-dropout masks for both twins
+    out, (h, c) = module(x, hx)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * weights).sum() + (h * 2).sum() - c.sum()
+    grads = torch.autograd.grad(loss, [x, *hx, *module.parameters()])
+    return [out, h, c, *grads]
+
+
+def assert_twins_agree(ref, fused, x, hx, rtol, atol):
+    for a, b in zip(run(ref, x, hx), run(fused, x, hx), strict=True):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
+
+
+def inputs(size, layers, dtype=D, T=7, B=3, hidden=4):
+    x = torch.randn(T, B, size, dtype=dtype, requires_grad=True)
+    hx = tuple(torch.randn(layers, B, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+    return x, hx
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rounds, rank", ROUNDS)
+def test_fused_equals_reference_float64(variant, rounds, rank):
+    ref, fused = twins(
+        input_size=5,
+        hidden_size=4,
+        num_layers=2,
+        mogrify_rounds=rounds,
+        mogrify_rank=rank,
+        **variant,
+    )
+    x, hx = inputs(5, 2)
+    assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("bidirectional, batch_first", itertools.product([False, True], repeat=2))
+def test_fused_directions_and_layouts(bidirectional, batch_first):
+    ref, fused = twins(
+        input_size=5,
+        hidden_size=4,
+        num_layers=2,
+        mogrify_rounds=5,
+        mogrify_rank=2,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+        dropout=0.3,
+        state_dropout=0.4,
+    )
+    x, hx = inputs(5, 2 * (1 + bidirectional))
+    if batch_first:
+        x = x.detach().transpose(0, 1).contiguous().requires_grad_()
+    assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
+
+
+def test_fused_float32_close_to_reference():
+    ref, fused = twins(
+        torch.float32,
+        input_size=16,
+        hidden_size=12,
+        num_layers=2,
+        mogrify_rounds=5,
+        mogrify_rank=4,
+        state_dropout=0.2,
+    )
+    x, hx = inputs(16, 2, torch.float32, T=20, B=5, hidden=12)
+    assert_twins_agree(ref, fused, x, hx, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_inference_and_unbatched():
+    ref, fused = twins(input_size=5, hidden_size=4, num_layers=2, mogrify_rounds=3)
+    x = torch.randn(6, 5, dtype=D)
+    with torch.no_grad():
+        a, (ha, ca) = ref(x)
+        b, (hb, cb) = fused(x)
+    for p, q in ((a, b), (ha, hb), (ca, cb)):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+
+
+def test_state_carried_across_windows():
+    _, fused = twins(input_size=5, hidden_size=4, num_layers=2, mogrify_rounds=5, mogrify_rank=2)
+    x = torch.randn(10, 3, 5, dtype=D)
+    out, (h, c) = fused(x)
+    out1, hx = fused(x[:4])
+    out2, (h2, c2) = fused(x[4:], hx)
+    torch.testing.assert_close(torch.cat([out1, out2]), out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h2, h, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_picks_fused_for_tensors_and_reference_for_packed(monkeypatch):
+    rnn = MogrifierLSTM(5, 4, mogrify_rounds=2)
+    calls = []
+    import moglstm.nn.rnn as rnn_module
+
+    for name in ("run_direction_fused", "run_direction_reference"):
+        original = getattr(rnn_module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(rnn_module, name, spy)
+    rnn(torch.randn(3, 2, 5))
+    assert calls == ["run_direction_fused"]
+    calls.clear()
+    rnn(pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 1])))
+    assert calls == ["run_direction_reference"]
+    calls.clear()
+    rnn.to(torch.bfloat16)(torch.randn(3, 2, 5, dtype=torch.bfloat16))
+    assert calls == ["run_direction_reference"]
+
+
+def test_fused_refuses_what_it_cannot_do():
+    rnn = MogrifierLSTM(5, 4, mogrify_rounds=2, implementation="fused")
+    with pytest.raises(ValueError, match="packed"):
+        rnn(pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 1])))
+    with pytest.raises(ValueError, match="implementation"):
+        MogrifierLSTM(5, 4, implementation="cuda")
+    out, _ = rnn(torch.randn(3, 2, 5))
+    loss = out.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
