@@ -56,6 +56,7 @@ __all__ = [
 
 CORPORA = ("ptb", "ptb-char", "wikitext-2", "enwik8", "text")
 LEVELS = ("word", "char")
+IMPLEMENTATIONS = ("auto", "fused", "reference")  # as moglstm.nn.MogrifierLSTM takes
 MODEL_KINDS = ("mogrifier", "lstm", "gru", "rnn", "transformer")
 SCHEDULES = ("constant", "plateau")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
@@ -108,6 +109,7 @@ class ModelConfig:
     layer_dropout: float = 0.0  # between recurrent layers
     state_dropout: float = 0.0  # on h fed back (mogrifier core only)
     output_dropout: float = 0.0  # on the last layer's output, before the softmax
+    implementation: str = "auto"  # mogrifier core: auto | fused | reference (moglstm.nn)
     # transformer
     d_model: int = 256
     heads: int = 4
@@ -460,6 +462,7 @@ _MOGRIFIER_ONLY = ("coupled", "peephole", "cap_input_gate")
 def _check_model(cfg: RunConfig) -> list[str]:
     m = cfg.model
     problems = _choice("model.kind", m.kind, MODEL_KINDS)
+    problems += _choice("model.implementation", m.implementation, IMPLEMENTATIONS)
     problems += _positive(m, "model.", ["hidden_size", "num_layers", "d_model", "heads"])
     problems += _positive(m, "model.", ["depth", "max_len"])
     problems += _positive(m, "model.", ["embedding_size", "mogrify_rank", "ffn_size"], True)

@@ -171,6 +171,8 @@ class RNNLanguageModel(nn.Module):
         state_dropout: variational dropout on the hidden state fed back to the
             next step (``mogrifier`` only; passed to the layer).
         output_dropout: variational dropout on the last layer's output.
+        implementation: for the mogrifier core, ``moglstm.nn.MogrifierLSTM``'s
+            ``implementation`` (``"auto"``, ``"fused"`` or ``"reference"``).
 
     Shape:
         - tokens: ``(T, B)`` long.
@@ -208,6 +210,7 @@ class RNNLanguageModel(nn.Module):
         layer_dropout: float = 0.0,
         state_dropout: float = 0.0,
         output_dropout: float = 0.0,
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
         embedding_size = hidden_size if embedding_size is None else embedding_size
@@ -241,6 +244,7 @@ class RNNLanguageModel(nn.Module):
             peephole=peephole,
             cap_input_gate=cap_input_gate,
             state_dropout=state_dropout,
+            implementation=implementation,
         )
         self.layers = nn.ModuleList(
             self._make_layer(embedding_size if i == 0 else hidden_size, mogrifier_args)
@@ -554,4 +558,5 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         layer_dropout=cfg.layer_dropout,
         state_dropout=cfg.state_dropout,
         output_dropout=cfg.output_dropout,
+        implementation=cfg.implementation,
     )
