@@ -165,7 +165,7 @@ def test_defaults_validate():
     ("override", "fragments"),
     [
         ("data.corpus=penn", ["data.corpus='penn'", "ptb, ptb-char, wikitext-2, enwik8, text"]),
-        ("data.level=byte", ["data.level='byte'", "word, char"]),
+        ("data.level=bytes", ["data.level='bytes'", "word, char, byte"]),
         ("model.kind=lstmx", ["model.kind='lstmx'", "mogrifier, lstm, gru, rnn, transformer"]),
         ("train.schedule=cosine", ["train.schedule='cosine'", "constant, plateau"]),
         ("train.device=gpu", ["train.device='gpu'", "auto, cpu, cuda, cuda:N or mps"]),

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 CORPORA = ("ptb", "ptb-char", "wikitext-2", "enwik8", "text")
-LEVELS = ("word", "char")
+LEVELS = ("word", "char", "byte")
 IMPLEMENTATIONS = ("auto", "fused", "reference")  # as moglstm.nn.MogrifierLSTM takes
 MODEL_KINDS = ("mogrifier", "lstm", "gru", "rnn", "transformer")
 SCHEDULES = ("constant", "plateau")

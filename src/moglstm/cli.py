@@ -1,0 +1,483 @@
+"""The ``moglstm`` command line: train, evaluate, generate and list presets.
+
+A thin layer over :mod:`moglstm.lm`: every subcommand parses its arguments and
+calls one function there. Errors caused by bad input (config, paths, values) are
+printed as one line on stderr with exit status 2; ``--debug`` shows the traceback
+instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moglstm.lm.config import (
+    RunConfig,
+    apply_overrides,
+    list_presets,
+    load_config,
+    load_preset,
+    to_yaml,
+)
+from moglstm.lm.data import CorpusFetchError
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("moglstm")
+
+# bad input: one line on stderr, exit 2
+_USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    CorpusFetchError,
+)
+
+_MAIN_EPILOG = """\
+examples:
+  moglstm presets                                   # what can be trained
+  moglstm train --preset ptb-small                  # train into runs/ptb-small/
+  moglstm train --preset ptb-small model.hidden_size=300 train.max_steps=2000
+  moglstm train --preset ptb-small --resume         # continue runs/ptb-small/
+  moglstm evaluate runs/ptb-small --split test --batch-size 1
+  moglstm generate runs/ptb-small --prompt "the company said" --tokens 30
+
+Corpora are read from data.data_dir, else $MOGLSTM_DATA, else downloaded to
+~/.cache/moglstm. Run `moglstm COMMAND --help` for each command's options.
+"""
+
+_TRAIN_EPILOG = """\
+Overrides are dotted KEY=VALUE items applied after the preset, values in YAML
+syntax, e.g. model.hidden_size=650 train.betas=[0,0.999] data.corpus=ptb-char.
+The run folder <out_dir>/<name>/ gets config.yaml, metrics.jsonl, best.pt and
+last.pt; a new run never overwrites an existing run folder.
+
+--resume continues a stopped run from its last.pt with the checkpoint's config,
+bit for bit on CPU. Only these may be overridden when resuming: train.max_steps,
+train.eval_every, train.log_every, train.early_stop_patience,
+train.eval_max_tokens, train.device, train.amp, data.eval_batch_size and where
+the data lives (data.data_dir, data.cache_dir, data.path, data.*_path).
+
+examples:
+  moglstm train --preset ptb-small
+  moglstm train --preset ptb-small --name wide model.hidden_size=300
+  moglstm train data.corpus=text data.path=my_corpus/ data.level=char --name mine
+  moglstm train --preset ptb-small --resume train.max_steps=8000
+  moglstm train --resume runs/wide                   # a run folder, anywhere
+  moglstm train --preset ptb-small --print-config    # show the resolved config
+"""
+
+_EVALUATE_EPILOG = """\
+Scores the whole split with the model state carried across windows. Word-level
+corpora report perplexity, character-level ones bits per character. With a batch
+size B > 1 the split is cut into B streams and B - 1 + (length mod B) tokens are
+not scored; --batch-size 1 scores every token (the paper's protocol).
+
+examples:
+  moglstm evaluate runs/ptb-small                          # valid split, best.pt
+  moglstm evaluate runs/ptb-small --split test --batch-size 1
+  moglstm evaluate runs/ptb-small/last.pt --json
+"""
+
+_GENERATE_EPILOG = """\
+The prompt is tokenized like the corpus (words unknown to it become <unk>).
+Temperature 0 or --greedy takes the most likely token each time.
+
+examples:
+  moglstm generate runs/ptb-small --prompt "the stock market" --tokens 40
+  moglstm generate runs/ptb-char-small --prompt "the " --tokens 200 --top-p 0.9 --seed 1
+  moglstm generate runs/ptb-small --prompt "in the" --greedy
+"""
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moglstm`` argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="moglstm",
+        description="Mogrifier LSTM language models: train, evaluate and sample from them.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_generate(sub)
+    _add_presets(sub)
+    _add_benchmark(sub)
+    return parser
+
+
+def _version() -> str:
+    from moglstm import __version__
+
+    return __version__
+
+
+def _subparser(sub: Any, name: str, help: str, description: str, epilog: str | None):
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def _add_train(sub: Any) -> None:
+    p = _subparser(
+        sub,
+        "train",
+        "train a language model",
+        "Train a language model from a preset and/or KEY=VALUE overrides, saving "
+        "checkpoints and metrics in <out_dir>/<name>/.",
+        _TRAIN_EPILOG,
+    )
+    p.add_argument("--preset", metavar="NAME|PATH", help="shipped preset or YAML file")
+    p.add_argument("--name", help="run name: the run folder's name (default: the preset's)")
+    p.add_argument("--out-dir", metavar="DIR", help="folder holding run folders (default: runs)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN",
+        help="continue the run <out_dir>/<name> (or the run folder RUN) from its last.pt",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = _subparser(
+        sub,
+        "evaluate",
+        "score a trained model on a split",
+        "Compute the loss and perplexity (or bits per character) of a trained run on a "
+        "whole split.",
+        _EVALUATE_EPILOG,
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder or a checkpoint file")
+    p.add_argument("--split", choices=("valid", "test", "train"), default="valid")
+    p.add_argument(
+        "--batch-size", type=int, metavar="N", help="parallel streams (default: the run's)"
+    )
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--bptt", type=int, metavar="N", help="window length (default: the run's)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first ~N tokens")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--data-dir", metavar="DIR", help="where the corpus is (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_generate(sub: Any) -> None:
+    p = _subparser(
+        sub,
+        "generate",
+        "sample text from a trained model",
+        "Continue a prompt with text sampled from a trained run.",
+        _GENERATE_EPILOG,
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder or a checkpoint file")
+    p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue")
+    p.add_argument("--tokens", type=int, default=50, metavar="N", help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help=">= 0")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all tokens")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="in (0, 1]")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, metavar="S", help="seed for repeatable samples")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _add_presets(sub: Any) -> None:
+    p = _subparser(
+        sub,
+        "presets",
+        "list the shipped presets",
+        "List the shipped presets, or print one preset's full config.",
+        "examples:\n  moglstm presets\n  moglstm presets ptb-small",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="print this preset's full config")
+    p.set_defaults(func=_cmd_presets)
+
+
+_BENCHMARK_EPILOG = """\
+Times torch.nn.LSTM and MogrifierLSTM (reference and fused paths) of the same
+shape in one process, interleaved, and prints the median milliseconds, the
+ratio to torch.nn.LSTM, that ratio over the arithmetic floor 1 + r*k(I+H)/(4H(I+H))
+(the Mogrifier's extra multiply-adds), tokens/s and the peak memory of a
+training step. 'forward' is inference (no autograd); 'train' is forward +
+backward. The default grid: B=64 T=70 H=512 L=2 r=5 k=84, B=16 H=256, B=64 H=1024.
+
+examples:
+  moglstm benchmark                                   # the default grid
+  moglstm benchmark --shape B=64,T=70,H=512,L=2,r=5,k=84 --runs 20
+  moglstm benchmark --shape B=16,H=256 --impl torch fused --mode train --json out.json
+  moglstm benchmark --device cuda --dtype float32
+"""
+
+
+def _add_benchmark(sub: Any) -> None:
+    from moglstm.lm.benchmark import IMPLEMENTATIONS, MODES
+
+    p = _subparser(
+        sub,
+        "benchmark",
+        "time MogrifierLSTM against torch.nn.LSTM",
+        "Time MogrifierLSTM against torch.nn.LSTM of the same shape.",
+        _BENCHMARK_EPILOG,
+    )
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="SPEC",
+        help="B=..,T=..,H=..,I=..,L=..,r=..,k=.. (k=none: full rank); repeatable",
+    )
+    p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--runs", type=int, default=20, help="timed runs per implementation")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32, float64, bfloat16, float16")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moglstm.lm.train import resume_config, train
+
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: argparse took the first override for the optional RUN
+        args.overrides.insert(0, args.resume)
+        args.resume = True
+    if args.resume:
+        cfg = resume_config(_resume_dir(args), _without_location(args.overrides))
+    else:
+        cfg = load_config(args.preset, [*args.overrides, *_location_overrides(args)])
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    results = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    _print_results(results, args.json)
+    return 0
+
+
+def _location_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.name is not None:
+        out.append(f"name={args.name}")
+    if args.out_dir is not None:
+        out.append(f"out_dir={args.out_dir}")
+    return out
+
+
+def _is_location(item: str) -> bool:
+    return item.partition("=")[0].strip() in ("name", "out_dir")
+
+
+def _without_location(overrides: Sequence[str]) -> list[str]:
+    return [o for o in overrides if not _is_location(o)]
+
+
+def _resume_dir(args: argparse.Namespace) -> Path:
+    """The run folder to resume: ``--resume RUN``, else ``<out_dir>/<name>``."""
+    location = [o for o in args.overrides if _is_location(o)] + _location_overrides(args)
+    if isinstance(args.resume, str):
+        if location:
+            raise ValueError(
+                "give either --resume RUN or --name/--out-dir (name=/out_dir=), not both"
+            )
+        return Path(args.resume)
+    base = RunConfig() if args.preset is None else load_preset(args.preset)
+    base = apply_overrides(base, location)
+    return Path(base.out_dir) / base.name
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from moglstm.lm.evaluate import evaluate
+
+    results = evaluate(
+        args.run,
+        args.split,
+        batch_size=args.batch_size,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        bptt=args.bptt,
+        max_tokens=args.max_tokens,
+        data_dir=args.data_dir,
+    )
+    _print_results(results, args.json)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moglstm.lm.generate import generate
+
+    result = generate(
+        args.run,
+        args.prompt,
+        args.tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        greedy=args.greedy,
+        checkpoint=args.checkpoint,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        if result["unknown"]:
+            logger.warning(
+                "%d prompt token(s) unknown to the model: read as <unk>", result["unknown"]
+            )
+        print(result["text"])
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from moglstm.lm.benchmark import DEFAULT_GRID, parse_shape, run_benchmark
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    shapes = [parse_shape(s) for s in args.shape] if args.shape else list(DEFAULT_GRID)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    results = run_benchmark(
+        shapes,
+        args.impl,
+        args.mode,
+        runs=args.runs,
+        warmup=args.warmup,
+        device=args.device,
+        dtype=args.dtype,
+        memory=not args.no_memory,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        print(to_yaml(load_preset(args.name)), end="")
+        return 0
+    names = list_presets()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {_preset_summary(name)}")
+    return 0
+
+
+def _preset_summary(name: str) -> str:
+    """First phrase of the preset file's leading comment, and its key settings."""
+    text = (resources.files("moglstm.lm") / "presets" / f"{name}.yaml").read_text("utf-8")
+    comment = " ".join(
+        line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")
+    )
+    phrase = comment.split(": ")[0].split(". ")[0].rstrip(".:")
+    cfg = load_preset(name)
+    m = cfg.model
+    shape = (
+        f"{m.depth}x{m.d_model}" if m.kind == "transformer" else f"{m.num_layers}x{m.hidden_size}"
+    )
+    settings = f"[{cfg.data.corpus}, {m.kind} {shape}, {cfg.train.max_steps} steps]"
+    return f"{phrase} {settings}" if phrase else settings
+
+
+def _print_results(results: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results))
+        return
+    for key, value in results.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{key}: {shown}")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``moglstm`` command line; returns the exit status.
+
+    Args:
+        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+    """
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    quiet = getattr(args, "quiet", False)
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moglstm.lm.train import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        hint = (
+            " (continue from the last checkpoint with --resume)" if args.command == "train" else ""
+        )
+        print(f"moglstm {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"moglstm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, torch.OutOfMemoryError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"moglstm {args.command}: failed: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, rest = lines[0], lines[1:]
+    if head.endswith(":") and rest:
+        return f"{head} {'; '.join(rest)}"
+    return "; ".join(lines)

@@ -1,0 +1,343 @@
+"""Scoring a language model on a split, and loading trained runs back.
+
+The protocol is the usual one for recurrent language models: the split is cut into
+``B`` contiguous streams (:func:`~moglstm.lm.data.batchify`), scored window by window
+with the model state carried from one window to the next (starting from zeros), and
+the loss is the mean cross-entropy over every scored token. With ``B = 1`` every
+token but the first is scored, as in the Mogrifier paper; with larger ``B`` the
+``len % B`` trailing tokens are trimmed and the first token of each stream has no
+context, so ``B - 1 + len % B`` tokens go unscored (reported as ``tokens_dropped``).
+The Transformer keeps no state, so each of its windows is scored from scratch.
+
+Word-level corpora report perplexity ``exp(loss)``; character- and byte-level ones
+report bits per character ``loss / ln 2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from moglstm.lm.checkpoint import load_checkpoint
+from moglstm.lm.config import RunConfig, from_dict
+from moglstm.lm.data import Vocab, batchify, iter_windows, load_corpus
+from moglstm.lm.models import build_model, detach_state
+
+__all__ = [
+    "CHECKPOINT_CHOICES",
+    "SPLIT_CHOICES",
+    "LoadedRun",
+    "autocast",
+    "autocast_dtype",
+    "evaluate",
+    "evaluate_loss",
+    "load_run",
+    "metric_name",
+    "metrics_for",
+    "resolve_checkpoint",
+    "resolve_device",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_CHOICES = ("best", "last")
+SPLIT_CHOICES = ("train", "valid", "test")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn a device setting into a :class:`torch.device`, checking it exists.
+
+    Args:
+        spec: ``"auto"`` (CUDA if available, else MPS, else CPU), ``"cpu"``,
+            ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+
+    Raises:
+        ValueError: ``spec`` is malformed or names a device this machine lacks.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"device: expected a string, got {spec!r}")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"device={spec!r} is not one of: auto, cpu, cuda, cuda:N, mps") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={spec!r} but CUDA is not available on this machine")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={spec!r} but only {count} CUDA device(s) are available")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise ValueError(f"device={spec!r} but MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"device={spec!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The mixed-precision dtype to use on ``device``, or ``None`` for full precision.
+
+    Mixed precision is used only on CUDA: bfloat16 where the GPU supports it, else
+    float16 (which then needs a gradient scaler when training).
+    """
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metric_name(level: str) -> str:
+    """``"ppl"`` (perplexity) for word-level corpora, ``"bpc"`` (bits per character) else."""
+    return "ppl" if level == "word" else "bpc"
+
+
+def metrics_for(loss: float, level: str) -> dict[str, float]:
+    """``{"loss": loss, "ppl": exp(loss)}`` at word level, ``{"loss", "bpc"}`` otherwise.
+
+    Args:
+        loss: mean cross-entropy in nats per token.
+        level: the corpus level (``word``, ``char`` or ``byte``).
+    """
+    if metric_name(level) == "bpc":
+        return {"loss": loss, "bpc": loss / math.log(2)}
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:  # a diverged model: the perplexity is astronomically large
+        ppl = math.inf
+    return {"loss": loss, "ppl": ppl}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    data: Tensor,
+    bptt: int,
+    *,
+    max_tokens: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Mean cross-entropy of ``model`` over a batchified split, state carried across windows.
+
+    The model is put in eval mode (and left there). Losses are summed in float64,
+    so the mean does not depend on how the split is cut into windows beyond the
+    model's own arithmetic.
+
+    Args:
+        model: a language model from :func:`~moglstm.lm.models.build_model`.
+        data: ``(N, B)`` token ids from :func:`~moglstm.lm.data.batchify`, on the
+            model's device.
+        bptt: window length; clipped to a Transformer's ``max_len``.
+        max_tokens: score only about this many target tokens (whole rows of ``B``);
+            ``None`` scores the whole split.
+        amp_dtype: run under ``torch.autocast`` with this dtype (see :func:`autocast_dtype`).
+
+    Returns:
+        ``(mean loss in nats, number of tokens scored)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    bptt = min(bptt, getattr(model, "max_len", bptt))
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    count = 0
+    state = None
+    for inputs, targets in iter_windows(data, bptt, max_tokens=max_tokens):
+        with autocast(data.device, amp_dtype):
+            logits, state = model(inputs, state)  # logits: (T, B, V)
+        state = detach_state(state)
+        flat = logits.float().reshape(-1, logits.size(-1))
+        total += F.cross_entropy(flat, targets.reshape(-1), reduction="sum").double()
+        count += targets.numel()
+    if count == 0:
+        raise ValueError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
+    return total.item() / count, count
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class LoadedRun:
+    """A trained model rebuilt from a checkpoint.
+
+    Attributes:
+        model: the language model, in eval mode, on the requested device.
+        vocab: the vocabulary it was trained with.
+        config: the run's configuration.
+        checkpoint: the path the model was read from.
+        step: the training step the checkpoint was written at.
+    """
+
+    model: nn.Module
+    vocab: Vocab
+    config: RunConfig
+    checkpoint: Path
+    step: int
+
+
+def resolve_checkpoint(run: str | Path, which: str = "best") -> Path:
+    """Find the checkpoint file for ``run``.
+
+    Args:
+        run: a run folder (holding ``best.pt``/``last.pt``) or a checkpoint file.
+        which: ``"best"`` or ``"last"``; used when ``run`` is a folder.
+
+    Raises:
+        ValueError: ``which`` is not one of the choices.
+        FileNotFoundError: nothing to load at ``run``.
+    """
+    if which not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint={which!r} is not one of: {', '.join(CHECKPOINT_CHOICES)}")
+    path = Path(run).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"run {str(path)!r} not found (give a run folder or a .pt file)")
+    candidate = path / f"{which}.pt"
+    if not candidate.is_file():
+        raise FileNotFoundError(
+            f"run folder {str(path)!r} has no {which}.pt (no checkpoint was saved yet: a run "
+            "saves one every train.eval_every steps)"
+        )
+    return candidate
+
+
+def load_run(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild the model, vocabulary and config of a trained run from one checkpoint.
+
+    Args:
+        run: a run folder or a checkpoint file (see :func:`resolve_checkpoint`).
+        which: ``"best"`` or ``"last"`` when ``run`` is a folder.
+        device: where to put the model (a :class:`torch.device` or a setting for
+            :func:`resolve_device`).
+
+    Returns:
+        A :class:`LoadedRun` whose model is in eval mode.
+    """
+    path = resolve_checkpoint(run, which)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    payload = load_checkpoint(path)
+    for key in ("model", "config", "vocab"):
+        if key not in payload:
+            raise ValueError(f"checkpoint {str(path)!r} lacks {key!r}: not a training checkpoint")
+    cfg = from_dict(payload["config"])
+    vocab = Vocab.from_dict(payload["vocab"])
+    model = build_model(cfg.model, len(vocab))
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    step = int(payload.get("counters", {}).get("step", 0))
+    return LoadedRun(model=model, vocab=vocab, config=cfg, checkpoint=path, step=step)
+
+
+def evaluate(
+    run: str | Path,
+    split: str = "test",
+    *,
+    batch_size: int | None = None,
+    checkpoint: str = "best",
+    device: str = "auto",
+    bptt: int | None = None,
+    max_tokens: int | None = None,
+    data_dir: str | None = None,
+    amp: bool = False,
+) -> dict[str, Any]:
+    """Score a trained run on a whole split (state carried across windows).
+
+    Args:
+        run: a run folder or a checkpoint file.
+        split: ``"valid"``, ``"test"`` or ``"train"``.
+        batch_size: number of parallel streams; ``None`` uses the run's
+            ``data.eval_batch_size``. ``1`` is the paper's protocol (nothing unscored).
+        checkpoint: ``"best"`` or ``"last"`` (for a run folder).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        bptt: window length; ``None`` uses the run's ``data.bptt``. It changes only
+            speed and memory for recurrent models (the state is carried).
+        max_tokens: score only the first ~``max_tokens`` tokens; ``None`` for all.
+        data_dir: where the corpus is (overrides the run's ``data.data_dir``).
+        amp: mixed precision on CUDA (see :func:`autocast_dtype`); off by default so
+            reported numbers are full precision.
+
+    Returns:
+        ``{"split", "loss", "ppl" or "bpc", "tokens", "tokens_dropped", "batch_size",
+        "checkpoint", "step", "level"}``: ``tokens`` is the number scored and
+        ``tokens_dropped`` the number batch size 1 would score on top (``None`` with
+        ``max_tokens``).
+    """
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"split={split!r} is not one of: {', '.join(SPLIT_CHOICES)}")
+    for name, value in (("batch_size", batch_size), ("bptt", bptt), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name}: expected an int, got {value!r}")
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    loaded = load_run(run, checkpoint, device)
+    cfg = loaded.config
+    if data_dir is not None:
+        cfg.data.data_dir = data_dir
+    corpus = load_corpus(cfg.data, vocab=loaded.vocab)
+    ids = corpus.split(split)
+    batch_size = cfg.data.eval_batch_size if batch_size is None else batch_size
+    data = batchify(ids, batch_size).to(_model_device(loaded.model))
+    amp_dtype = autocast_dtype(data.device, amp)
+    loss, scored = evaluate_loss(
+        loaded.model, data, bptt or cfg.data.bptt, max_tokens=max_tokens, amp_dtype=amp_dtype
+    )
+    # relative to batch size 1, which scores every token but the first
+    dropped = ids.numel() - 1 - scored if max_tokens is None else None
+    if dropped:
+        logger.info(
+            "%d of %d %s tokens not scored with batch size %d (use --batch-size 1 to score all)",
+            dropped,
+            ids.numel(),
+            split,
+            batch_size,
+        )
+    return {
+        "split": split,
+        **metrics_for(loss, corpus.level),
+        "tokens": scored,
+        "tokens_dropped": dropped,
+        "batch_size": batch_size,
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "level": corpus.level,
+    }
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first: Iterator[Tensor] = iter(model.parameters())
+    return next(first).device

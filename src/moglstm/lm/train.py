@@ -1,0 +1,763 @@
+"""Training: one loop, read top to bottom, with exact resumption.
+
+:func:`train` runs a :class:`~moglstm.lm.config.RunConfig` in its run folder
+``<out_dir>/<name>/``, which ends up holding::
+
+    config.yaml     the resolved config
+    metrics.jsonl   one JSON object per log or validation event
+    last.pt         written every train.eval_every steps and at the end
+    best.pt         written whenever the validation loss improves
+    events.*        TensorBoard events (only when tensorboard is installed)
+
+Truncated backpropagation through time: the training split is cut into
+``data.batch_size`` streams walked in windows of ``data.bptt`` steps; the model
+state is carried from window to window (detached) and reset when the streams
+wrap around. The loss is the mean token cross-entropy.
+
+Resuming (``resume=True``) rebuilds everything from ``last.pt`` alone: model,
+optimizer, learning-rate schedule, gradient scaler, counters, the stream's
+position, the carried state and every random generator, so on CPU a resumed run
+ends with bit-identical weights to one that never stopped. Only the settings in
+:data:`RESUMABLE_KEYS` may differ from the checkpoint's config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from moglstm.lm.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from moglstm.lm.config import (
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    save_config,
+    to_dict,
+    validate,
+)
+from moglstm.lm.data import BatchStream, Corpus, Vocab, batchify, load_corpus
+from moglstm.lm.evaluate import (
+    autocast,
+    autocast_dtype,
+    evaluate_loss,
+    metric_name,
+    metrics_for,
+    resolve_device,
+)
+from moglstm.lm.models import build_model, count_parameters, detach_state
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "RUN_FILES",
+    "MetricsLog",
+    "NonFiniteLossError",
+    "PlateauSchedule",
+    "make_optimizer",
+    "resume_config",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Config keys that may differ from the checkpoint's when resuming: where things are,
+#: how long to go on, and how often to log and check. Everything else is fixed by the
+#: checkpoint (changing it would not continue the same run).
+RESUMABLE_KEYS = frozenset(
+    {
+        "name",
+        "out_dir",
+        "data.data_dir",
+        "data.cache_dir",
+        "data.path",
+        "data.train_path",
+        "data.valid_path",
+        "data.test_path",
+        "data.eval_batch_size",
+        "train.max_steps",
+        "train.eval_every",
+        "train.log_every",
+        "train.early_stop_patience",
+        "train.eval_max_tokens",
+        "train.device",
+        "train.amp",
+    }
+)
+
+#: Files whose presence marks a folder as holding a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
+
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training (or validation) loss became NaN or infinite; the run stopped."""
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+class PlateauSchedule:
+    r"""Learning rate that is constant, or decays when validation stops improving.
+
+    With ``kind="plateau"`` the rate is multiplied by ``decay`` once ``patience``
+    validations in a row (since the last improvement or decay) failed to lower the
+    best validation loss; ``patience=0`` acts like 1. With ``kind="constant"`` the
+    rate never changes, but the best loss and the number of validations without
+    improvement are still tracked (for early stopping).
+
+    Args:
+        lr: the initial learning rate.
+        kind: ``"constant"`` or ``"plateau"``.
+        decay: factor in ``(0, 1]`` applied on a plateau.
+        patience: validations without improvement before a decay.
+    """
+
+    def __init__(
+        self, lr: float, *, kind: str = "constant", decay: float = 0.5, patience: int = 1
+    ) -> None:
+        if kind not in ("constant", "plateau"):
+            raise ValueError(f"kind={kind!r} is not one of: constant, plateau")
+        if not lr > 0:
+            raise ValueError(f"lr={lr!r} must be positive")
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay={decay!r} must be in (0, 1]")
+        if patience < 0:
+            raise ValueError(f"patience={patience!r} must be >= 0")
+        self.kind, self.decay, self.patience = kind, decay, patience
+        self.lr = float(lr)
+        self.best = math.inf  # best validation loss seen
+        self.bad = 0  # validations since the best one
+        self.since_decay = 0  # validations without improvement since the last decay
+
+    def update(self, valid_loss: float) -> bool:
+        """Record a validation loss; decay the rate if on a plateau. Returns ``improved``."""
+        if valid_loss < self.best:
+            self.best, self.bad, self.since_decay = valid_loss, 0, 0
+            return True
+        self.bad += 1
+        self.since_decay += 1
+        if self.kind == "plateau" and self.since_decay >= max(1, self.patience):
+            self.lr *= self.decay
+            self.since_decay = 0
+            logger.info("validation loss has not improved: learning rate now %.3g", self.lr)
+        return False
+
+    def state_dict(self) -> dict[str, float | int]:
+        """Plain numbers: ``lr``, ``best``, ``bad``, ``since_decay``."""
+        return {"lr": self.lr, "best": self.best, "bad": self.bad, "since_decay": self.since_decay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.lr = float(state["lr"])
+        self.best = float(state["best"])
+        self.bad = int(state["bad"])
+        self.since_decay = int(state["since_decay"])
+
+
+# --------------------------------------------------------------------------- metrics file
+
+
+class MetricsLog:
+    """Appends metric records to ``metrics.jsonl`` (and TensorBoard when installed).
+
+    The training loop writes one record per event: ``split`` is ``"train"`` (every
+    ``log_every`` steps; ``loss`` is the token-weighted mean since the previous
+    record and ``tokens_per_s`` the training speed) or ``"valid"`` (each validation;
+    ``tokens_per_s`` is the scoring speed). Every record also has ``step``,
+    ``ppl`` (word level) or ``bpc`` (char/byte level), ``lr`` (the base rate after
+    the schedule) and ``elapsed`` (wall seconds since the run began, over all sessions).
+
+    Args:
+        run_dir: the run folder.
+        resume_step: when resuming from a checkpoint taken at this step, lines of
+            later steps (written before the run stopped, after its last checkpoint)
+            are removed first, so no event is recorded twice. ``None`` for a new run.
+        tensorboard: also write TensorBoard events if ``torch.utils.tensorboard``
+            imports.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True
+    ) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None:
+            _truncate_metrics(self.path, resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self._writer = _tensorboard_writer(Path(run_dir), resume_step) if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a flat dict with ``step`` and ``split``)."""
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        """Close the file (and the TensorBoard writer)."""
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the complete lines of ``path`` with ``step <= step``; atomic rewrite."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by the crash
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _tensorboard_writer(run_dir: Path, purge_step: int | None) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    # purge_step drops events a crashed session wrote after its last checkpoint
+    return SummaryWriter(str(run_dir), purge_step=None if purge_step is None else purge_step + 1)
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW (decoupled weight decay) when ``cfg.weight_decay > 0``.
+
+    Weight decay applies to matrices (embeddings and weights, ``dim >= 2``) only, not to
+    biases and normalisation gains.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.weight_decay == 0:
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
+    """Raise ValueError naming every non-resumable key on which the configs differ."""
+    old, new = _flat(to_dict(saved)), _flat(to_dict(wanted))
+    changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE_KEYS]
+    if changed:
+        details = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new[k]!r})" for k in changed)
+        raise ValueError(
+            f"cannot change {details} when resuming; only these may change: "
+            f"{', '.join(sorted(RESUMABLE_KEYS))}. Start a new run (new name) instead."
+        )
+
+
+def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The config to resume the run in ``run_dir`` with: its checkpoint's, plus overrides.
+
+    The config comes from ``last.pt`` (not ``config.yaml``); ``name`` and ``out_dir`` are
+    set from ``run_dir`` so a moved folder resumes in place.
+
+    Args:
+        run_dir: the run folder, holding ``last.pt``.
+        overrides: dotted ``key=value`` items; only keys in :data:`RESUMABLE_KEYS`.
+
+    Raises:
+        FileNotFoundError: there is no ``last.pt`` to resume from.
+        ValueError: an override names a key that cannot change on resume.
+    """
+    run_dir = Path(run_dir).expanduser()
+    payload = load_checkpoint(_last_checkpoint(run_dir))
+    cfg = from_dict(payload["config"])
+    cfg.name, cfg.out_dir = run_dir.name, str(run_dir.parent)
+    for item in overrides:
+        key = str(item).partition("=")[0].strip()
+        if key in ("name", "out_dir"):
+            raise ValueError(f"override {item!r}: the run folder is {str(run_dir)!r}")
+        if key not in RESUMABLE_KEYS:
+            raise ValueError(
+                f"override {item!r}: {key} cannot change when resuming; only these may: "
+                f"{', '.join(sorted(RESUMABLE_KEYS))}"
+            )
+    return validate(apply_overrides(cfg, overrides))
+
+
+def _last_checkpoint(run_dir: Path) -> Path:
+    path = run_dir / "last.pt"
+    if path.is_file():
+        return path
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"nothing to resume: run folder {str(run_dir)!r} does not exist")
+    raise FileNotFoundError(
+        f"nothing to resume: {str(run_dir)!r} has no last.pt (the run stopped before its "
+        "first checkpoint, saved every train.eval_every steps); delete the folder or use a "
+        "new name"
+    )
+
+
+def _check_fresh(run_dir: Path) -> None:
+    found = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if found:
+        raise FileExistsError(
+            f"run folder {str(run_dir)!r} already holds a run ({', '.join(found)}); continue "
+            "it with --resume (resume=True), or choose a new name (--name / name=...)"
+        )
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass
+class _Counters:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # completed passes over the training split
+    tokens: int = 0  # training tokens seen
+    elapsed: float = 0.0  # wall seconds, summed over sessions
+    best_saved_loss: float = math.inf  # validation loss of best.pt
+    valid_loss: float | None = None  # the latest validation loss
+    last_saved_step: int | None = None  # step of last.pt (not stored in it)
+
+
+@dataclass
+class _Run:
+    """Everything the loop touches, built by :func:`_setup`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    corpus: Corpus
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: PlateauSchedule
+    scaler: Any  # torch.amp.GradScaler for float16 autocast, else None
+    stream: BatchStream
+    valid_data: Tensor
+    counters: _Counters
+    state: Any = None  # the recurrent state carried between windows
+    session_start: float = 0.0  # perf_counter() value at which `elapsed` was 0
+
+
+def _setup(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Run:
+    """Build data, model and optimizer; restore them from ``checkpoint`` when resuming."""
+    device = resolve_device(cfg.train.device)
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
+    vocab = Vocab.from_dict(checkpoint["vocab"]) if checkpoint else None
+    corpus = load_corpus(cfg.data, vocab=vocab)
+    model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    amp_dtype = autocast_dtype(device, cfg.train.amp)
+    bptt = cfg.data.bptt
+    max_len = getattr(model, "max_len", None)  # a Transformer cannot take longer windows
+    stream = BatchStream(
+        batchify(corpus.train, cfg.data.batch_size).to(device),
+        bptt,
+        variable_length=cfg.data.variable_length,
+        seed=cfg.train.seed,
+        max_length=None if max_len is None else max(bptt, min(bptt + 20, max_len)),
+    )
+    t = cfg.train
+    run = _Run(
+        cfg=cfg,
+        run_dir=Path(cfg.out_dir) / cfg.name,
+        device=device,
+        amp_dtype=amp_dtype,
+        corpus=corpus,
+        model=model,
+        optimizer=make_optimizer(model, t),
+        schedule=PlateauSchedule(t.lr, kind=t.schedule, decay=t.lr_decay, patience=t.lr_patience),
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        stream=stream,
+        valid_data=batchify(corpus.valid, cfg.data.eval_batch_size).to(device),
+        counters=_Counters(),
+    )
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    return run
+
+
+def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.stream.load_state_dict(ckpt["data"])
+    saved = ckpt["counters"]
+    fields = {f.name for f in dataclasses.fields(_Counters)}
+    run.counters = _Counters(**{k: v for k, v in saved.items() if k in fields})
+    run.counters.last_saved_step = run.counters.step
+    run.state = _to_device(ckpt.get("train_state"), run.device)
+    restore_rng_state(ckpt["rng"])  # last: building the model above drew from the RNG
+
+
+def _to_device(state: Any, device: torch.device) -> Any:
+    if isinstance(state, Tensor):
+        return state.to(device)
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_device(s, device) for s in state)
+    return state
+
+
+def _payload(run: _Run) -> dict[str, Any]:
+    counters = dataclasses.asdict(run.counters)
+    del counters["last_saved_step"]
+    counters.update(
+        lr=run.schedule.lr,
+        best_valid_loss=run.schedule.best,
+        bad_validations=run.schedule.bad,
+    )
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.schedule.state_dict(),
+        "scaler": None if run.scaler is None else run.scaler.state_dict(),
+        "config": to_dict(run.cfg),
+        "counters": counters,
+        "data": run.stream.state_dict(),
+        "rng": capture_rng_state(),
+        "vocab": run.corpus.vocab.to_dict(),
+        "train_state": run.state,  # detached carried state: resuming continues it exactly
+    }
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def _train_step(run: _Run, inputs: Tensor, targets: Tensor) -> float:
+    """Forward, backward, clip and update on one window; returns the loss."""
+    t = run.cfg.train
+    lr = run.schedule.lr
+    if run.cfg.data.variable_length:  # AWD-LSTM: scale the rate with the window length
+        lr *= inputs.size(0) / run.cfg.data.bptt
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(run.device, run.amp_dtype):
+        logits, state = run.model(inputs, run.state)  # (T, B, V)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+    value = loss.item()
+    if not math.isfinite(value):
+        return value  # the caller stops the run; nothing is updated
+    run.optimizer.zero_grad(set_to_none=True)
+    scaler = run.scaler
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if t.clip > 0:
+        if scaler is not None:
+            scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), t.clip)
+    if scaler is None:
+        run.optimizer.step()
+    else:
+        scaler.step(run.optimizer)
+        scaler.update()
+    run.state = detach_state(state)  # carry the state, cut its history
+    return value
+
+
+def _validate(run: _Run) -> tuple[float, int]:
+    """Validation loss and the number of tokens scored; the model goes back to training."""
+    loss, count = evaluate_loss(
+        run.model,
+        run.valid_data,
+        run.cfg.data.bptt,
+        max_tokens=run.cfg.train.eval_max_tokens,
+        amp_dtype=run.amp_dtype,
+    )
+    run.model.train()
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"non-finite validation loss ({loss}) at step {run.counters.step}; stopping. "
+            + _checkpoint_note(run)
+        )
+    return loss, count
+
+
+def _checkpoint_note(run: _Run) -> str:
+    saved = run.counters.last_saved_step
+    if saved is None:
+        where = "No checkpoint had been saved yet"
+    else:
+        where = f"The checkpoints in {run.run_dir} (last.pt from step {saved}) are kept"
+    return f"{where}. Try a lower train.lr or gradient clipping (train.clip)."
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    *,
+    quiet: bool = False,
+    on_step: OnStep | None = None,
+) -> dict[str, Any]:
+    """Train a language model as ``cfg`` describes; return the final metrics.
+
+    Args:
+        cfg: the run's config (validated here). The run folder is
+            ``<cfg.out_dir>/<cfg.name>``; a new run refuses a folder that already
+            holds one.
+        resume: continue the run in the folder from its ``last.pt``. The config is
+            the checkpoint's; ``cfg`` may differ from it only in
+            :data:`RESUMABLE_KEYS` (e.g. a larger ``train.max_steps``). See
+            :func:`resume_config` to build such a ``cfg`` from the folder alone.
+        quiet: no progress bar (it is also off when stderr is not a terminal).
+        on_step: called as ``on_step(step, {"loss": ..., "lr": ...})`` after every
+            optimizer step (after that step's checkpoint, if any). An exception it
+            raises stops the run like a crash would.
+
+    Returns:
+        ``{"run_dir", "step", "epoch", "train_loss", "valid_loss", "valid_<ppl|bpc>",
+        "best_valid_loss", "best_valid_<ppl|bpc>", "tokens_per_s", "elapsed",
+        "stopped"}``, where ``stopped`` is ``"max_steps"`` or ``"early_stop"``.
+
+    Raises:
+        FileExistsError: a new run would overwrite an existing run folder.
+        FileNotFoundError: ``resume`` but there is no ``last.pt``.
+        ValueError: an invalid config, or a resume that changes a fixed setting.
+        NonFiniteLossError: the loss became NaN or infinite (checkpoints are kept).
+    """
+    cfg = validate(cfg)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(_last_checkpoint(run_dir))
+        _check_resumable(from_dict(checkpoint["config"]), cfg)
+    else:
+        _check_fresh(run_dir)
+    run = _setup(cfg, checkpoint)
+    del checkpoint  # free the host copy of the weights
+    save_config(cfg, run_dir / "config.yaml")
+    _log_start(run, resume)
+    log = MetricsLog(run_dir, resume_step=run.counters.step if resume else None)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=run.counters.step,
+        disable=True if quiet else None,  # None: off when not a terminal
+        unit="step",
+        dynamic_ncols=True,
+    )
+    try:
+        with _messages_above_the_bar(bar):
+            stopped, train_loss, speed = _loop(run, log, bar, on_step)
+    finally:
+        bar.close()
+        log.close()
+    return _results(run, stopped, train_loss, speed)
+
+
+def _messages_above_the_bar(bar: Any) -> contextlib.AbstractContextManager:
+    """Route console log handlers through ``tqdm.write`` while the bar is shown."""
+    consoles = []
+    current: logging.Logger | None = logger
+    while current is not None:  # the loggers whose handlers our messages reach
+        if any(_is_console(h) for h in current.handlers):
+            consoles.append(current)
+        current = current.parent if current.propagate else None
+    if bar.disable or not consoles:
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm(loggers=consoles)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return isinstance(handler, logging.StreamHandler) and stream in (sys.stdout, sys.stderr)
+
+
+def _loop(
+    run: _Run, log: MetricsLog, bar: Any, on_step: OnStep | None
+) -> tuple[str, float | None, float]:
+    """The training loop proper. Returns (why it stopped, last train loss, tokens/s)."""
+    cfg, c = run.cfg, run.counters
+    t = cfg.train
+    run.model.train()
+    run.session_start = time.perf_counter() - c.elapsed
+    window_loss = window_tokens = 0.0  # since the last log line
+    window_time = train_time = session_tokens = 0.0
+    train_loss = None
+    last_eval = c.step  # the checkpoint (if any) was taken right after a validation
+
+    while c.step < t.max_steps and not _early_stopped(run):
+        step_start = time.perf_counter()
+        inputs, targets, new_epoch = run.stream.next()  # (T, B) each
+        if new_epoch:
+            run.state = None  # the streams start over: zero state
+        loss = _train_step(run, inputs, targets)
+        c.step += 1
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss}) at step {c.step}; stopping. "
+                + _checkpoint_note(run)
+            )
+        c.epoch = run.stream.epoch
+        c.tokens += targets.numel()
+        elapsed = time.perf_counter() - step_start
+        window_loss += loss * targets.numel()
+        window_tokens += targets.numel()
+        window_time += elapsed
+        train_time += elapsed
+        session_tokens += targets.numel()
+        bar.update(1)
+
+        if c.step % t.log_every == 0:
+            train_loss = window_loss / window_tokens
+            c.elapsed = time.perf_counter() - run.session_start
+            _log_train(run, log, bar, train_loss, window_tokens / window_time)
+            window_loss = window_tokens = window_time = 0.0
+
+        if c.step % t.eval_every == 0:
+            _evaluate_and_save(run, log, on_schedule=True)
+            last_eval = c.step
+
+        if on_step is not None:
+            on_step(c.step, {"loss": loss, "lr": run.schedule.lr})
+
+    if c.step > last_eval:  # the run ended between two scheduled validations
+        _evaluate_and_save(run, log, on_schedule=False)
+    c.elapsed = time.perf_counter() - run.session_start
+    stopped = "early_stop" if _early_stopped(run) else "max_steps"
+    if train_loss is None and window_tokens:
+        train_loss = window_loss / window_tokens
+    return stopped, train_loss, session_tokens / train_time if train_time else 0.0
+
+
+def _early_stopped(run: _Run) -> bool:
+    patience = run.cfg.train.early_stop_patience
+    return patience > 0 and run.schedule.bad >= patience
+
+
+def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None:
+    """Validate, log, and save ``best.pt`` (if improved) and ``last.pt``.
+
+    Only scheduled validations (every ``eval_every`` steps) drive the learning-rate
+    schedule and early stopping, so a run cut short by ``max_steps`` and resumed
+    follows the same schedule as one that never stopped.
+    """
+    c = run.counters
+    start = time.perf_counter()
+    c.valid_loss, scored = _validate(run)
+    speed = scored / max(time.perf_counter() - start, 1e-9)
+    if on_schedule:
+        run.schedule.update(c.valid_loss)
+    c.elapsed = time.perf_counter() - run.session_start
+    record = metrics_for(c.valid_loss, run.corpus.level)
+    logger.info(
+        "step %d: valid loss %.4f, %s %.3f",
+        c.step,
+        c.valid_loss,
+        metric_name(run.corpus.level),
+        record[metric_name(run.corpus.level)],
+    )
+    log.write(_record(run, "valid", record, speed))
+    improved = c.valid_loss < c.best_saved_loss
+    if improved:
+        c.best_saved_loss = c.valid_loss
+    payload = _payload(run)
+    if improved:
+        save_checkpoint(run.run_dir / "best.pt", payload)
+    save_checkpoint(run.run_dir / "last.pt", payload)
+    c.last_saved_step = c.step
+
+
+def _record(run: _Run, split: str, metrics: dict[str, float], speed: float) -> dict[str, Any]:
+    return {
+        "step": run.counters.step,
+        "split": split,
+        **metrics,
+        "lr": run.schedule.lr,
+        "tokens_per_s": round(speed, 1),
+        "elapsed": round(run.counters.elapsed, 3),
+    }
+
+
+def _log_train(run: _Run, log: MetricsLog, bar: Any, loss: float, speed: float) -> None:
+    metrics = metrics_for(loss, run.corpus.level)
+    log.write(_record(run, "train", metrics, speed))
+    name = metric_name(run.corpus.level)
+    bar.set_postfix(loss=f"{loss:.3f}", **{name: f"{metrics[name]:.2f}"}, tok_s=f"{speed:.0f}")
+    if bar.disable:
+        logger.info(
+            "step %d: train loss %.4f, %s %.3f, %.0f tokens/s",
+            run.counters.step,
+            loss,
+            name,
+            metrics[name],
+            speed,
+        )
+
+
+def _log_start(run: _Run, resume: bool) -> None:
+    what = f"resuming from step {run.counters.step}" if resume else "starting"
+    logger.info("%s in %s on %s", what, run.run_dir, run.device)
+    logger.info(
+        "%r; model %s with %s parameters%s",
+        run.corpus,
+        run.cfg.model.kind,
+        f"{count_parameters(run.model):,}",
+        f"; autocast {run.amp_dtype}" if run.amp_dtype is not None else "",
+    )
+    if resume and run.counters.step >= run.cfg.train.max_steps:
+        logger.warning(
+            "the run is already at step %d >= train.max_steps=%d; raise train.max_steps to "
+            "train further",
+            run.counters.step,
+            run.cfg.train.max_steps,
+        )
+
+
+def _results(run: _Run, stopped: str, train_loss: float | None, speed: float) -> dict[str, Any]:
+    c, level = run.counters, run.corpus.level
+    name = metric_name(level)
+    out: dict[str, Any] = {
+        "run_dir": str(run.run_dir),
+        "step": c.step,
+        "epoch": c.epoch,
+        "train_loss": train_loss,
+        "valid_loss": c.valid_loss,
+        f"valid_{name}": None if c.valid_loss is None else metrics_for(c.valid_loss, level)[name],
+        "best_valid_loss": c.best_saved_loss,
+        f"best_valid_{name}": metrics_for(c.best_saved_loss, level)[name],
+        "tokens_per_s": speed,
+        "elapsed": c.elapsed,
+        "stopped": stopped,
+    }
+    return out
