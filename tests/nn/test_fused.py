@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from moglstm.nn import MogrifierLSTM
+from moglstm.nn import MogrifierLSTM, _kernels
 
 D = torch.double
 VARIANTS = [
@@ -18,6 +18,16 @@ VARIANTS = [
     {"peephole": True, "cap_input_gate": True},
 ]
 ROUNDS = [(0, None), (1, None), (4, None), (5, 2), (6, 3)]
+
+
+@pytest.fixture(params=["kernels", "torch-ops"], autouse=True)
+def pointwise(request, monkeypatch):
+    """Run every test with the C pointwise kernels and with the torch-op fallback."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(_kernels, "available", lambda t: False)
+    elif _kernels.load() is None:
+        pytest.skip("no C compiler: the kernels cannot be built here")
+    return request.param
 
 
 def twins(dtype=D, **kwargs):
@@ -151,3 +161,23 @@ def test_fused_refuses_what_it_cannot_do():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward twice"):
         loss.backward()
+
+
+def test_kernels_are_used_when_built(pointwise):
+    assert _kernels.available(torch.randn(3, 2, 5)) == (pointwise == "kernels")
+    assert not _kernels.available(torch.randn(3, dtype=torch.bfloat16))
+
+
+def test_kernel_loader_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOGLSTM_KERNEL_CACHE", str(tmp_path))
+    _kernels.load.cache_clear()
+    try:
+        monkeypatch.setenv("MOGLSTM_NO_KERNELS", "1")
+        assert _kernels.load() is None
+        _kernels.load.cache_clear()
+        monkeypatch.delenv("MOGLSTM_NO_KERNELS")
+        monkeypatch.setattr(_kernels, "_compiler", lambda: "false")  # a compiler that fails
+        assert _kernels.load() is None
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.c"))
+    finally:
+        _kernels.load.cache_clear()

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moglstm.nn import _kernels
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -184,6 +186,8 @@ class Buffers:
         self.gates = new(T, B, p.weight_hh.shape[0])  # activated i, f, g, o
         self.c = new(T + 1, B, H)  # c[0] = c_0, c[t + 1] = c_t
         self.tanh_c = new(T, B, H)
+        self.out = new(T, B, H)  # h_t, the layer's output
+        self.kernels = _kernels.available(x)  # fused C pointwise kernels, else torch ops
 
 
 def store_state(dest: Tensor, h: Tensor, mask: Tensor | None) -> None:
@@ -206,8 +210,12 @@ def forward_step(spec, p: Params, buf: Buffers, t: int, h: Tensor, mask, ops: St
         s = buf.s[r][t]
         if spec.low_rank:
             v = ops.round_in[r](v, out=buf.u[r][t])
-        ops.round_out[r](v, out=s).sigmoid_()
-        torch.mul(s, old, out=new).mul_(2)
+        ops.round_out[r](v, out=s)
+        if buf.kernels:
+            _kernels.round_forward(s, old, new)
+        else:
+            s.sigmoid_()
+            torch.mul(s, old, out=new).mul_(2)
     ops.gates(buf.xh[t], out=buf.gates[t])
     return lstm_pointwise(spec, p, buf, t)
 
@@ -229,7 +237,19 @@ def split_gates(spec: LayerSpec, gates: Tensor):
 
 
 def lstm_pointwise(spec: LayerSpec, p: Params, buf: Buffers, t: int) -> Tensor:
-    """Activate ``buf.gates[t]`` in place and update the cell; returns ``h_t``."""
+    """Activate ``buf.gates[t]`` in place, update the cell; writes and returns ``h_t``."""
+    if buf.kernels:
+        _kernels.lstm_forward(
+            buf.gates[t],
+            buf.c[t],
+            buf.c[t + 1],
+            buf.tanh_c[t],
+            buf.out[t],
+            p.peephole,
+            spec.coupled,
+            spec.cap_input_gate,
+        )
+        return buf.out[t]
     i, f, g, o = split_gates(spec, buf.gates[t])
     c_prev, c = buf.c[t], buf.c[t + 1]
     if p.peephole is not None:
@@ -248,13 +268,26 @@ def lstm_pointwise(spec: LayerSpec, p: Params, buf: Buffers, t: int) -> Tensor:
         o.addcmul_(p.peephole[2], c)
     o.sigmoid_()
     torch.tanh(c, out=buf.tanh_c[t])
-    return o * buf.tanh_c[t]
+    return torch.mul(o, buf.tanh_c[t], out=buf.out[t])
 
 
 def lstm_pointwise_backward(spec, p, buf, t, dh, dc) -> Tensor:
     """Gradients of step ``t``'s cell update: overwrites ``buf.gates[t]`` with the
     pre-activation gate gradients; returns ``dc_{t-1}``. ``dc`` is updated in place."""
     gates = buf.gates[t]
+    if buf.kernels:
+        dc = dc.contiguous()
+        _kernels.lstm_backward(
+            gates,
+            buf.c[t],
+            buf.tanh_c[t],
+            dh.contiguous(),
+            dc,
+            p.peephole,
+            spec.coupled,
+            spec.cap_input_gate,
+        )
+        return dc
     i, f, g, o = split_gates(spec, gates)
     c_prev, tanh_c = buf.c[t], buf.tanh_c[t]
     dc.addcmul_(dh * o, 1 - tanh_c * tanh_c)
@@ -300,8 +333,12 @@ def rounds_backward(spec, buf, t, dx: Tensor, dh: Tensor, du_buf, ops) -> tuple[
         d_new = dx if odd else dh
         old = buf.xs[tgt][t] if odd else buf.hs[tgt][t]
         s = buf.s[r][t]
-        d_old = 2 * s * d_new
-        s.mul_(1 - s).mul_(d_new).mul_(old).mul_(2)  # dz = 2 old d_new s (1 - s)
+        if buf.kernels:
+            d_old = torch.empty_like(s)
+            _kernels.round_backward(s, old, d_new, d_old)
+        else:
+            d_old = 2 * s * d_new
+            s.mul_(1 - s).mul_(d_new).mul_(old).mul_(2)  # dz = 2 old d_new s (1 - s)
         if spec.low_rank:
             dv = ops.round_in[r](ops.round_out[r](s, out=du_buf[r][t]))
         else:
@@ -354,14 +391,12 @@ def run_forward(spec, p, x, h, c0, mask, buf) -> Tensor:
         gates_x = torch.matmul(x, p.weight_ih.t())
         if p.bias is not None:
             gates_x += p.bias
-    out = x.new_empty(T, h.shape[0], h.shape[1])
     for t in range(T):
         if gates_x is None:
             h = forward_step(spec, p, buf, t, h, mask, ops)
         else:
             h = forward_step_x_precomputed(spec, p, buf, t, h, mask, ops, gates_x)
-        out[t] = h
-    return out
+    return buf.out
 
 
 class MogrifierLayerFunction(torch.autograd.Function):
@@ -373,6 +408,7 @@ class MogrifierLayerFunction(torch.autograd.Function):
         p = unflatten_params(spec, flat)
         buf = Buffers(spec, p, x, h0.shape[1])
         out = run_forward(spec, p, x, h0, c0, mask, buf)
+        buf.out = None  # the output belongs to the caller; backward does not read it
         h_n, c_n = out[-1].clone(), buf.c[-1].clone()
         ctx.spec, ctx.buf = spec, buf
         ctx.save_for_backward(mask, *flat)
