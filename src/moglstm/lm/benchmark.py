@@ -100,6 +100,12 @@ def build(impl: str, shape: Shape, device: str, dtype: torch.dtype) -> torch.nn.
     return module.to(device=device, dtype=dtype)
 
 
+def make_input(shape: Shape, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(T, B, I)`` input that asks for its gradient, as an embedding output does."""
+    size = (shape.seq_len, shape.batch, shape.input_size)
+    return torch.randn(size, device=device, dtype=dtype, requires_grad=True)
+
+
 def step_fn(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
     """One forward (inference, no autograd) or one training step (forward + backward)."""
 
@@ -142,14 +148,7 @@ def peak_memory_mb(impl: str, shape: Shape, device: str, dtype: str) -> float | 
     if device.startswith("cuda"):
         torch_dtype = getattr(torch, dtype)
         module = build(impl, shape, device, torch_dtype)
-        x = torch.randn(
-            shape.seq_len,
-            shape.batch,
-            shape.input_size,
-            device=device,
-            dtype=torch_dtype,
-            requires_grad=True,
-        )
+        x = make_input(shape, device, torch_dtype)
         step = step_fn(module, x, "train")
         step()
         torch.cuda.synchronize()
@@ -180,7 +179,7 @@ def _memory_child(args_json: str) -> None:
     shape = Shape(**args["shape"])
     dtype = getattr(torch, args["dtype"])
     module = build(args["impl"], shape, "cpu", dtype)
-    x = torch.randn(shape.seq_len, shape.batch, shape.input_size, dtype=dtype, requires_grad=True)
+    x = make_input(shape, "cpu", dtype)
     base = _vm_hwm_kb()
     step_fn(module, x, "train")()
     print((_vm_hwm_kb() - base) / 1024)
@@ -203,14 +202,7 @@ def run_benchmark(
     results = []
     for shape in shapes:
         modules = {impl: build(impl, shape, device, torch_dtype) for impl in implementations}
-        x = torch.randn(
-            shape.seq_len,
-            shape.batch,
-            shape.input_size,
-            device=device,
-            dtype=torch_dtype,
-            requires_grad=True,
-        )
+        x = make_input(shape, device, torch_dtype)
         for mode in modes:
             fns = {impl: step_fn(m, x, mode) for impl, m in modules.items()}
             times = time_interleaved(fns, runs, warmup, device)

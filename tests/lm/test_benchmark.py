@@ -1,0 +1,73 @@
+"""The benchmark command's plumbing on a tiny shape (speed is measured by the command, not here)."""
+
+import json
+
+import pytest
+
+from moglstm.cli import main
+from moglstm.lm.benchmark import Shape, parse_shape, run_benchmark
+
+
+def test_floor_is_the_extra_arithmetic_of_the_rounds():
+    # H = I = 512, r = 5, k = 84: 1 + r*k*(I+H) / (4*H*(I+H)) = 1 + 5*84/2048
+    assert Shape().floor() == pytest.approx(1 + 5 * 84 / 2048)
+    assert Shape(rounds=0).floor() == 1.0
+    full = Shape(hidden=8, rank=None, layers=1, rounds=2)
+    assert full.floor() == pytest.approx(1 + 2 * 64 / (4 * 8 * 16))
+
+
+def test_parse_shape():
+    assert parse_shape("B=8,T=5,H=32,k=none") == Shape(batch=8, seq_len=5, hidden=32, rank=None)
+    with pytest.raises(ValueError, match="bad shape item"):
+        parse_shape("B=8,X=3")
+
+
+def test_run_benchmark_reports_every_implementation_and_mode():
+    lines = []
+    results = run_benchmark(
+        [Shape(batch=2, seq_len=3, hidden=8, rank=2)],
+        runs=2,
+        warmup=0,
+        memory=False,
+        log=lines.append,
+    )
+    assert {(r.implementation, r.mode) for r in results} == {
+        (i, m) for i in ("torch", "reference", "fused") for m in ("forward", "train")
+    }
+    for r in results:
+        assert r.median_ms > 0 and len(r.times_ms) == 2 and r.tokens_per_s > 0
+        assert (r.ratio_over_floor is None) == (r.implementation == "torch")
+    assert len(lines) == 6 and "x 1.00 torch" in lines[0]
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "benchmark",
+            "--shape",
+            "B=2,T=3,H=8,k=2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--impl",
+            "torch",
+            "fused",
+            "--mode",
+            "train",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["implementation"] for r in rows] == ["torch", "fused"]
+    assert rows[1]["peak_memory_mb"] is not None
+    assert "fused" in capsys.readouterr().out
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="implementation"):
+        run_benchmark([Shape(batch=2, seq_len=2, hidden=8, rank=2)], implementations=["cudnn"])
+    assert main(["benchmark", "--shape", "B=x", "--runs", "1"]) == 2
