@@ -326,28 +326,29 @@ def lstm_pointwise_backward(spec, p, buf, t, dh, dc) -> Tensor:
     return dc_prev
 
 
-def rounds_backward(spec, buf, t, dx: Tensor, dh: Tensor, du_buf, ops) -> tuple[Tensor, Tensor]:
-    """Back through the rounds of step ``t``; ``buf.s[r][t]`` becomes ``dz`` of round r."""
+def rounds_backward(spec, buf, t, dx: Tensor, dh: Tensor, du_buf, ops, dx_out: Tensor) -> Tensor:
+    """Back through the rounds of step ``t``: writes the input's gradient into ``dx_out``
+    and returns the gradient of the h fed in; ``buf.s[r][t]`` becomes ``dz`` of round r."""
     for r, (tgt, _src) in reversed(list(enumerate(round_slots(spec.rounds)))):
         odd = r % 2 == 0
         d_new = dx if odd else dh
         old = buf.xs[tgt][t] if odd else buf.hs[tgt][t]
         s = buf.s[r][t]
+        d_old = dx_out if r == 0 else torch.empty_like(s)  # round 1 yields d input
         if buf.kernels:
-            d_old = torch.empty_like(s)
             _kernels.round_backward(s, old, d_new, d_old)
         else:
-            d_old = 2 * s * d_new
+            torch.mul(s, d_new, out=d_old).mul_(2)
             s.mul_(1 - s).mul_(d_new).mul_(old).mul_(2)  # dz = 2 old d_new s (1 - s)
         if spec.low_rank:
             dv = ops.round_in[r](ops.round_out[r](s, out=du_buf[r][t]))
         else:
             dv = ops.round_out[r](s)
-        if odd:
-            dx, dh = d_old, dh + dv
+        if odd:  # dh and dx are fresh tensors or views of one: accumulate in place
+            dx, dh = d_old, dh.add_(dv)
         else:
-            dx, dh = dx + dv, d_old
-    return dx, dh
+            dx, dh = dx.add_(dv), d_old
+    return dh
 
 
 def weight_grads(spec: LayerSpec, p: Params, buf: Buffers, du_buf, needs) -> list[Tensor | None]:
@@ -440,8 +441,7 @@ class MogrifierLayerFunction(torch.autograd.Function):
             dgates = buf.gates[t]
             dxh = ops.gates(dgates)  # (B, I + H): d x_m and d h_m at once, or d h_m
             if spec.rounds:
-                dx, dh = rounds_backward(spec, buf, t, dxh[:, :I], dxh[:, I:], du_buf, ops)
-                dx_all[t] = dx
+                dh = rounds_backward(spec, buf, t, dxh[:, :I], dxh[:, I:], du_buf, ops, dx_all[t])
             else:
                 dh = dxh
             if mask is not None:
