@@ -93,6 +93,18 @@ def test_fused_directions_and_layouts(bidirectional, batch_first):
     assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7])
+def test_round_gradients_accumulated_over_chunks(monkeypatch, chunk_rows):
+    from moglstm.nn import fused
+
+    monkeypatch.setattr(fused.RoundGrads, "CHUNK_ROWS", chunk_rows)  # B=3: chunks of 1, 2, 3
+    ref, fused_rnn = twins(
+        input_size=5, hidden_size=4, num_layers=2, mogrify_rounds=5, mogrify_rank=2, peephole=True
+    )
+    x, hx = inputs(5, 2, T=8)
+    assert_twins_agree(ref, fused_rnn, x, hx, rtol=1e-11, atol=1e-11)
+
+
 def test_fused_float32_close_to_reference():
     ref, fused = twins(
         torch.float32,

@@ -37,13 +37,13 @@ _TEMPLATE = r"""
 #define TANH(x) ((T)2 * SIG((T)2 * (x)) - (T)1)
 
 /* gates: (B, G*H) pre-activations in, activations out; G = 3 (f, g, o) if coupled */
-void lstm_fwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *tanh_c, T *h,
+void lstm_fwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *h,
                    const T *pi, const T *pf, const T *po, int coupled, int cap) {
     const int64_t G = coupled ? 3 : 4;
     for (int64_t b = 0; b < B; b++) {
         T *zi = gates + b * G * H, *zf = zi + (coupled ? 0 : H), *zg = zf + H, *zo = zg + H;
         const T *cp = c_prev + b * H;
-        T *cn = c + b * H, *tc = tanh_c + b * H, *hn = h + b * H;
+        T *cn = c + b * H, *hn = h + b * H;
         for (int64_t j = 0; j < H; j++) {
             T f_in = zf[j] + (pf ? pf[j] * cp[j] : (T)0);
             T f = SIG(f_in), g = TANH(zg[j]), i = (T)0, m;
@@ -58,22 +58,23 @@ void lstm_fwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *tan
             T t = TANH(cv);
             if (!coupled) zi[j] = i;
             zf[j] = f; zg[j] = g; zo[j] = o;
-            cn[j] = cv; tc[j] = t; hn[j] = o * t;
+            cn[j] = cv; hn[j] = o * t;
         }
     }
 }
 
-/* gates: activations in, pre-activation gradients out; dc: dc_t in, dc_{t-1} out */
-void lstm_bwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, const T *tanh_c,
+/* gates: activations in, pre-activation gradients out; dc: dc_t in, dc_{t-1} out;
+   tanh(c_t) is recomputed from c_t rather than stored */
+void lstm_bwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, const T *c_new,
                    const T *dh, T *dc, const T *pi, const T *pf, const T *po,
                    int coupled, int cap) {
     const int64_t G = coupled ? 3 : 4;
     for (int64_t b = 0; b < B; b++) {
         T *ai = gates + b * G * H, *af = ai + (coupled ? 0 : H), *ag = af + H, *ao = ag + H;
-        const T *cp = c_prev + b * H, *tc = tanh_c + b * H, *dhb = dh + b * H;
+        const T *cp = c_prev + b * H, *cn = c_new + b * H, *dhb = dh + b * H;
         T *dcb = dc + b * H;
         for (int64_t j = 0; j < H; j++) {
-            T o = ao[j], t = tc[j], f = af[j], g = ag[j], d = dhb[j];
+            T o = ao[j], t = TANH(cn[j]), f = af[j], g = ag[j], d = dhb[j];
             T dzo = d * t * o * ((T)1 - o);
             T dcn = dcb[j] + d * o * ((T)1 - t * t) + (po ? dzo * po[j] : (T)0);
             T df, dg, dzi = (T)0, i = (T)0;
@@ -119,14 +120,14 @@ void round_fwd_NAME(int64_t R, int64_t C, T *s, const T *old, int64_t so, T *nw,
     }
 }
 
-/* s: sigmoid in, dz out; d_old = 2 s d_new */
+/* s: pre-activation z in, dz out; with v = sigmoid(z): d_old = 2 v d_new */
 void round_bwd_NAME(int64_t R, int64_t C, T *s, const T *old, int64_t so, const T *dnew,
                     int64_t sd, T *dold) {
     for (int64_t r = 0; r < R; r++) {
         T *sr = s + r * C, *dor = dold + r * C;
         const T *orow = old + r * so, *drow = dnew + r * sd;
         for (int64_t j = 0; j < C; j++) {
-            T v = sr[j], dn = drow[j];
+            T v = SIG(sr[j]), dn = drow[j];
             dor[j] = (T)2 * v * dn;
             sr[j] = (T)2 * orow[j] * dn * v * ((T)1 - v);
         }
@@ -209,97 +210,50 @@ def available(t: Tensor) -> bool:
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def _ptr(t: Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
+def _arg(a):
+    """ctypes argument: tensors (or None) by data pointer, bools as int, ints as int64."""
+    if a is None or isinstance(a, Tensor):
+        assert a is None or a.stride(-1) == 1, "kernels need rows with unit stride"
+        return ctypes.c_void_p(None if a is None else a.data_ptr())
+    return ctypes.c_int(a) if isinstance(a, bool) else ctypes.c_int64(a)
 
 
-def _fn(name: str, t: Tensor):
-    return getattr(load(), f"{name}_{_SUFFIX[t.dtype]}")
+def _call(name: str, ref: Tensor, *args) -> None:
+    getattr(load(), f"{name}_{_SUFFIX[ref.dtype]}")(*map(_arg, args))
 
 
-def _rows(t: Tensor) -> tuple[int, int, int]:
-    """``(rows, cols, row stride)`` of a 2-D tensor whose rows are contiguous."""
-    assert t.dim() == 2 and t.stride(1) == 1, "kernels need rows with unit stride"
-    return t.shape[0], t.shape[1], t.stride(0)
-
-
-def _contig(*ts: Tensor | None) -> None:
+def _contiguous(*ts: Tensor | None) -> None:
     for t in ts:
         assert t is None or t.is_contiguous(), "kernels need contiguous buffers"
 
 
-def lstm_forward(gates, c_prev, c, tanh_c, h, peephole, coupled: bool, cap: bool) -> None:
-    """In place: activate ``gates`` (B, G*H); write ``c``, ``tanh_c``, ``h`` (B, H)."""
+def lstm_forward(gates, c_prev, c, h, peephole, coupled: bool, cap: bool) -> None:
+    """In place: activate ``gates`` (B, G*H); write ``c`` and ``h`` (B, H)."""
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
-    _contig(gates, c_prev, c, tanh_c, h, p_i, p_f, p_o)
+    _contiguous(gates, c_prev, c, h, p_i, p_f, p_o)
     B, H = c.shape
-    _fn("lstm_fwd", c)(
-        ctypes.c_int64(B),
-        ctypes.c_int64(H),
-        _ptr(gates),
-        _ptr(c_prev),
-        _ptr(c),
-        _ptr(tanh_c),
-        _ptr(h),
-        _ptr(p_i),
-        _ptr(p_f),
-        _ptr(p_o),
-        ctypes.c_int(coupled),
-        ctypes.c_int(cap),
-    )
+    _call("lstm_fwd", c, B, H, gates, c_prev, c, h, p_i, p_f, p_o, coupled, cap)
 
 
-def lstm_backward(gates, c_prev, tanh_c, dh, dc, peephole, coupled: bool, cap: bool) -> None:
-    """In place: ``gates`` activations -> pre-activation grads; ``dc`` -> ``dc_{t-1}``."""
+def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) -> None:
+    """In place: ``gates`` activations -> pre-activation grads; ``dc`` -> ``dc_{t-1}``.
+    ``c`` is ``c_t``, from which ``tanh(c_t)`` is recomputed."""
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
-    _contig(gates, c_prev, tanh_c, dh, dc, p_i, p_f, p_o)
+    _contiguous(gates, c_prev, c, dh, dc, p_i, p_f, p_o)
     B, H = dc.shape
-    _fn("lstm_bwd", dc)(
-        ctypes.c_int64(B),
-        ctypes.c_int64(H),
-        _ptr(gates),
-        _ptr(c_prev),
-        _ptr(tanh_c),
-        _ptr(dh),
-        _ptr(dc),
-        _ptr(p_i),
-        _ptr(p_f),
-        _ptr(p_o),
-        ctypes.c_int(coupled),
-        ctypes.c_int(cap),
-    )
+    _call("lstm_bwd", dc, B, H, gates, c_prev, c, dh, dc, p_i, p_f, p_o, coupled, cap)
 
 
 def round_forward(s: Tensor, old: Tensor, new: Tensor) -> None:
-    """In place: ``s = sigmoid(s)``, ``new = 2 * s * old``."""
-    _contig(s)
-    R, C, _ = _rows(s)
-    _, _, so = _rows(old)
-    _, _, sn = _rows(new)
-    _fn("round_fwd", s)(
-        ctypes.c_int64(R),
-        ctypes.c_int64(C),
-        _ptr(s),
-        _ptr(old),
-        ctypes.c_int64(so),
-        _ptr(new),
-        ctypes.c_int64(sn),
-    )
+    """In place: ``s = sigmoid(s)``, ``new = 2 * s * old`` (rows of old/new may be strided)."""
+    _contiguous(s)
+    R, C = s.shape
+    _call("round_fwd", s, R, C, s, old, old.stride(0), new, new.stride(0))
 
 
-def round_backward(s: Tensor, old: Tensor, d_new: Tensor, d_old: Tensor) -> None:
-    """In place: ``d_old = 2 s d_new``; ``s`` becomes ``dz = 2 old d_new s (1 - s)``."""
-    _contig(s, d_old)
-    R, C, _ = _rows(s)
-    _, _, so = _rows(old)
-    _, _, sd = _rows(d_new)
-    _fn("round_bwd", s)(
-        ctypes.c_int64(R),
-        ctypes.c_int64(C),
-        _ptr(s),
-        _ptr(old),
-        ctypes.c_int64(so),
-        _ptr(d_new),
-        ctypes.c_int64(sd),
-        _ptr(d_old),
-    )
+def round_backward(z: Tensor, old: Tensor, d_new: Tensor, d_old: Tensor) -> None:
+    """In place, with ``s = sigmoid(z)``: ``d_old = 2 s d_new``; ``z`` becomes
+    ``dz = 2 old d_new s (1 - s)``."""
+    _contiguous(z, d_old)
+    R, C = z.shape
+    _call("round_bwd", z, R, C, z, old, old.stride(0), d_new, d_new.stride(0), d_old)
