@@ -36,55 +36,85 @@ _TEMPLATE = r"""
 #define SIG(x) ((T)1 / ((T)1 + EXP(-(x))))
 #define TANH(x) ((T)2 * SIG((T)2 * (x)) - (T)1)
 
+/* The variant flags are compile-time constants in each call of these bodies, so every
+   variant gets its own branch-free loop that vectorises. */
+#define INL static inline __attribute__((always_inline))
+#define R_ __restrict__
+
 /* gates: (B, G*H) pre-activations in, activations out; G = 3 (f, g, o) if coupled */
-void lstm_fwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *h,
-                   const T *pi, const T *pf, const T *po, int coupled, int cap) {
-    const int64_t G = coupled ? 3 : 4;
+INL void lstm_fwd_body_NAME(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev, T *R_ c,
+                            T *R_ h, const T *R_ pi, const T *R_ pf, const T *R_ po,
+                            const int COUPLED, const int CAP, const int PEEP) {
+    const int64_t G = COUPLED ? 3 : 4;
     for (int64_t b = 0; b < B; b++) {
-        T *zi = gates + b * G * H, *zf = zi + (coupled ? 0 : H), *zg = zf + H, *zo = zg + H;
-        const T *cp = c_prev + b * H;
-        T *cn = c + b * H, *hn = h + b * H;
+        T *R_ zi = gates + b * G * H;
+        T *R_ zf = zi + (COUPLED ? 0 : H);
+        T *R_ zg = zf + H;
+        T *R_ zo = zg + H;
+        const T *R_ cp = c_prev + b * H;
+        T *R_ cn = c + b * H;
+        T *R_ hn = h + b * H;
+#pragma GCC ivdep
         for (int64_t j = 0; j < H; j++) {
-            T f_in = zf[j] + (pf ? pf[j] * cp[j] : (T)0);
-            T f = SIG(f_in), g = TANH(zg[j]), i = (T)0, m;
-            if (coupled) {
+            T f = SIG(zf[j] + (PEEP ? pf[j] * cp[j] : (T)0));
+            T g = TANH(zg[j]);
+            T m;
+            if (COUPLED) {
                 m = (T)1 - f;
             } else {
-                i = SIG(zi[j] + (pi ? pi[j] * cp[j] : (T)0));
-                m = cap ? fmin((T)1 - f, i) : i;
+                T i = SIG(zi[j] + (PEEP ? pi[j] * cp[j] : (T)0));
+                m = CAP ? ((T)1 - f < i ? (T)1 - f : i) : i;
+                zi[j] = i;
             }
             T cv = f * cp[j] + m * g;
-            T o = SIG(zo[j] + (po ? po[j] * cv : (T)0));
-            T t = TANH(cv);
-            if (!coupled) zi[j] = i;
+            T o = SIG(zo[j] + (PEEP ? po[j] * cv : (T)0));
             zf[j] = f; zg[j] = g; zo[j] = o;
-            cn[j] = cv; hn[j] = o * t;
+            cn[j] = cv;
+            hn[j] = o * TANH(cv);
         }
     }
 }
 
+void lstm_fwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *h,
+                   const T *pi, const T *pf, const T *po, int coupled, int cap) {
+    int peep = pf != 0;
+#define CALL(C, K, P) lstm_fwd_body_NAME(B, H, gates, c_prev, c, h, pi, pf, po, C, K, P)
+    if (coupled) { if (peep) CALL(1, 0, 1); else CALL(1, 0, 0); }
+    else if (cap) { if (peep) CALL(0, 1, 1); else CALL(0, 1, 0); }
+    else { if (peep) CALL(0, 0, 1); else CALL(0, 0, 0); }
+#undef CALL
+}
+
 /* gates: activations in, pre-activation gradients out; dc: dc_t in, dc_{t-1} out;
    tanh(c_t) is recomputed from c_t rather than stored */
-void lstm_bwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, const T *c_new,
-                   const T *dh, T *dc, const T *pi, const T *pf, const T *po,
-                   int coupled, int cap) {
-    const int64_t G = coupled ? 3 : 4;
+INL void lstm_bwd_body_NAME(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev,
+                            const T *R_ c_new, const T *R_ dh, T *R_ dc, const T *R_ pi,
+                            const T *R_ pf, const T *R_ po,
+                            const int COUPLED, const int CAP, const int PEEP) {
+    const int64_t G = COUPLED ? 3 : 4;
     for (int64_t b = 0; b < B; b++) {
-        T *ai = gates + b * G * H, *af = ai + (coupled ? 0 : H), *ag = af + H, *ao = ag + H;
-        const T *cp = c_prev + b * H, *cn = c_new + b * H, *dhb = dh + b * H;
-        T *dcb = dc + b * H;
+        T *R_ ai = gates + b * G * H;
+        T *R_ af = ai + (COUPLED ? 0 : H);
+        T *R_ ag = af + H;
+        T *R_ ao = ag + H;
+        const T *R_ cp = c_prev + b * H;
+        const T *R_ cn = c_new + b * H;
+        const T *R_ dhb = dh + b * H;
+        T *R_ dcb = dc + b * H;
+#pragma GCC ivdep
         for (int64_t j = 0; j < H; j++) {
             T o = ao[j], t = TANH(cn[j]), f = af[j], g = ag[j], d = dhb[j];
             T dzo = d * t * o * ((T)1 - o);
-            T dcn = dcb[j] + d * o * ((T)1 - t * t) + (po ? dzo * po[j] : (T)0);
-            T df, dg, dzi = (T)0, i = (T)0;
-            if (coupled) {
+            T dcn = dcb[j] + d * o * ((T)1 - t * t) + (PEEP ? dzo * po[j] : (T)0);
+            T df, dg, dzi = (T)0;
+            if (COUPLED) {
                 df = dcn * (cp[j] - g);
                 dg = dcn * ((T)1 - f);
             } else {
-                i = ai[j];
-                if (cap) {
+                T i = ai[j];
+                if (CAP) {
                     T a = (T)1 - f;
+                    /* d min(a, i): to the smaller, split evenly on ties (as torch) */
                     T to_a = a < i ? (T)1 : (a == i ? (T)0.5 : (T)0);
                     T dm = dcn * g;
                     df = dcn * cp[j] - dm * to_a;
@@ -95,19 +125,32 @@ void lstm_bwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, const T *c_n
                     dzi = dcn * g * i * ((T)1 - i);
                     dg = dcn * i;
                 }
+                ai[j] = dzi;
             }
             T dzf = df * f * ((T)1 - f);
-            T dzg = dg * ((T)1 - g * g);
-            T dcp = dcn * f + (pf ? dzf * pf[j] : (T)0) + (pi && !coupled ? dzi * pi[j] : (T)0);
-            if (!coupled) ai[j] = dzi;
-            af[j] = dzf; ag[j] = dzg; ao[j] = dzo;
-            dcb[j] = dcp;
+            af[j] = dzf;
+            ag[j] = dg * ((T)1 - g * g);
+            ao[j] = dzo;
+            dcb[j] = dcn * f + (PEEP ? dzf * pf[j] : (T)0)
+                     + ((PEEP && !COUPLED) ? dzi * pi[j] : (T)0);
         }
     }
 }
 
+void lstm_bwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, const T *c_new,
+                   const T *dh, T *dc, const T *pi, const T *pf, const T *po,
+                   int coupled, int cap) {
+    int peep = pf != 0;
+#define CALL(C, K, P) lstm_bwd_body_NAME(B, H, gates, c_prev, c_new, dh, dc, pi, pf, po, C, K, P)
+    if (coupled) { if (peep) CALL(1, 0, 1); else CALL(1, 0, 0); }
+    else if (cap) { if (peep) CALL(0, 1, 1); else CALL(0, 1, 0); }
+    else { if (peep) CALL(0, 0, 1); else CALL(0, 0, 0); }
+#undef CALL
+}
+
 /* s: (R, C) pre-activation in, sigmoid out; new = 2 s old (row strides so, sn) */
-void round_fwd_NAME(int64_t R, int64_t C, T *s, const T *old, int64_t so, T *nw, int64_t sn) {
+void round_fwd_NAME(int64_t R, int64_t C, T *R_ s, const T *R_ old, int64_t so, T *R_ nw,
+                    int64_t sn) {
     for (int64_t r = 0; r < R; r++) {
         T *sr = s + r * C;
         const T *orow = old + r * so;
@@ -121,8 +164,8 @@ void round_fwd_NAME(int64_t R, int64_t C, T *s, const T *old, int64_t so, T *nw,
 }
 
 /* s: pre-activation z in, dz out; with v = sigmoid(z): d_old = 2 v d_new */
-void round_bwd_NAME(int64_t R, int64_t C, T *s, const T *old, int64_t so, const T *dnew,
-                    int64_t sd, T *dold) {
+void round_bwd_NAME(int64_t R, int64_t C, T *R_ s, const T *R_ old, int64_t so,
+                    const T *R_ dnew, int64_t sd, T *R_ dold) {
     for (int64_t r = 0; r < R; r++) {
         T *sr = s + r * C, *dor = dold + r * C;
         const T *orow = old + r * so, *drow = dnew + r * sd;
@@ -135,7 +178,7 @@ void round_bwd_NAME(int64_t R, int64_t C, T *s, const T *old, int64_t so, const 
 }
 """
 
-_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-march=native", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-ffast-math", "-march=native", "-shared", "-fPIC"]
 
 
 def _source() -> str:
