@@ -155,6 +155,10 @@ def test_auto_picks_fused_for_tensors_and_reference_for_packed(monkeypatch):
     rnn(torch.randn(3, 2, 5))
     assert calls == ["run_direction_fused"]
     calls.clear()
+    with torch.no_grad():  # inference: the reference loop is as fast and allocates less
+        rnn(torch.randn(3, 2, 5))
+    assert calls == ["run_direction_reference"]
+    calls.clear()
     rnn(pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 1])))
     assert calls == ["run_direction_reference"]
     calls.clear()

@@ -133,8 +133,9 @@ class MogrifierLSTM(nn.Module):
             step (one mask per layer, direction and call, in training mode only). It
             does not touch the outputs or the returned state.
         implementation: ``"auto"`` (default) runs each layer direction as one fused
-            autograd node (:mod:`moglstm.nn.fused`) where it applies (unpacked
-            float32/float64 input) and the reference step loop otherwise;
+            autograd node (:mod:`moglstm.nn.fused`) when autograd records the call and
+            the input is unpacked float32/float64, and the reference step loop otherwise
+            (inference, packed sequences, other dtypes);
             ``"reference"`` always runs :mod:`moglstm.nn.functional` step by step;
             ``"fused"`` insists on the fused path. Both give the same outputs and
             gradients; the fused path supports first derivatives only.
@@ -291,8 +292,14 @@ class MogrifierLSTM(nn.Module):
         return run_direction_reference(steps, h, c, weights, d == 1, mask)
 
     def uses_fused_path(self, steps: Steps) -> bool:
-        """The fused path takes unpacked float32/float64 input; packed sequences and
-        other dtypes run the reference path (an error if the fused one was asked for)."""
+        """Whether this call runs the fused path.
+
+        ``"auto"`` takes it when autograd records the call (training): its gains are in
+        the backward. Without autograd (inference, generation) the reference loop is as
+        fast or faster and allocates no buffers. The fused path takes unpacked
+        float32/float64 input; packed sequences and other dtypes run the reference path
+        (an error if ``"fused"`` was asked for).
+        """
         if self.implementation == "reference":
             return False
         reason = None
@@ -302,7 +309,14 @@ class MogrifierLSTM(nn.Module):
             reason = f"dtype {steps.x.dtype}"
         if reason and self.implementation == "fused":
             raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
+        if self.implementation == "auto" and not self._records_grad(steps.x):
+            return False
         return reason is None
+
+    def _records_grad(self, x: Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def _unpack_input(self, input):
         """Return ``(Steps, batch, unbatched, packed)`` with time-major data."""
