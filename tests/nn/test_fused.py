@@ -197,3 +197,10 @@ def test_kernel_loader_falls_back(monkeypatch, tmp_path):
         assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.c"))
     finally:
         _kernels.load.cache_clear()
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """A library linked with -ffast-math would switch on flush-to-zero process-wide."""
+    _kernels.load()
+    assert torch.tensor(1e-39) * 1.0 != 0  # a subnormal float32
+    assert 5e-324 * 1.5 != 0  # the smallest subnormal double, through SSE arithmetic

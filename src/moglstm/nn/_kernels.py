@@ -178,7 +178,11 @@ void round_bwd_NAME(int64_t R, int64_t C, T *R_ s, const T *R_ old, int64_t so,
 }
 """
 
-_FLAGS = ["-O3", "-ffast-math", "-march=native", "-shared", "-fPIC"]
+# -ffast-math only when compiling: linking with it adds crtfastmath.o, whose constructor turns on
+# flush-to-zero for the whole process when the library loads (and would change every float
+# computation in it, torch's included).
+_FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC"]
+_LINK_FLAGS = ["-shared", "-fPIC"]
 
 
 def _source() -> str:
@@ -212,7 +216,7 @@ def _cpu_flags() -> str:
 
 def _build(cc: str) -> Path:
     source = _source()
-    parts = [source, cc, *_FLAGS, platform.machine(), _cpu_flags()]
+    parts = [source, cc, *_FLAGS, *_LINK_FLAGS, platform.machine(), _cpu_flags()]
     key = hashlib.sha256("\n".join(parts).encode())
     target = _cache_dir() / f"pointwise-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -221,13 +225,10 @@ def _build(cc: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "pointwise.c"
         src.write_text(source)
-        out = Path(tmp) / "pointwise.so"
-        subprocess.run(
-            [cc, *_FLAGS, str(src), "-o", str(out), "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        obj, out = Path(tmp) / "pointwise.o", Path(tmp) / "pointwise.so"
+        run = {"check": True, "capture_output": True, "timeout": 120}
+        subprocess.run([cc, *_FLAGS, "-c", str(src), "-o", str(obj)], **run)
+        subprocess.run([cc, *_LINK_FLAGS, str(obj), "-o", str(out), "-lm"], **run)
         os.replace(out, target)  # atomic: a concurrent build gives the same file
     return target
 
