@@ -28,6 +28,8 @@ from moglstm.lm.config import (
     to_yaml,
 )
 from moglstm.lm.data import CorpusFetchError
+from moglstm.lm.distributed import env_rank
+from moglstm.lm.runlock import RunLockedError
 
 __all__ = ["build_parser", "main"]
 
@@ -42,6 +44,7 @@ _USER_ERRORS = (
     IsADirectoryError,
     NotADirectoryError,
     CorpusFetchError,
+    RunLockedError,
 )
 
 _MAIN_EPILOG = """\
@@ -76,6 +79,11 @@ examples:
   moglstm train --preset ptb-small --resume train.max_steps=8000
   moglstm train --resume runs/wide                   # a run folder, anywhere
   moglstm train --preset ptb-small --print-config    # show the resolved config
+  torchrun --nproc_per_node=4 -m moglstm train --preset ptb-small   # 4 GPUs, data-parallel
+
+Under torchrun each process takes data.batch_size / N of the streams (the batch
+size must divide by N) and only rank 0 writes files. train.nonfinite=skip or
+rollback keeps a run going through a NaN/inf loss (default: stop).
 """
 
 _EVALUATE_EPILOG = """\
@@ -84,10 +92,20 @@ corpora report perplexity, character-level ones bits per character. With a batch
 size B > 1 the split is cut into B streams and B - 1 + (length mod B) tokens are
 not scored; --batch-size 1 scores every token (the paper's protocol).
 
+The paper's protocol adds --temperature auto (a softmax temperature searched on
+the first --temperature-tokens of the validation split, applied to the split
+scored), --mc-samples S (mean probability over S dropout samples, rates times
+--mc-dropout-scale) and --dynamic (dynamic evaluation: the model keeps learning
+on the split as it scores it; RMS variant, see docs/reproduce.md). Defaults:
+--dynamic-lr 3e-05, --dynamic-decay 0.001, --dynamic-eps 1e-05, --dynamic-bptt 5,
+--dynamic-grad-batches all (windows of the training split for the gradient RMS).
+
 examples:
   moglstm evaluate runs/ptb-small                          # valid split, best.pt
   moglstm evaluate runs/ptb-small --split test --batch-size 1
   moglstm evaluate runs/ptb-small/last.pt --json
+  moglstm evaluate runs/ptb-paper --split test --batch-size 1 --temperature auto
+  moglstm evaluate runs/ptb-paper --split test --batch-size 1 --dynamic
 """
 
 _GENERATE_EPILOG = """\
@@ -187,7 +205,43 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--data-dir", metavar="DIR", help="where the corpus is (default: the run's)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_protocol_options(p)
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    from moglstm.lm.dynamic_eval import DynamicEvalSettings
+
+    d = DynamicEvalSettings()
+    p.add_argument(
+        "--temperature",
+        metavar="auto|T",
+        help="softmax temperature (logits / T), or 'auto' to search it on the start of "
+        "the validation split (default: 1)",
+    )
+    p.add_argument(
+        "--temperature-tokens",
+        type=int,
+        default=20000,
+        metavar="N",
+        help="validation tokens --temperature auto searches on (default: 20000)",
+    )
+    p.add_argument(
+        "--mc-samples", type=int, default=0, metavar="S", help="Monte-Carlo dropout samples"
+    )
+    p.add_argument(
+        "--mc-dropout-scale",
+        type=float,
+        default=1.0,
+        metavar="M",
+        help="multiply every dropout rate by M while sampling (default: 1)",
+    )
+    p.add_argument("--dynamic", action="store_true", help="dynamic evaluation")
+    p.add_argument("--dynamic-lr", type=float, default=d.lr, metavar="LR")
+    p.add_argument("--dynamic-decay", type=float, default=d.decay, metavar="LAMBDA")
+    p.add_argument("--dynamic-eps", type=float, default=d.eps, metavar="EPS")
+    p.add_argument("--dynamic-bptt", type=int, default=d.bptt, metavar="N")
+    p.add_argument("--dynamic-grad-batches", type=int, default=d.grad_batches, metavar="N")
 
 
 def _add_generate(sub: Any) -> None:
@@ -286,7 +340,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     results = train(cfg, resume=bool(args.resume), quiet=args.quiet)
-    _print_results(results, args.json)
+    if _is_rank0():  # under torchrun, one copy of the (identical) results
+        _print_results(results, args.json)
     return 0
 
 
@@ -333,9 +388,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         bptt=args.bptt,
         max_tokens=args.max_tokens,
         data_dir=args.data_dir,
+        **_protocol_kwargs(args),
     )
     _print_results(results, args.json)
     return 0
+
+
+def _protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``evaluate``'s temperature, Monte-Carlo and dynamic-evaluation arguments."""
+    from moglstm.lm.dynamic_eval import DynamicEvalSettings
+
+    temperature = args.temperature
+    if temperature is not None and temperature != "auto":
+        try:
+            temperature = float(temperature)
+        except ValueError:
+            raise ValueError(
+                f"--temperature {args.temperature!r}: give a number > 0 or 'auto'"
+            ) from None
+    dynamic = None
+    if args.dynamic:
+        dynamic = DynamicEvalSettings(
+            lr=args.dynamic_lr,
+            decay=args.dynamic_decay,
+            eps=args.dynamic_eps,
+            bptt=args.dynamic_bptt,
+            grad_batches=args.dynamic_grad_batches,
+        )
+    return {
+        "temperature": temperature,
+        "temperature_tokens": args.temperature_tokens,
+        "mc_samples": args.mc_samples,
+        "mc_dropout_scale": args.mc_dropout_scale,
+        "dynamic": dynamic,
+    }
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -413,6 +499,8 @@ def _preset_summary(name: str) -> str:
     shape = (
         f"{m.depth}x{m.d_model}" if m.kind == "transformer" else f"{m.num_layers}x{m.hidden_size}"
     )
+    if m.num_params is not None:  # the hidden size is solved for the budget
+        shape = f"{m.num_layers} layers, {m.num_params} parameters"
     settings = f"[{cfg.data.corpus}, {m.kind} {shape}, {cfg.train.max_steps} steps]"
     return f"{phrase} {settings}" if phrase else settings
 
@@ -438,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    quiet = getattr(args, "quiet", False)
+    quiet = getattr(args, "quiet", False) or not _is_rank0()  # torchrun: rank 0 reports
     previous_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -447,6 +535,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+def _is_rank0() -> bool:
+    """Whether this process reports: not started by torchrun, or its rank 0."""
+    try:
+        return env_rank() == 0
+    except ValueError:  # a malformed $RANK: training reports it
+        return True
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -17,17 +17,27 @@ code. The training loop builds the payload; its conventional keys are::
     vocab           Vocab.to_dict()
 
 :func:`save_checkpoint` writes to a temporary file in the destination folder,
-flushes and fsyncs it, renames it over the destination with :func:`os.replace`
-and fsyncs the folder, so a crash or a full disk never leaves a partial file at
-the destination and never damages the checkpoint already there.
+flushes and fsyncs it, reads it back to check every member's CRC-32, renames it
+over the destination with :func:`os.replace` and fsyncs the folder, so a crash or
+a full disk never leaves a partial file at the destination and never damages the
+checkpoint already there. With ``keep_previous=True`` the checkpoint it replaces
+(if it verifies) is kept as ``NAME.prev.pt`` (:func:`previous_path`), and
+:func:`load_newest_checkpoint` falls back to that one when the newest is missing,
+truncated or corrupt, so a run always has a good checkpoint to resume from.
+
+:func:`load_checkpoint` checks the CRC-32 of every member before unpickling (a
+flipped bit in tensor data would otherwise load silently) and unpickles with
+``weights_only=True``, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import pickle
 import random
+import re
 import secrets
 import warnings
 from collections.abc import Mapping
@@ -36,14 +46,21 @@ from typing import Any
 
 import torch
 
+from moglstm.lm.safety import ArchiveError, verify_archive
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "capture_rng_state",
     "load_checkpoint",
+    "load_newest_checkpoint",
+    "previous_path",
+    "remove_stale_temp_files",
     "restore_rng_state",
     "save_checkpoint",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -71,19 +88,38 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced: ``last.pt`` ->
+    ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    payload: dict[str, Any],
+    *,
+    keep_previous: bool = False,
+    verify: bool = True,
+) -> Path:
     """Write ``payload`` to ``path`` atomically.
 
     The payload is written to a temporary file next to ``path``, flushed and
-    fsynced, then renamed over ``path`` (:func:`os.replace`), and the folder is
-    fsynced. On any failure the temporary file is removed and the error is
-    re-raised (an :class:`OSError` keeps its ``errno``, e.g. ``ENOSPC``, and
-    names ``path``); a checkpoint already at ``path`` is left intact.
+    fsynced, read back to check it (``verify``), then renamed over ``path``
+    (:func:`os.replace`), and the folder is fsynced. On any failure the temporary
+    file is removed and the error is re-raised (an :class:`OSError` keeps its
+    ``errno``, e.g. ``ENOSPC``, and names ``path``); a checkpoint already at
+    ``path`` is left intact.
 
     Args:
         path: destination file; parent folders are created.
         payload: tensors and plain data only (see the module docstring).
             ``format_version`` is added when absent.
+        keep_previous: first move the checkpoint at ``path`` to
+            :func:`previous_path` (replacing the one there), unless it fails its
+            own check, in which case the older one there is kept instead.
+        verify: check the CRC-32 of every member of the written file before it
+            replaces anything.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -91,6 +127,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     Raises:
         TypeError: ``payload`` is not a dict or holds something that
             ``torch.load(weights_only=True)`` would refuse (the key is named).
+        CheckpointError: the written file failed verification (nothing was replaced).
         OSError: the file could not be written.
     """
     path = Path(path)
@@ -108,18 +145,38 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         _write_synced(tmp, payload)
+        if verify:
+            _verify_written(tmp, path)
+        if keep_previous:
+            _keep_as_previous(path)
         os.replace(tmp, path)
     except BaseException as exc:  # incl. KeyboardInterrupt: never leave the temp file
         _remove_quietly(tmp)
-        if isinstance(exc, OSError):
+        os_error = _os_error_in(exc)
+        if os_error is not None:
             raise OSError(
-                exc.errno,
-                f"could not save checkpoint {str(path)!r}: {exc.strerror or exc} "
+                os_error.errno,
+                f"could not save checkpoint {str(path)!r}: {os_error.strerror or os_error} "
                 "(any checkpoint already there is unchanged)",
             ) from exc
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, if any.
+
+    A write error inside :func:`torch.save` (e.g. ``ENOSPC``) is often masked by a
+    ``RuntimeError`` that the zip writer raises while closing the half-written file.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _check_plain(obj: Any, where: str) -> None:
@@ -140,13 +197,40 @@ def _check_plain(obj: Any, where: str) -> None:
             _check_plain(value, f"{where}[{i}]")
 
 
-def _write_synced(tmp: Path, payload: dict[str, Any]) -> None:
+def _create_new(tmp: Path) -> Any:
+    """Open a new file for binary writing (a seam the disk-full tests replace)."""
     # O_EXCL: the name is fresh, never someone else's file; 0o666 lets the umask decide.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    with os.fdopen(fd, "wb") as f:
+    return os.fdopen(fd, "wb")
+
+
+def _write_synced(tmp: Path, payload: dict[str, Any]) -> None:
+    with _create_new(tmp) as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _verify_written(tmp: Path, path: Path) -> None:
+    try:
+        verify_archive(tmp)
+    except ArchiveError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} did not read back intact after writing ({exc}); "
+            "it was not installed (any checkpoint already there is unchanged)"
+        ) from exc
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Move a good checkpoint at ``path`` to its ``.prev`` name before it is replaced."""
+    if not path.is_file():
+        return
+    try:
+        verify_archive(path)
+    except ArchiveError as exc:  # never let a damaged file push out the good .prev one
+        logger.warning("not keeping %s as the previous checkpoint: %s", path, exc)
+        return
+    os.replace(path, previous_path(path))
 
 
 def _remove_quietly(path: Path) -> None:
@@ -177,7 +261,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
-    Loads with ``weights_only=True``: no pickled code runs.
+    Checks the CRC-32 of every member first, then loads with ``weights_only=True``:
+    no pickled code runs.
 
     Args:
         path: the checkpoint file.
@@ -197,7 +282,10 @@ def load_checkpoint(
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint path {str(path)!r} is a folder, not a file")
     try:
+        verify_archive(path)
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except ArchiveError as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
     except PermissionError as exc:
         raise PermissionError(exc.errno, f"cannot read checkpoint {str(path)!r}") from exc
     except pickle.UnpicklingError as exc:
@@ -212,6 +300,68 @@ def load_checkpoint(
             f"a checkpoint ({_reason(exc)})"
         ) from exc
     return _check_payload(payload, path)
+
+
+def load_newest_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+) -> tuple[dict[str, Any], Path]:
+    """Read ``path``, or the previous checkpoint kept beside it when ``path`` is bad.
+
+    Tries ``path`` and then :func:`previous_path` (written by :func:`save_checkpoint`
+    with ``keep_previous=True``); a missing, truncated or corrupt file is skipped
+    with a warning that names it and says why.
+
+    Args:
+        path: the newest checkpoint, e.g. ``<run>/last.pt``.
+        map_location: as in :func:`load_checkpoint`.
+
+    Returns:
+        ``(payload, the path it was read from)``.
+
+    Raises:
+        FileNotFoundError: neither file exists.
+        CheckpointError: no candidate could be read; every failure is listed.
+    """
+    path = Path(path)
+    candidates = [path, previous_path(path)]
+    if not any(c.exists() for c in candidates):
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} not found")
+    failures = []
+    for candidate in candidates:
+        if not candidate.exists():
+            continue
+        try:
+            payload = load_checkpoint(candidate, map_location)
+        except CheckpointError as exc:
+            logger.warning("skipping checkpoint %s: %s", candidate, exc)
+            failures.append(str(exc))
+            continue
+        if failures:
+            logger.warning("falling back to the previous checkpoint %s", candidate)
+        return payload, candidate
+    raise CheckpointError("no readable checkpoint: " + "; ".join(failures))
+
+
+#: Temporary files this package writes next to their destination (see save_checkpoint).
+_TEMP_NAME = re.compile(r"\..+\.\d+(\.[0-9a-f]+)?\.tmp")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that killed writers left in ``folder``; return them.
+
+    Only names of the form ``.NAME.PID.tmp`` or ``.NAME.PID.HEX.tmp`` are removed.
+    Call this only while holding the folder's :class:`~moglstm.lm.runlock.RunLock`:
+    a live writer's temporary file matches too.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if _TEMP_NAME.fullmatch(entry.name) and entry.is_file():
+            _remove_quietly(entry)
+            removed.append(entry)
+    return removed
 
 
 def _reason(exc: BaseException) -> str:

@@ -35,8 +35,10 @@ import yaml
 __all__ = [
     "CORPORA",
     "DEVICE_HELP",
+    "DROPOUT_MASKS",
     "LEVELS",
     "MODEL_KINDS",
+    "NONFINITE_POLICIES",
     "SCHEDULES",
     "DataConfig",
     "ModelConfig",
@@ -59,6 +61,8 @@ LEVELS = ("word", "char", "byte")
 IMPLEMENTATIONS = ("auto", "fused", "reference")  # as moglstm.nn.MogrifierLSTM takes
 MODEL_KINDS = ("mogrifier", "lstm", "gru", "rnn", "transformer")
 SCHEDULES = ("constant", "plateau")
+DROPOUT_MASKS = ("window", "step")  # model.dropout_mask
+NONFINITE_POLICIES = ("stop", "skip", "rollback")  # on a NaN/inf training loss
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _PRESET_SUFFIXES = (".yaml", ".yml")
@@ -110,6 +114,15 @@ class ModelConfig:
     state_dropout: float = 0.0  # on h fed back (mogrifier core only)
     output_dropout: float = 0.0  # on the last layer's output, before the softmax
     implementation: str = "auto"  # mogrifier core: auto | fused | reference (moglstm.nn)
+    # the paper's regularisation and output layer (recurrent models; docs/reproduce.md)
+    dropout_mask: str = "window"  # window: one mask per window (variational) | step: fresh per step
+    drop_state_probability: float = 0.0  # zero each stream's carried state w.p. this, per batch
+    sum_layer_outputs: bool = False  # model output = sum of all layers' outputs (skip connections)
+    forget_bias: float = 0.0  # added to the forget-gate bias at init (mogrifier/lstm)
+    mos_components: int = 1  # mixture of softmaxes with K components; 1: a plain softmax
+    mos_dropout: float = 0.0  # dropout on the mixture's component vectors (K > 1)
+    embedding_ratio: float | None = None  # embedding_size = round(ratio * hidden_size)
+    num_params: str | None = None  # budget ("24M", "24e6", 24000000): picks the hidden_size
     # transformer
     d_model: int = 256
     heads: int = 4
@@ -141,6 +154,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # mixed precision on CUDA; ignored elsewhere
     eval_max_tokens: int | None = None  # cap on validation tokens per check; None = all
+    l2: float = 0.0  # L2 penalty: loss += l2 * (sum of squares of all parameters)
+    average_after_bad_evals: int = 0  # average weights after N non-improving validations; 0: off
+    average_from_step: int = 0  # average weights from this step at the latest; 0: off
+    nonfinite: str = "stop"  # on a NaN/inf training loss: stop | skip | rollback
+    rollback_lr_factor: float = 0.5  # nonfinite=rollback: lr multiplied by this
+    max_nonfinite: int = 5  # more non-finite losses than this between checkpoints: stop
 
 
 @dataclass
@@ -225,6 +244,8 @@ def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the field type ``tp``; return it, losslessly converted."""
+    if key in _COUNT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a parameter count is text ("24M") but may be written as a number
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -256,6 +277,7 @@ def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
 
 
 _INVALID = object()  # sentinel: "cannot be converted"
+_COUNT_KEYS = frozenset({"model.num_params"})  # text fields that also take plain numbers
 _TRUE_WORDS = ("true", "yes", "on")
 _FALSE_WORDS = ("false", "no", "off")
 
@@ -480,8 +502,55 @@ def _check_model(cfg: RunConfig) -> list[str]:
             for name in _MOGRIFIER_ONLY
             if getattr(m, name)
         ]
+    problems += _check_paper_model(m)
     if m.kind == "transformer" and not problems:
         problems += _check_transformer(m, cfg.data)
+    return problems
+
+
+_RECURRENT_ONLY = {  # field: its default; other values need a recurrent model kind
+    "drop_state_probability": 0.0,
+    "sum_layer_outputs": False,
+    "mos_components": 1,
+    "mos_dropout": 0.0,
+    "embedding_ratio": None,
+    "num_params": None,
+}
+
+
+def _check_paper_model(m: ModelConfig) -> list[str]:
+    """The regularisation and output-layer fields of issue 4 (see docs/reproduce.md)."""
+    from moglstm.lm.budget import parse_count  # budget imports nothing from here
+
+    problems = _choice("model.dropout_mask", m.dropout_mask, DROPOUT_MASKS)
+    problems += _fraction("model.drop_state_probability", m.drop_state_probability)
+    problems += _fraction("model.mos_dropout", m.mos_dropout)
+    problems += _positive(m, "model.", ["mos_components"])
+    problems += _positive(m, "model.", ["embedding_ratio"], optional=True)
+    if m.num_params is not None:
+        try:
+            parse_count(m.num_params)
+        except ValueError as exc:
+            problems.append(f"model.num_params: {exc}")
+    if m.embedding_ratio is not None and m.embedding_size is not None:
+        problems.append(
+            f"model.embedding_ratio={m.embedding_ratio!r} and model.embedding_size="
+            f"{m.embedding_size!r} are alternatives: give one or the other"
+        )
+    if m.mos_dropout > 0 and m.mos_components == 1:
+        problems.append(f"model.mos_dropout={m.mos_dropout!r} needs model.mos_components > 1")
+    if m.kind == "transformer":
+        problems += [
+            f"model.{name}={getattr(m, name)!r} needs a recurrent model.kind (kind is "
+            "'transformer')"
+            for name, default in _RECURRENT_ONLY.items()
+            if getattr(m, name) != default
+        ]
+    if m.forget_bias != 0 and m.kind not in ("mogrifier", "lstm"):
+        problems.append(
+            f"model.forget_bias={m.forget_bias!r} needs a forget gate: model.kind 'mogrifier' "
+            f"or 'lstm' (kind is {m.kind!r})"
+        )
     return problems
 
 
@@ -501,14 +570,19 @@ def _check_transformer(m: ModelConfig, data: DataConfig) -> list[str]:
 
 def _check_train(t: TrainConfig) -> list[str]:
     problems = _choice("train.schedule", t.schedule, SCHEDULES)
+    problems += _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
     problems += _positive(t, "train.", ["lr", "eps", "max_steps", "eval_every", "log_every"])
+    problems += _positive(t, "train.", ["max_nonfinite"])
     problems += _positive(t, "train.", ["eval_max_tokens"], optional=True)
     problems += _at_least_zero(
         t, "train.", ["weight_decay", "clip", "lr_patience", "early_stop_patience", "seed"]
     )
+    problems += _at_least_zero(t, "train.", ["l2", "average_after_bad_evals", "average_from_step"])
     problems += [p for i, b in enumerate(t.betas) for p in _fraction(f"train.betas[{i}]", b)]
     if not 0.0 < t.lr_decay <= 1.0:
         problems.append(f"train.lr_decay={t.lr_decay!r} must be in (0, 1]")
+    if not 0.0 < t.rollback_lr_factor <= 1.0:
+        problems.append(f"train.rollback_lr_factor={t.rollback_lr_factor!r} must be in (0, 1]")
     if _DEVICE_RE.fullmatch(t.device) is None:
         problems.append(f"train.device={t.device!r} is not one of: {DEVICE_HELP}")
     return problems + _finite(t, "train.")
@@ -566,7 +640,7 @@ def _parse_override(item: Any) -> tuple[str, Any]:
     tp = _field_type(key)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise ValueError(f"override {item!r}: cannot parse the value {raw!r}: {exc}") from exc
     if _is_str_field(tp) and not isinstance(value, str) and not _takes_none(tp, value):
         value = raw.strip()  # e.g. name=2024 or name=2024-01-01 stay text
@@ -672,7 +746,7 @@ def _read_yaml_mapping(path: Path, label: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{label} not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"{label} is not valid YAML: {exc}") from exc
     if data is None:  # an empty file: all defaults
         return {}

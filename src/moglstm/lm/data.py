@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from moglstm.lm.config import DataConfig
+from moglstm.lm.safety import decode_utf8, utf8_bytes
 
 __all__ = [
     "CORPORA",
@@ -544,12 +545,15 @@ class Vocab:
 
         Word level splits on whitespace; char level takes characters (a space becomes
         :attr:`space` when set, e.g. ``_`` for ptb-char); byte level takes the UTF-8
-        bytes (as ``chr(b)``). At word and char level a newline becomes ``eos``.
+        bytes (as ``chr(b)``; command-line bytes that are not UTF-8 are kept as they
+        were, see :func:`~moglstm.lm.safety.utf8_bytes`). At word and char level a
+        newline becomes ``eos``. Any string is accepted: what the vocabulary lacks is
+        mapped to ``unk`` by :meth:`encode`.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if self.level == "byte":
-            return [chr(b) for b in text.encode("utf-8")]
+            return [chr(b) for b in utf8_bytes(text)]
         out: list[str] = []
         for k, line in enumerate(text.split("\n")):
             if k and self.eos is not None:
@@ -649,9 +653,11 @@ def _lines(text: str) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text; it must be UTF-8 (a ValueError says where it is not)."""
     if not path.is_file():
         raise ValueError(f"missing corpus file: {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), f"corpus file {path}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as open()'s universal newlines
     if not text.strip():
         raise ValueError(f"corpus file {path} is empty")
     return text

@@ -14,13 +14,18 @@ training loop never needs to know which kind of model it drives.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from moglstm.lm.budget import largest_fitting, parse_count
 from moglstm.lm.config import ModelConfig
+from moglstm.lm.regularize import DROPOUT_MASKS, LockedDropout
+from moglstm.lm.softmax import MixtureOfSoftmaxes
 from moglstm.nn import MogrifierLSTM
 
 __all__ = [
@@ -32,7 +37,10 @@ __all__ = [
     "build_model",
     "count_parameters",
     "detach_state",
+    "resolve_sizes",
 ]
+
+logger = logging.getLogger(__name__)
 
 RECURRENT_KINDS = ("mogrifier", "lstm", "gru", "rnn")
 MODEL_KINDS = (*RECURRENT_KINDS, "transformer")
@@ -115,33 +123,6 @@ def _check_tokens(tokens: Any) -> None:
         raise ValueError(f"tokens must be non-empty, got shape {tuple(tokens.shape)}")
 
 
-class LockedDropout(nn.Module):
-    r"""Variational ("locked") dropout: one mask per forward call, shared over time.
-
-    The input is time-major ``(T, B, *)``; a mask of shape ``(1, B, *)`` is drawn
-    once, scaled by :math:`1 / (1 - p)`, and applied at every time step. Identity
-    in eval mode or when ``p == 0``.
-
-    Args:
-        p: probability of zeroing a unit, in ``[0, 1)``.
-    """
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        _check_prob("p", p)
-        self.p = float(p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        # mask: (1, B, *) broadcast over the T axis
-        mask = x.new_empty((1, *x.shape[1:])).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
-        return x * mask
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 class RNNLanguageModel(nn.Module):
     r"""Recurrent language model: embedding, stacked recurrent layers, softmax layer.
 
@@ -166,17 +147,32 @@ class RNNLanguageModel(nn.Module):
             embedding size is inserted before the softmax.
         embedding_dropout: probability of dropping a whole word type (a row of the
             embedding matrix) for a forward call; kept rows are rescaled.
-        input_dropout: variational dropout on the embedding output.
-        layer_dropout: variational dropout between recurrent layers.
-        state_dropout: variational dropout on the hidden state fed back to the
-            next step (``mogrifier`` only; passed to the layer).
-        output_dropout: variational dropout on the last layer's output.
+        input_dropout: dropout on the embedding output.
+        layer_dropout: dropout between recurrent layers.
+        state_dropout: dropout on the hidden state fed back to the next step
+            (``mogrifier`` only; passed to the layer).
+        output_dropout: dropout on the recurrent output, before the softmax layer.
         implementation: for the mogrifier core, ``moglstm.nn.MogrifierLSTM``'s
             ``implementation`` (``"auto"``, ``"fused"`` or ``"reference"``).
+        dropout_mask: ``"window"``: every dropout above (and the mixture's) draws one
+            mask per forward call, shared by all time steps (variational dropout);
+            ``"step"``: a fresh mask at every step. With ``"step"`` and state
+            dropout, each Mogrifier layer is run one step per call (slower), since
+            the layer draws one state mask per call.
+        sum_layer_outputs: the model output is the sum of every layer's output
+            (skip connections from each layer to the softmax), not the last one's.
+        forget_bias: added to the forget-gate bias of every ``mogrifier``/``lstm``
+            layer at initialisation.
+        mos_components: ``K > 1`` replaces the softmax with a mixture of ``K``
+            softmaxes (:class:`~moglstm.lm.softmax.MixtureOfSoftmaxes`); the model
+            then returns log-probabilities in place of logits (see Shape).
+        mos_dropout: dropout on the mixture's component vectors.
 
     Shape:
         - tokens: ``(T, B)`` long.
-        - logits: ``(T, B, V)``.
+        - logits: ``(T, B, V)``. With ``mos_components > 1`` these are
+          log-probabilities; they can be used as logits everywhere (cross-entropy,
+          sampling, temperatures), as ``log_softmax`` leaves them unchanged.
         - state: a list with one entry per layer: ``(h, c)`` with ``h, c`` of shape
           ``(1, B, hidden_size)`` for ``mogrifier``/``lstm``, ``h`` alone for
           ``gru``/``rnn``. Treat it as opaque.
@@ -211,6 +207,11 @@ class RNNLanguageModel(nn.Module):
         state_dropout: float = 0.0,
         output_dropout: float = 0.0,
         implementation: str = "auto",
+        dropout_mask: str = "window",
+        sum_layer_outputs: bool = False,
+        forget_bias: float = 0.0,
+        mos_components: int = 1,
+        mos_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         embedding_size = hidden_size if embedding_size is None else embedding_size
@@ -225,18 +226,22 @@ class RNNLanguageModel(nn.Module):
             layer_dropout=layer_dropout,
             state_dropout=state_dropout,
             output_dropout=output_dropout,
+            mos_dropout=mos_dropout,
         )
+        self._check_output_args(kind, dropout_mask, forget_bias, mos_components)
         self.kind = kind
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.embedding_size = embedding_size
         self.num_layers = num_layers
         self.embedding_dropout = float(embedding_dropout)
+        self.dropout_mask = dropout_mask
+        self.sum_layer_outputs = bool(sum_layer_outputs)
 
         self.embedding = nn.Embedding(vocab_size, embedding_size)
-        self.input_drop = LockedDropout(input_dropout)
-        self.layer_drop = LockedDropout(layer_dropout)
-        self.output_drop = LockedDropout(output_dropout)
+        self.input_drop = LockedDropout(input_dropout, dropout_mask)
+        self.layer_drop = LockedDropout(layer_dropout, dropout_mask)
+        self.output_drop = LockedDropout(output_dropout, dropout_mask)
         mogrifier_args = dict(
             mogrify_rounds=mogrify_rounds,
             mogrify_rank=mogrify_rank,
@@ -250,14 +255,26 @@ class RNNLanguageModel(nn.Module):
             self._make_layer(embedding_size if i == 0 else hidden_size, mogrifier_args)
             for i in range(num_layers)
         )
+        decoder_size = embedding_size if tie_weights else hidden_size
         self.projection: nn.Linear | None = None
-        if tie_weights and embedding_size != hidden_size:
+        self.mos: MixtureOfSoftmaxes | None = None
+        if mos_components > 1:  # the mixture projects hidden -> K component vectors
+            self.mos = MixtureOfSoftmaxes(
+                hidden_size, decoder_size, mos_components, mos_dropout, dropout_mask
+            )
+        elif tie_weights and embedding_size != hidden_size:
             self.projection = nn.Linear(hidden_size, embedding_size, bias=False)
-        self.decoder = nn.Linear(embedding_size if tie_weights else hidden_size, vocab_size)
+        self.decoder = nn.Linear(decoder_size, vocab_size)
         if tie_weights:
             self.decoder.weight = self.embedding.weight
         self.tie_weights = tie_weights
         self._init_weights()
+        self._add_forget_bias(float(forget_bias))
+
+    @property
+    def returns_log_probs(self) -> bool:
+        """Whether ``forward`` returns log-probabilities (mixture of softmaxes) not logits."""
+        return self.mos is not None
 
     @staticmethod
     def _check_args(
@@ -289,8 +306,24 @@ class RNNLanguageModel(nn.Module):
         if probabilities["state_dropout"] > 0 and kind != "mogrifier":
             raise ValueError(
                 f"state_dropout={probabilities['state_dropout']} needs kind='mogrifier' "
-                f"(got kind={kind!r}): only the Mogrifier layer drops the recurrent state"
+                f"(got kind={kind!r}): only the Mogrifier layer drops the recurrent state "
+                "(for an LSTM with state dropout use kind='mogrifier', mogrify_rounds=0)"
             )
+
+    @staticmethod
+    def _check_output_args(kind: str, mask: str, forget_bias: float, components: int) -> None:
+        if mask not in DROPOUT_MASKS:
+            raise ValueError(f"dropout_mask must be one of {DROPOUT_MASKS}, got {mask!r}")
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)):
+            raise TypeError(f"forget_bias must be a float, got {forget_bias!r}")
+        if not math.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be finite, got {forget_bias}")
+        if forget_bias != 0 and kind not in ("mogrifier", "lstm"):
+            raise ValueError(
+                f"forget_bias={forget_bias} needs a forget gate: kind 'mogrifier' or 'lstm', "
+                f"got kind={kind!r}"
+            )
+        _check_int("mos_components", components)
 
     def _make_layer(self, input_size: int, mogrifier_args: dict[str, Any]) -> nn.Module:
         if self.kind == "mogrifier":
@@ -306,6 +339,16 @@ class RNNLanguageModel(nn.Module):
         # order one, yet inputs large enough that small models leave the unigram plateau.
         nn.init.normal_(self.embedding.weight, std=self.embedding_size**-0.5)
         nn.init.zeros_(self.decoder.bias)
+
+    @torch.no_grad()
+    def _add_forget_bias(self, value: float) -> None:
+        if value == 0:
+            return
+        h = self.hidden_size
+        for layer in self.layers:
+            # gates are (i, f, g, o) as in torch.nn.LSTM; the coupled cell has (f, g, o)
+            rows = slice(0, h) if getattr(layer, "coupled", False) else slice(h, 2 * h)
+            layer.bias_hh_l0[rows] += value
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         r"""All-zero state for ``batch_size`` sequences (the same as passing ``None``)."""
@@ -339,8 +382,22 @@ class RNNLanguageModel(nn.Module):
             )
         return list(state)
 
+    def _run_layer(self, layer: nn.Module, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        stepwise = (
+            self.training
+            and self.dropout_mask == "step"
+            and getattr(layer, "state_dropout", 0.0) > 0
+        )
+        if not stepwise:
+            return layer(x, state)
+        outputs = []
+        for t in range(x.size(0)):  # one call per step: the layer draws a fresh state mask
+            out, state = layer(x[t : t + 1], state)  # out: (1, B, H)
+            outputs.append(out)
+        return torch.cat(outputs), state
+
     def forward(self, tokens: Tensor, state: State = None) -> tuple[Tensor, State]:
-        r"""Logits for the next token at every position, and the final state.
+        r"""Logits (log-probabilities with a mixture of softmaxes) and the final state.
 
         Args:
             tokens: ``(T, B)`` token ids.
@@ -353,12 +410,16 @@ class RNNLanguageModel(nn.Module):
         states = self._layer_states(state)
         x = self.input_drop(self._embed(tokens))  # (T, B, E)
         new_states = []
+        total = None  # sum of the layer outputs, for sum_layer_outputs
         for i, layer in enumerate(self.layers):
             if i > 0:
                 x = self.layer_drop(x)
-            x, s = layer(x, states[i])  # x: (T, B, H)
+            x, s = self._run_layer(layer, x, states[i])  # x: (T, B, H)
             new_states.append(s)
-        x = self.output_drop(x)
+            total = x if total is None else total + x
+        x = self.output_drop(total if self.sum_layer_outputs else x)  # (T, B, H)
+        if self.mos is not None:
+            return self.mos(x, self.decoder), new_states  # log-probabilities
         if self.projection is not None:
             x = self.projection(x)  # (T, B, E)
         return self.decoder(x), new_states
@@ -509,11 +570,14 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 
     Args:
         cfg: model configuration; ``cfg.kind`` picks the class: ``"transformer"`` gives a
-            :class:`TransformerLanguageModel`, the recurrent kinds an :class:`RNNLanguageModel`.
+            :class:`TransformerLanguageModel`, the recurrent kinds an :class:`RNNLanguageModel`
+            whose sizes come from :func:`resolve_sizes` (``cfg.num_params`` and
+            ``cfg.embedding_ratio``, when set, override ``hidden_size`` and ``embedding_size``).
         vocab_size: number of token types.
 
     Returns:
-        The model, on the CPU, in training mode.
+        The model, on the default device (the CPU unless a ``torch.device`` context
+        says otherwise), in training mode.
     """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
@@ -541,11 +605,15 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             max_len=cfg.max_len,
             dropout=cfg.dropout,
         )
-    return RNNLanguageModel(
-        vocab_size,
+    hidden_size, embedding_size = resolve_sizes(cfg, vocab_size)
+    return RNNLanguageModel(vocab_size, **_recurrent_args(cfg, hidden_size, embedding_size))
+
+
+def _recurrent_args(cfg: ModelConfig, hidden_size: int, embedding_size: int | None) -> dict:
+    return dict(
         kind=cfg.kind,
-        hidden_size=cfg.hidden_size,
-        embedding_size=cfg.embedding_size,
+        hidden_size=hidden_size,
+        embedding_size=embedding_size,
         num_layers=cfg.num_layers,
         mogrify_rounds=cfg.mogrify_rounds,
         mogrify_rank=cfg.mogrify_rank,
@@ -559,4 +627,74 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         state_dropout=cfg.state_dropout,
         output_dropout=cfg.output_dropout,
         implementation=cfg.implementation,
+        dropout_mask=cfg.dropout_mask,
+        sum_layer_outputs=cfg.sum_layer_outputs,
+        forget_bias=cfg.forget_bias,
+        mos_components=cfg.mos_components,
+        mos_dropout=cfg.mos_dropout,
     )
+
+
+def _embedding_size(cfg: ModelConfig, hidden_size: int) -> int | None:
+    if cfg.embedding_ratio is None:
+        return cfg.embedding_size
+    return max(1, round(cfg.embedding_ratio * hidden_size))
+
+
+def resolve_sizes(cfg: ModelConfig, vocab_size: int) -> tuple[int, int | None]:
+    r"""The ``(hidden_size, embedding_size)`` a recurrent model of ``cfg`` is built with.
+
+    ``cfg.embedding_ratio`` sets the embedding size from the hidden size; with
+    ``cfg.num_params`` the hidden size is the largest whose model (with every
+    other setting of ``cfg``) has at most that many parameters, found by binary
+    search over models built on the ``meta`` device (nothing is allocated), so the
+    count is exact. ``embedding_size`` ``None`` means "the hidden size".
+
+    Args:
+        cfg: a recurrent model's configuration.
+        vocab_size: number of token types.
+
+    Raises:
+        ValueError: the budget is too small for any hidden size.
+    """
+    _check_int("vocab_size", vocab_size)
+    if cfg.num_params is None:
+        return cfg.hidden_size, _embedding_size(cfg, cfg.hidden_size)
+    budget = parse_count(cfg.num_params)
+    try:
+        hidden = largest_fitting(lambda h: _count_on_meta(cfg, vocab_size, h), budget)
+    except ValueError as exc:
+        raise ValueError(f"model.num_params={cfg.num_params!r}: {exc}") from exc
+    logger.info("model.num_params=%s: hidden size %d", cfg.num_params, hidden)
+    return hidden, _embedding_size(cfg, hidden)
+
+
+def _count_on_meta(cfg: ModelConfig, vocab_size: int, hidden_size: int) -> int | None:
+    """Parameters of the model with this hidden size; ``None`` if it cannot be built."""
+    embedding = _embedding_size(cfg, hidden_size) or hidden_size
+    rank = cfg.mogrify_rank if cfg.kind == "mogrifier" and cfg.mogrify_rounds else None
+    if rank is not None and not rank < min(hidden_size, embedding):
+        return None  # a mogrifier rank must be below both sizes it connects
+    args = _recurrent_args(cfg, hidden_size, embedding)
+    with torch.device("meta"), _SkipMetaInPlace():
+        return count_parameters(RNNLanguageModel(vocab_size, **args))
+
+
+class _SkipMetaInPlace(TorchFunctionMode):
+    """Skip in-place ops (``normal_``, ``uniform_``, ...) on meta tensors.
+
+    Initialising meta tensors computes nothing, yet their Python decompositions
+    cost milliseconds each; skipping them makes counting a model on the meta device
+    about 20 times faster (the budget search builds ~30 models).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = getattr(func, "__name__", "")
+        first = args[0] if args else None
+        if name.endswith("_") and not name.startswith("_") and _is_meta(first):
+            return first
+        return func(*args, **(kwargs or {}))
+
+
+def _is_meta(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_meta

@@ -19,6 +19,17 @@ optimizer, learning-rate schedule, gradient scaler, counters, the stream's
 position, the carried state and every random generator, so on CPU a resumed run
 ends with bit-identical weights to one that never stopped. Only the settings in
 :data:`RESUMABLE_KEYS` may differ from the checkpoint's config.
+
+Surviving faults: checkpoints are written atomically and read back before they
+replace anything; the previous ``last.pt`` is kept as ``last.prev.pt`` and
+resuming falls back to it (with a warning naming the bad file) when ``last.pt`` is
+missing, truncated or corrupt. A run holds an exclusive lock on its folder
+(``.lock``, see :mod:`moglstm.lm.runlock`), so a second run on the same folder
+refuses to start. A NaN or infinite training loss stops the run, skips the step or
+rolls back to ``last.pt`` with a lower learning rate (``train.nonfinite``).
+
+Under ``torchrun`` the loop trains data-parallel (see :mod:`moglstm.lm.distributed`):
+each process takes its share of the batch streams, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -43,10 +54,12 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from moglstm.lm import distributed
 from moglstm.lm.checkpoint import (
     capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
+    load_newest_checkpoint,
+    previous_path,
+    remove_stale_temp_files,
     save_checkpoint,
 )
 from moglstm.lm.config import (
@@ -59,6 +72,7 @@ from moglstm.lm.config import (
     validate,
 )
 from moglstm.lm.data import BatchStream, Corpus, Vocab, batchify, load_corpus
+from moglstm.lm.distributed import DistContext
 from moglstm.lm.evaluate import (
     autocast,
     autocast_dtype,
@@ -68,6 +82,8 @@ from moglstm.lm.evaluate import (
     resolve_device,
 )
 from moglstm.lm.models import build_model, count_parameters, detach_state
+from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
+from moglstm.lm.runlock import RunLock
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -103,11 +119,14 @@ RESUMABLE_KEYS = frozenset(
         "train.eval_max_tokens",
         "train.device",
         "train.amp",
+        "train.nonfinite",
+        "train.rollback_lr_factor",
+        "train.max_nonfinite",
     }
 )
 
 #: Files whose presence marks a folder as holding a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "last.prev.pt", "best.pt")
 
 OnStep = Callable[[int, dict[str, float]], None]
 
@@ -223,6 +242,28 @@ class MetricsLog:
         if self._writer is not None:
             self._writer.close()
 
+    def rewind(self, step: int) -> None:
+        """Forget the records of steps after ``step`` (the run went back to it)."""
+        self._file.close()
+        _truncate_metrics(self.path, step)
+        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = _tensorboard_writer(self.path.parent, step)
+
+
+class _NullLog:
+    """Stands in for :class:`MetricsLog` on ranks other than 0, which write no files."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
+        pass
+
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the complete lines of ``path`` with ``step <= step``; atomic rewrite."""
@@ -299,21 +340,23 @@ def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConf
 
     Args:
         run_dir: the run folder, holding ``last.pt``.
-        overrides: dotted ``key=value`` items; only keys in :data:`RESUMABLE_KEYS`.
+        overrides: dotted ``key=value`` items; only keys in :data:`RESUMABLE_KEYS` may
+            change. Others may repeat the checkpoint's value, so a run restarts with its
+            original command line plus ``--resume``.
 
     Raises:
         FileNotFoundError: there is no ``last.pt`` to resume from.
-        ValueError: an override names a key that cannot change on resume.
+        ValueError: an override changes a key that cannot change on resume.
     """
     run_dir = Path(run_dir).expanduser()
-    payload = load_checkpoint(_last_checkpoint(run_dir))
+    payload = _load_last(run_dir)
     cfg = from_dict(payload["config"])
     cfg.name, cfg.out_dir = run_dir.name, str(run_dir.parent)
     for item in overrides:
         key = str(item).partition("=")[0].strip()
         if key in ("name", "out_dir"):
             raise ValueError(f"override {item!r}: the run folder is {str(run_dir)!r}")
-        if key not in RESUMABLE_KEYS:
+        if key not in RESUMABLE_KEYS and not _keeps_value(cfg, item):
             raise ValueError(
                 f"override {item!r}: {key} cannot change when resuming; only these may: "
                 f"{', '.join(sorted(RESUMABLE_KEYS))}"
@@ -321,17 +364,27 @@ def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConf
     return validate(apply_overrides(cfg, overrides))
 
 
-def _last_checkpoint(run_dir: Path) -> Path:
+def _keeps_value(cfg: RunConfig, item: str) -> bool:
+    """Whether the override ``item`` leaves ``cfg`` as it is (repeats its value)."""
+    return to_dict(apply_overrides(cfg, [item])) == to_dict(cfg)
+
+
+def _load_last(run_dir: Path) -> dict[str, Any]:
+    """The newest readable of ``last.pt`` and ``last.prev.pt`` (with a warning on a bad one)."""
     path = run_dir / "last.pt"
-    if path.is_file():
-        return path
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"nothing to resume: run folder {str(run_dir)!r} does not exist")
+    if path.is_file() or previous_path(path).is_file():
+        return load_newest_checkpoint(path)[0]
+    _check_run_folder(run_dir)
     raise FileNotFoundError(
         f"nothing to resume: {str(run_dir)!r} has no last.pt (the run stopped before its "
         "first checkpoint, saved every train.eval_every steps); delete the folder or use a "
         "new name"
     )
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"nothing to resume: run folder {str(run_dir)!r} does not exist")
 
 
 def _check_fresh(run_dir: Path) -> None:
@@ -354,6 +407,9 @@ class _Counters:
     elapsed: float = 0.0  # wall seconds, summed over sessions
     best_saved_loss: float = math.inf  # validation loss of best.pt
     valid_loss: float | None = None  # the latest validation loss
+    skipped_steps: int = 0  # steps without an update: non-finite loss, train.nonfinite=skip
+    rollbacks: int = 0  # returns to last.pt after a non-finite loss (train.nonfinite=rollback)
+    nonfinite_streak: int = 0  # non-finite losses since the last checkpoint
     last_saved_step: int | None = None  # step of last.pt (not stored in it)
 
 
@@ -375,21 +431,32 @@ class _Run:
     counters: _Counters
     state: Any = None  # the recurrent state carried between windows
     session_start: float = 0.0  # perf_counter() value at which `elapsed` was 0
+    dist: DistContext = dataclasses.field(default_factory=DistContext)  # rank, world size
+    net: nn.Module | None = None  # `model` wrapped for data-parallel training (or None)
+    averager: WeightAverager | None = None  # running weight average (train.average_*)
 
 
-def _setup(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Run:
-    """Build data, model and optimizer; restore them from ``checkpoint`` when resuming."""
-    device = resolve_device(cfg.train.device)
+def _setup(
+    cfg: RunConfig, checkpoint: dict[str, Any] | None, ctx: DistContext | None = None
+) -> _Run:
+    """Build data, model and optimizer; restore them from ``checkpoint`` when resuming.
+
+    ``ctx``: this process's place in a data-parallel job; ``None`` for a single process.
+    """
+    ctx = ctx or DistContext(device=resolve_device(cfg.train.device))
+    device = ctx.device
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
     vocab = Vocab.from_dict(checkpoint["vocab"]) if checkpoint else None
-    corpus = load_corpus(cfg.data, vocab=vocab)
+    # rank 0 first: it alone downloads a missing corpus into the cache
+    corpus = distributed.main_first(lambda: load_corpus(cfg.data, vocab=vocab), ctx)
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    distributed.seed_rank_generators(cfg.train.seed, ctx)  # same weights, own dropout masks
     amp_dtype = autocast_dtype(device, cfg.train.amp)
     bptt = cfg.data.bptt
     max_len = getattr(model, "max_len", None)  # a Transformer cannot take longer windows
     stream = BatchStream(
-        batchify(corpus.train, cfg.data.batch_size).to(device),
+        distributed.shard_streams(batchify(corpus.train, cfg.data.batch_size), ctx).to(device),
         bptt,
         variable_length=cfg.data.variable_length,
         seed=cfg.train.seed,
@@ -407,16 +474,24 @@ def _setup(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Run:
         schedule=PlateauSchedule(t.lr, kind=t.schedule, decay=t.lr_decay, patience=t.lr_patience),
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         stream=stream,
-        valid_data=batchify(corpus.valid, cfg.data.eval_batch_size).to(device),
+        valid_data=distributed.shard_eval_streams(
+            batchify(corpus.valid, cfg.data.eval_batch_size), ctx
+        ).to(device),
         counters=_Counters(),
+        dist=ctx,
     )
+    run.averager = WeightAverager(model)
     if checkpoint is not None:
         _restore(run, checkpoint)
+    run.net = distributed.wrap_model(model, ctx)  # after restoring: ranks start equal
     return run
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
-    run.model.load_state_dict(ckpt["model"])
+    # "model" holds the averaged weights once averaging started; training goes on from
+    # the raw ones, saved beside them (see _model_entries)
+    run.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+    run.averager.restore(int(ckpt.get("averaging", {}).get("count", 0)), ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.schedule.load_state_dict(ckpt["scheduler"])
     if run.scaler is not None and ckpt.get("scaler"):
@@ -426,8 +501,10 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
     fields = {f.name for f in dataclasses.fields(_Counters)}
     run.counters = _Counters(**{k: v for k, v in saved.items() if k in fields})
     run.counters.last_saved_step = run.counters.step
-    run.state = _to_device(ckpt.get("train_state"), run.device)
-    restore_rng_state(ckpt["rng"])  # last: building the model above drew from the RNG
+    # the checkpoint holds the global batch's state: take this rank's streams
+    run.state = _to_device(distributed.scatter_state(ckpt.get("train_state"), run.dist), run.device)
+    # last: building the model above drew from the RNG
+    distributed.restore_rng(ckpt, run.dist, run.cfg.train.seed)
 
 
 def _to_device(state: Any, device: torch.device) -> Any:
@@ -439,6 +516,7 @@ def _to_device(state: Any, device: torch.device) -> Any:
 
 
 def _payload(run: _Run) -> dict[str, Any]:
+    """The checkpoint's content. Collective: every rank must call it (rank 0 saves it)."""
     counters = dataclasses.asdict(run.counters)
     del counters["last_saved_step"]
     counters.update(
@@ -447,16 +525,18 @@ def _payload(run: _Run) -> dict[str, Any]:
         bad_validations=run.schedule.bad,
     )
     return {
-        "model": run.model.state_dict(),
+        **_model_entries(run),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.schedule.state_dict(),
         "scaler": None if run.scaler is None else run.scaler.state_dict(),
         "config": to_dict(run.cfg),
         "counters": counters,
         "data": run.stream.state_dict(),
-        "rng": capture_rng_state(),
+        "rng": capture_rng_state(),  # rank 0's; every rank's under rng_per_rank
+        **distributed.gather_rng(run.dist),
         "vocab": run.corpus.vocab.to_dict(),
-        "train_state": run.state,  # detached carried state: resuming continues it exactly
+        # detached carried state of the global batch: resuming continues it exactly
+        "train_state": distributed.gather_state(run.state, run.dist),
     }
 
 
@@ -471,12 +551,16 @@ def _train_step(run: _Run, inputs: Tensor, targets: Tensor) -> float:
         lr *= inputs.size(0) / run.cfg.data.bptt
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if run.cfg.model.drop_state_probability > 0:  # some streams start from a zero state
+        run.state = drop_state(run.state, run.cfg.model.drop_state_probability)
     with autocast(run.device, run.amp_dtype):
-        logits, state = run.model(inputs, run.state)  # (T, B, V)
+        logits, state = (run.net or run.model)(inputs, run.state)  # (T, B, V)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-    value = loss.item()
+    value = distributed.mean_over_ranks(loss.item(), run.dist)  # the global batch's loss
     if not math.isfinite(value):
-        return value  # the caller stops the run; nothing is updated
+        return value  # the caller applies train.nonfinite; nothing is updated
+    if t.l2 > 0:  # part of the loss (clipped, Adam-normalised); `value` stays the data loss
+        loss = loss + l2_penalty(run.model, t.l2)
     run.optimizer.zero_grad(set_to_none=True)
     scaler = run.scaler
     (loss if scaler is None else scaler.scale(loss)).backward()
@@ -489,19 +573,56 @@ def _train_step(run: _Run, inputs: Tensor, targets: Tensor) -> float:
     else:
         scaler.step(run.optimizer)
         scaler.update()
+    _average_weights(run)
     run.state = detach_state(state)  # carry the state, cut its history
     return value
 
 
+def _average_weights(run: _Run) -> None:
+    """After an update: fold the weights into the running average, or start it at
+    ``train.average_from_step`` (validations start it too: see _evaluate_and_save)."""
+    start = run.cfg.train.average_from_step
+    if run.averager.active:
+        run.averager.update()
+    elif start and run.counters.step + 1 >= start:  # the step counter moves on after this
+        _start_averaging(run, f"step {run.counters.step + 1} reached train.average_from_step")
+
+
+def _start_averaging(run: _Run, why: str) -> None:
+    run.averager.start()
+    if run.dist.is_main:
+        logger.info("%s: averaging the weights from now on", why)
+
+
+def _model_entries(run: _Run) -> dict[str, Any]:
+    """Checkpoint entries for the weights: ``model`` is what validation scored (the
+    average, once started); ``train_model`` and ``averaging`` let a resume go on exactly."""
+    if not run.averager.active:
+        return {"model": run.model.state_dict()}
+    return {
+        "model": run.averager.averaged_state_dict(),
+        "train_model": run.model.state_dict(),
+        "averaging": {"count": run.averager.count},
+    }
+
+
 def _validate(run: _Run) -> tuple[float, int]:
-    """Validation loss and the number of tokens scored; the model goes back to training."""
-    loss, count = evaluate_loss(
-        run.model,
-        run.valid_data,
-        run.cfg.data.bptt,
-        max_tokens=run.cfg.train.eval_max_tokens,
-        amp_dtype=run.amp_dtype,
+    """Validation loss and the number of tokens scored; the model goes back to training.
+
+    With several ranks, each scores its share of the streams and the results are
+    combined (the same on every rank).
+    """
+    data = run.valid_data  # this rank's streams (all of them for one process)
+    cap = distributed.local_token_cap(
+        run.cfg.train.eval_max_tokens, run.cfg.data.eval_batch_size, data.size(1)
     )
+    loss, count = 0.0, 0
+    if data.size(1) and cap != 0:  # more ranks than streams leaves some with nothing
+        with run.averager.swapped_in():  # the averaged weights, once averaging started
+            loss, count = evaluate_loss(
+                run.model, data, run.cfg.data.bptt, max_tokens=cap, amp_dtype=run.amp_dtype
+            )
+    loss, count = distributed.average_loss(loss, count, run.dist)
     run.model.train()
     if not math.isfinite(loss):
         raise NonFiniteLossError(
@@ -548,31 +669,65 @@ def train(
     Returns:
         ``{"run_dir", "step", "epoch", "train_loss", "valid_loss", "valid_<ppl|bpc>",
         "best_valid_loss", "best_valid_<ppl|bpc>", "tokens_per_s", "elapsed",
-        "stopped"}``, where ``stopped`` is ``"max_steps"`` or ``"early_stop"``.
+        "stopped", "skipped_steps", "rollbacks"}``, where ``stopped`` is
+        ``"max_steps"`` or ``"early_stop"``. Under torchrun every rank returns the
+        same losses.
 
     Raises:
         FileExistsError: a new run would overwrite an existing run folder.
         FileNotFoundError: ``resume`` but there is no ``last.pt``.
+        RunLockedError: another process is training in the run folder.
+        CheckpointError: ``resume`` but neither ``last.pt`` nor ``last.prev.pt`` reads.
         ValueError: an invalid config, or a resume that changes a fixed setting.
-        NonFiniteLossError: the loss became NaN or infinite (checkpoints are kept).
+        NonFiniteLossError: the loss became NaN or infinite and ``train.nonfinite`` is
+            ``stop`` (or ``train.max_nonfinite`` ran out); checkpoints are kept.
+        OSError: a checkpoint could not be written (e.g. a full disk); the previous
+            one is intact.
     """
     cfg = validate(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
-    checkpoint = None
+    with distributed.session(cfg.train.device) as ctx:
+        distributed.check_batch_size(cfg.data.batch_size, ctx)
+        lock = RunLock(run_dir)
+        try:
+            # rank 0 locks the folder and reads the checkpoint; the others get a copy
+            checkpoint = distributed.run_on_main(lambda: _claim(run_dir, resume, lock), ctx)
+            checkpoint = distributed.broadcast_object(checkpoint, ctx)
+            if checkpoint is not None:
+                _check_resumable(from_dict(checkpoint["config"]), cfg)
+            run = _setup(cfg, checkpoint, ctx)
+            del checkpoint  # free the host copy of the weights
+            return _train_run(run, resume, quiet, on_step)
+        finally:
+            lock.release()
+
+
+def _claim(run_dir: Path, resume: bool, lock: RunLock) -> dict[str, Any] | None:
+    """Rank 0: lock the run folder; check it holds no run (new) or read its last.pt."""
     if resume:
-        checkpoint = load_checkpoint(_last_checkpoint(run_dir))
-        _check_resumable(from_dict(checkpoint["config"]), cfg)
-    else:
+        _check_run_folder(run_dir)  # before the lock creates it
+    lock.acquire()
+    remove_stale_temp_files(run_dir)  # left by a killed run; ours alone now
+    if not resume:
         _check_fresh(run_dir)
-    run = _setup(cfg, checkpoint)
-    del checkpoint  # free the host copy of the weights
-    save_config(cfg, run_dir / "config.yaml")
-    _log_start(run, resume)
-    log = MetricsLog(run_dir, resume_step=run.counters.step if resume else None)
+        return None
+    return _load_last(run_dir)
+
+
+def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> dict[str, Any]:
+    """Everything after setup: run files (rank 0), the loop, the results."""
+    cfg, ctx = run.cfg, run.dist
+    distributed.run_on_main(lambda: save_config(cfg, run.run_dir / "config.yaml"), ctx)
+    if ctx.is_main:
+        _log_start(run, resume)
+    if not resume and cfg.train.nonfinite == "rollback":
+        _save_checkpoints(run, best=False)  # somewhere to go back to before the first validation
+    resume_step = run.counters.step if resume else None
+    log = distributed.run_on_main(lambda: MetricsLog(run.run_dir, resume_step), ctx) or _NullLog()
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.counters.step,
-        disable=True if quiet else None,  # None: off when not a terminal
+        disable=True if quiet or not ctx.is_main else None,  # None: off when not a terminal
         unit="step",
         dynamic_ncols=True,
     )
@@ -623,22 +778,24 @@ def _loop(
             run.state = None  # the streams start over: zero state
         loss = _train_step(run, inputs, targets)
         c.step += 1
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss}) at step {c.step}; stopping. "
-                + _checkpoint_note(run)
-            )
+        if not math.isfinite(loss) and _on_nonfinite(run, log, loss) == "rollback":
+            c = run.counters  # restored from last.pt
+            last_eval = bar.n = c.step
+            window_loss = window_tokens = window_time = 0.0
+            continue
+        tokens = targets.numel() * run.dist.world_size  # the global batch's
         c.epoch = run.stream.epoch
-        c.tokens += targets.numel()
+        c.tokens += tokens
         elapsed = time.perf_counter() - step_start
-        window_loss += loss * targets.numel()
-        window_tokens += targets.numel()
+        if math.isfinite(loss):  # a skipped step (train.nonfinite=skip) adds nothing
+            window_loss += loss * tokens
+            window_tokens += tokens
         window_time += elapsed
         train_time += elapsed
-        session_tokens += targets.numel()
+        session_tokens += tokens
         bar.update(1)
 
-        if c.step % t.log_every == 0:
+        if c.step % t.log_every == 0 and window_tokens:
             train_loss = window_loss / window_tokens
             c.elapsed = time.perf_counter() - run.session_start
             _log_train(run, log, bar, train_loss, window_tokens / window_time)
@@ -680,6 +837,11 @@ def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None
         run.schedule.update(c.valid_loss)
     c.elapsed = time.perf_counter() - run.session_start
     record = metrics_for(c.valid_loss, run.corpus.level)
+    if run.averager.active:
+        record["averaged_steps"] = run.averager.count  # scored with the averaged weights
+    bad_evals = run.cfg.train.average_after_bad_evals
+    if on_schedule and bad_evals and not run.averager.active and run.schedule.bad >= bad_evals:
+        _start_averaging(run, f"{run.schedule.bad} validations without improvement")
     logger.info(
         "step %d: valid loss %.4f, %s %.3f",
         c.step,
@@ -691,11 +853,76 @@ def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None
     improved = c.valid_loss < c.best_saved_loss
     if improved:
         c.best_saved_loss = c.valid_loss
+    _save_checkpoints(run, best=improved)
+
+
+def _save_checkpoints(run: _Run, *, best: bool) -> None:
+    """Save ``last.pt`` (the one it replaces kept as ``last.prev.pt``) and maybe ``best.pt``.
+
+    Every rank must call this (the payload gathers state from all); rank 0 writes,
+    and an error writing (e.g. a full disk) is raised on every rank.
+    """
+    run.counters.nonfinite_streak = 0  # progress is saved: the allowance starts over
     payload = _payload(run)
-    if improved:
-        save_checkpoint(run.run_dir / "best.pt", payload)
-    save_checkpoint(run.run_dir / "last.pt", payload)
-    c.last_saved_step = c.step
+
+    def save() -> None:
+        if best:
+            save_checkpoint(run.run_dir / "best.pt", payload)
+        save_checkpoint(run.run_dir / "last.pt", payload, keep_previous=True)
+
+    distributed.run_on_main(save, run.dist)
+    run.counters.last_saved_step = run.counters.step
+
+
+# --------------------------------------------------------------------------- non-finite losses
+
+
+def _on_nonfinite(run: _Run, log: MetricsLog, loss: float) -> str:
+    """Apply ``train.nonfinite`` to a NaN/inf training loss: ``"skip"`` or ``"rollback"``.
+
+    Raises:
+        NonFiniteLossError: the policy is ``stop``, or more than ``train.max_nonfinite``
+            non-finite losses came since the last checkpoint.
+    """
+    t, c = run.cfg.train, run.counters
+    if t.nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss}) at step {c.step}; stopping. "
+            + _checkpoint_note(run)
+        )
+    c.nonfinite_streak += 1
+    if c.nonfinite_streak > t.max_nonfinite:
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss}) at step {c.step}: {c.nonfinite_streak} since "
+            f"the last checkpoint, more than train.max_nonfinite={t.max_nonfinite}; "
+            "stopping. " + _checkpoint_note(run)
+        )
+    if t.nonfinite == "skip":
+        c.skipped_steps += 1
+        logger.warning("non-finite training loss (%s) at step %d: step skipped", loss, c.step)
+        return "skip"
+    _rollback(run, log)
+    return "rollback"
+
+
+def _rollback(run: _Run, log: MetricsLog) -> None:
+    """Go back to the newest good ``last.pt`` with the learning rate lowered."""
+    c = run.counters
+    failed, streak, rollbacks = c.step, c.nonfinite_streak, c.rollbacks + 1
+    payload = distributed.run_on_main(lambda: _load_last(run.run_dir), run.dist)
+    _restore(run, distributed.broadcast_object(payload, run.dist))
+    del payload
+    c = run.counters  # a new object, from the checkpoint
+    c.nonfinite_streak, c.rollbacks = streak, rollbacks
+    c.elapsed = time.perf_counter() - run.session_start  # wall time goes on
+    run.schedule.lr *= run.cfg.train.rollback_lr_factor
+    log.rewind(c.step)  # the steps after it will be taken again
+    logger.warning(
+        "non-finite training loss at step %d: rolled back to step %d, learning rate now %.3g",
+        failed,
+        c.step,
+        run.schedule.lr,
+    )
 
 
 def _record(run: _Run, split: str, metrics: dict[str, float], speed: float) -> dict[str, Any]:
@@ -759,5 +986,7 @@ def _results(run: _Run, stopped: str, train_loss: float | None, speed: float) ->
         "tokens_per_s": speed,
         "elapsed": c.elapsed,
         "stopped": stopped,
+        "skipped_steps": c.skipped_steps,
+        "rollbacks": c.rollbacks,
     }
     return out

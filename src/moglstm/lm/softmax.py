@@ -1,0 +1,96 @@
+"""Mixture of softmaxes (Yang et al., 2018), the output layer the paper uses on WikiText-2.
+
+A single softmax over ``h W^T`` gives log-probabilities of rank at most ``E + 1``
+(the "softmax bottleneck"). A mixture of ``K`` softmaxes, each over its own
+projection of the hidden state, does not have that limit::
+
+    pi      = softmax(h A^T)                       # (T, B, K)   mixture weights
+    z_k     = tanh(h P_k^T + c_k)                  # (T, B, K, E) component vectors
+    p(w)    = sum_k pi_k softmax(z_k W^T + b)_w    # W (V, E) may be the tied embedding
+
+:class:`MixtureOfSoftmaxes` returns **log-probabilities** ``log p``, not logits. The
+language models hand them back where other models hand back logits, which keeps
+every caller right: ``log_softmax(log p) = log p - log sum(p) = log p`` because the
+probabilities sum to one, so ``F.cross_entropy``, ``softmax(x / T)`` sampling and
+logit temperatures all work on them unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from moglstm.lm.regularize import LockedDropout
+
+__all__ = ["MixtureOfSoftmaxes"]
+
+
+class MixtureOfSoftmaxes(nn.Module):
+    r"""Mixture of ``K`` softmaxes sharing one decoder; returns log-probabilities.
+
+    The decoder (``E -> V``, possibly tied to the embedding) is not part of this
+    module: the language model owns it and passes it to :meth:`forward`.
+
+    Args:
+        input_size: features of the hidden state ``h`` (``H``).
+        embedding_size: size ``E`` of each component vector (the decoder's input).
+        components: number of mixture components ``K >= 2``.
+        dropout: dropout on the component vectors ``z_k``.
+        dropout_mask: ``"window"`` (one mask per forward call, shared over time) or
+            ``"step"`` (a fresh mask at every position).
+
+    Shape:
+        - h: ``(T, B, H)``; decoder: an ``nn.Linear(E, V)``.
+        - output: ``(T, B, V)`` log-probabilities (``logsumexp`` over ``V`` is 0).
+
+    Example::
+
+        >>> decoder = nn.Linear(16, 100)
+        >>> mos = MixtureOfSoftmaxes(32, 16, components=3)
+        >>> logp = mos(torch.randn(5, 2, 32), decoder)
+        >>> torch.allclose(logp.logsumexp(-1), torch.zeros(5, 2), atol=1e-5)
+        True
+    """
+
+    returns_log_probs = True
+
+    def __init__(
+        self,
+        input_size: int,
+        embedding_size: int,
+        components: int,
+        dropout: float = 0.0,
+        dropout_mask: str = "window",
+    ) -> None:
+        super().__init__()
+        for name, size in (("input_size", input_size), ("embedding_size", embedding_size)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        if isinstance(components, bool) or not isinstance(components, int) or components < 2:
+            raise ValueError(f"components must be an int >= 2, got {components!r}")
+        self.components = components
+        self.embedding_size = embedding_size
+        self.prior = nn.Linear(input_size, components, bias=False)
+        self.latent = nn.Linear(input_size, components * self.embedding_size)
+        self.drop = LockedDropout(dropout, mask=dropout_mask)
+
+    def forward(self, h: Tensor, decoder: nn.Linear) -> Tensor:
+        """Log-probabilities ``(T, B, V)`` of the mixture at every position."""
+        if h.dim() != 3:
+            raise ValueError(f"h must be (T, B, H), got shape {tuple(h.shape)}")
+        if not isinstance(decoder, nn.Linear) or decoder.in_features != self.embedding_size:
+            raise ValueError(
+                f"decoder must be an nn.Linear with in_features={self.embedding_size}, "
+                f"got {decoder!r}"
+            )
+        t, b, _ = h.shape
+        z = torch.tanh(self.latent(h))  # (T, B, K*E)
+        z = self.drop(z).view(t, b, self.components, self.embedding_size)
+        # float32 for the normalisations even under autocast: sums of many small terms
+        log_pi = F.log_softmax(self.prior(h).float(), dim=-1)  # (T, B, K)
+        log_p = F.log_softmax(decoder(z).float(), dim=-1)  # (T, B, K, V)
+        return torch.logsumexp(log_p + log_pi.unsqueeze(-1), dim=2)  # (T, B, V)
+
+    def extra_repr(self) -> str:
+        return f"components={self.components}"
