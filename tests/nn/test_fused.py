@@ -74,7 +74,9 @@ def test_fused_equals_reference_float64(variant, rounds, rank):
     assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("bidirectional, batch_first", itertools.product([False, True], repeat=2))
+@pytest.mark.parametrize(
+    "bidirectional, batch_first", list(itertools.product([False, True], repeat=2))
+)
 def test_fused_directions_and_layouts(bidirectional, batch_first):
     ref, fused = twins(
         input_size=5,
