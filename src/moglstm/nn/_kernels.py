@@ -33,7 +33,11 @@ from torch import Tensor
 _TEMPLATE = r"""
 #include <math.h>
 #include <stdint.h>
-#define SIG(x) ((T)1 / ((T)1 + EXP(-(x))))
+/* exp's argument is clamped to +-LIM (exp(LIM) stays finite): under -ffast-math the division
+   may become a reciprocal estimate and a Newton step, which turns 1 / inf into NaN. The clamp
+   changes nothing visible: sigmoid is below 1e-34 there. NaN still propagates. */
+#define CLAMP(x) ((x) < -LIM ? -LIM : ((x) > LIM ? LIM : (x)))
+#define SIG(x) ((T)1 / ((T)1 + EXP(-CLAMP(x))))
 #define TANH(x) ((T)2 * SIG((T)2 * (x)) - (T)1)
 
 /* The variant flags are compile-time constants in each call of these bodies, so every
@@ -187,9 +191,13 @@ _LINK_FLAGS = ["-shared", "-fPIC"]
 
 def _source() -> str:
     parts = []
-    for name, ctype, exp in (("f32", "float", "expf"), ("f64", "double", "exp")):
+    for name, ctype, exp, lim in (
+        ("f32", "float", "expf", "80.0f"),
+        ("f64", "double", "exp", "700.0"),
+    ):
         body = _TEMPLATE.replace("NAME", name)
-        parts.append(f"#define T {ctype}\n#define EXP {exp}\n{body}\n#undef T\n#undef EXP\n")
+        head = f"#define T {ctype}\n#define EXP {exp}\n#define LIM {lim}\n"
+        parts.append(f"{head}{body}\n#undef T\n#undef EXP\n#undef LIM\n")
     return "".join(parts)
 
 
