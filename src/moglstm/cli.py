@@ -97,7 +97,7 @@ the first --temperature-tokens of the validation split, applied to the split
 scored), --mc-samples S (mean probability over S dropout samples, rates times
 --mc-dropout-scale) and --dynamic (dynamic evaluation: the model keeps learning
 on the split as it scores it; RMS variant, see docs/reproduce.md). Defaults:
---dynamic-lr 3e-05, --dynamic-decay 0.001, --dynamic-eps 1e-05, --dynamic-bptt 5,
+--dynamic-lr 3e-05, --dynamic-decay 0.001, --dynamic-eps 0.0001, --dynamic-bptt 5,
 --dynamic-grad-batches all (windows of the training split for the gradient RMS).
 
 examples:
