@@ -144,11 +144,14 @@ class StepOps:
         w_cat = torch.cat([p.weight_ih, p.weight_hh], 1) if spec.rounds else p.weight_hh
         return StepOps(
             round_in=[StepLinear(w[1], None, batch) if low else None for w in p.rounds],
-            round_out=[
-                StepLinear(w[0], b, batch) for w, b in zip(p.rounds, p.round_biases, strict=True)
-            ],
+            round_out=StepOps.round_outputs(p, batch),
             gates=StepLinear(w_cat, p.bias if spec.rounds else None, batch),
         )
+
+    @staticmethod
+    def round_outputs(p: Params, batch: int) -> list[StepLinear]:
+        """Each round's ``u`` (or ``v``) -> pre-activation ``z`` product, with its bias."""
+        return [StepLinear(w[0], b, batch) for w, b in zip(p.rounds, p.round_biases, strict=True)]
 
     @staticmethod
     def backward(spec: LayerSpec, p: Params, batch: int) -> StepOps:
@@ -412,7 +415,7 @@ def rounds_backward(
     slot,
     dx: Tensor,
     dh: Tensor,
-    ops: StepOps,
+    recompute: list[StepLinear],
     back: StepOps,
     rg: RoundGrads,
     dx_out: Tensor,
@@ -425,7 +428,7 @@ def rounds_backward(
         d_new = dx if odd else dh
         old = buf.xs[tgt][t] if odd else buf.hs[tgt][t]
         v = buf.u[r][t] if spec.low_rank else (buf.hs[src][t] if odd else buf.xs[src][t])
-        z = ops.round_out[r](v, out=rg.dz[r][slot])  # the round's pre-activation, again
+        z = recompute[r](v, out=rg.dz[r][slot])  # the round's pre-activation, again
         d_old = dx_out if r == 0 else torch.empty_like(z)  # round 1 yields d input
         if buf.kernels:
             _kernels.round_backward(z, old, d_new, d_old)
@@ -514,7 +517,8 @@ class MogrifierLayerFunction(torch.autograd.Function):
         T, B = buf.gates.shape[:2]
         I = buf.xs[0].shape[-1]
         dx_all = torch.empty_like(buf.xs[0]) if spec.rounds else None
-        ops, back = StepOps.forward(spec, p, B), StepOps.backward(spec, p, B)
+        back = StepOps.backward(spec, p, B)
+        recompute = StepOps.round_outputs(p, B)  # the rounds' forward products, not the gates
         rg = RoundGrads(spec, buf, B)
         dh = d_hn.clone() if d_hn is not None else torch.zeros_like(buf.c[0])
         dc = d_cn.clone() if d_cn is not None else torch.zeros_like(buf.c[0])
@@ -527,8 +531,9 @@ class MogrifierLayerFunction(torch.autograd.Function):
                 if spec.rounds:
                     slot = t - steps[-1]
                     with one_thread(buf.on_cpu):
+                        dx, dh_m = dxh[:, :I], dxh[:, I:]
                         dh = rounds_backward(
-                            spec, buf, t, slot, dxh[:, :I], dxh[:, I:], ops, back, rg, dx_all[t]
+                            spec, buf, t, slot, dx, dh_m, recompute, back, rg, dx_all[t]
                         )
                 else:
                     dh = dxh
