@@ -20,13 +20,18 @@ VARIANTS = [
 ROUNDS = [(0, None), (1, None), (4, None), (5, 2), (6, 3)]
 
 
-@pytest.fixture(params=["kernels", "torch-ops"], autouse=True)
+@pytest.fixture(params=["compiled-loop", "kernels", "torch-ops"], autouse=True)
 def pointwise(request, monkeypatch):
-    """Run every test with the C pointwise kernels and with the torch-op fallback."""
+    """Run every test with the compiled step loop, with the Python step loop and the C
+    pointwise kernels, and with the Python step loop and torch ops only."""
+    if request.param == "compiled-loop" and not _kernels.loop_available(torch.zeros(1)):
+        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
+    if request.param == "kernels" and _kernels.load() is None:
+        pytest.skip("no C compiler: the kernels cannot be built here")
+    if request.param != "compiled-loop":
+        monkeypatch.setattr(_kernels, "loop_available", lambda t: False)
     if request.param == "torch-ops":
         monkeypatch.setattr(_kernels, "available", lambda t: False)
-    elif _kernels.load() is None:
-        pytest.skip("no C compiler: the kernels cannot be built here")
     return request.param
 
 
@@ -202,8 +207,10 @@ def test_fused_refuses_what_it_cannot_do():
 
 
 def test_kernels_are_used_when_built(pointwise):
-    assert _kernels.available(torch.randn(3, 2, 5)) == (pointwise == "kernels")
+    assert _kernels.available(torch.randn(3, 2, 5)) == (pointwise != "torch-ops")
+    assert _kernels.loop_available(torch.randn(3, 2, 5)) == (pointwise == "compiled-loop")
     assert not _kernels.available(torch.randn(3, dtype=torch.bfloat16))
+    assert not _kernels.loop_available(torch.randn(3, dtype=torch.bfloat16))
 
 
 def test_kernel_loader_falls_back(monkeypatch, tmp_path):

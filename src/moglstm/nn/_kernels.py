@@ -1,17 +1,26 @@
-"""Fused pointwise CPU kernels for the fused path, in C, built on first use.
+"""The fused path's compiled CPU code: pointwise kernels and the step loop, in C.
 
-Each LSTM or Mogrifier-round step otherwise costs about ten small torch ops on
-``(B, H)`` tensors, each one pass over memory with its own dispatch; on CPU that
-is most of the fused path's time beyond the matrix products. These kernels do
-one pass each. They are plain C (no torch headers, so they build in about a
-second with the system C compiler), called through ctypes on raw pointers, and
-cached by a hash of source and flags under ``$MOGLSTM_KERNEL_CACHE`` or
-``~/.cache/moglstm/kernels``. Without a C compiler, or with
-``MOGLSTM_NO_KERNELS=1``, the fused path uses its torch-op formulation, which
-the tests check gives the same results.
+Each LSTM or Mogrifier-round step costs about ten small torch ops on ``(B, H)``
+tensors, each one pass over memory with its own dispatch, and each step of the
+window about thirty of them plus their Python; on CPU that is most of the
+fused path's time beyond the matrix products. ``csrc/`` holds plain C for both:
 
-``tanh`` is written as ``2 sigmoid(2x) - 1`` so the loops need only ``exp`` and
-vectorise (``-O3 -ffast-math`` with glibc's vector math).
+* pointwise kernels (LSTM cell forward/backward, Mogrifier round forward/backward),
+  one pass each, which the Python step loop of :mod:`moglstm.nn.fused` calls;
+* the step loop itself (``mog_forward`` / ``mog_backward``): every step of a
+  window, its matrix products through the BLAS inside ``libtorch_cpu`` (MKL on
+  x86 builds of torch; single precision with MKL's packed weights) and the
+  kernels, on a range of batch rows. Batch rows are independent sequences, so
+  :func:`run_rows` splits them across ``torch.get_num_threads()`` threads, each
+  running its rows through the whole window with one-thread BLAS calls and no
+  synchronisation between steps.
+
+The C needs no torch headers, so it builds in about a second with the system C
+compiler, on first use, and is cached by a hash of source and flags under
+``$MOGLSTM_KERNEL_CACHE`` or ``~/.cache/moglstm/kernels``. Without a compiler,
+with ``MOGLSTM_NO_KERNELS=1``, or when torch's BLAS entry points are not found
+(or fail a small self-check), the fused path falls back to its Python step loop
+and torch ops; the tests check every combination against the reference path.
 """
 
 from __future__ import annotations
@@ -23,164 +32,18 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-_TEMPLATE = r"""
-#include <math.h>
-#include <stdint.h>
-/* exp's argument is clamped to +-LIM (exp(LIM) stays finite): under -ffast-math the division
-   may become a reciprocal estimate and a Newton step, which turns 1 / inf into NaN. The clamp
-   changes nothing visible: sigmoid is below 1e-34 there. NaN still propagates. */
-#define CLAMP(x) ((x) < -LIM ? -LIM : ((x) > LIM ? LIM : (x)))
-#define SIG(x) ((T)1 / ((T)1 + EXP(-CLAMP(x))))
-#define TANH(x) ((T)2 * SIG((T)2 * (x)) - (T)1)
-
-/* The variant flags are compile-time constants in each call of these bodies, so every
-   variant gets its own branch-free loop that vectorises. */
-#define INL static inline __attribute__((always_inline))
-#define R_ __restrict__
-
-/* gates: (B, G*H) pre-activations in, activations out; G = 3 (f, g, o) if coupled */
-INL void lstm_fwd_body_NAME(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev, T *R_ c,
-                            T *R_ h, const T *R_ pi, const T *R_ pf, const T *R_ po,
-                            const int COUPLED, const int CAP, const int PEEP) {
-    const int64_t G = COUPLED ? 3 : 4;
-    for (int64_t b = 0; b < B; b++) {
-        T *R_ zi = gates + b * G * H;
-        T *R_ zf = zi + (COUPLED ? 0 : H);
-        T *R_ zg = zf + H;
-        T *R_ zo = zg + H;
-        const T *R_ cp = c_prev + b * H;
-        T *R_ cn = c + b * H;
-        T *R_ hn = h + b * H;
-#pragma GCC ivdep
-        for (int64_t j = 0; j < H; j++) {
-            T f = SIG(zf[j] + (PEEP ? pf[j] * cp[j] : (T)0));
-            T g = TANH(zg[j]);
-            T m;
-            if (COUPLED) {
-                m = (T)1 - f;
-            } else {
-                T i = SIG(zi[j] + (PEEP ? pi[j] * cp[j] : (T)0));
-                m = CAP ? ((T)1 - f < i ? (T)1 - f : i) : i;
-                zi[j] = i;
-            }
-            T cv = f * cp[j] + m * g;
-            T o = SIG(zo[j] + (PEEP ? po[j] * cv : (T)0));
-            zf[j] = f; zg[j] = g; zo[j] = o;
-            cn[j] = cv;
-            hn[j] = o * TANH(cv);
-        }
-    }
-}
-
-void lstm_fwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *h,
-                   const T *pi, const T *pf, const T *po, int coupled, int cap) {
-    int peep = pf != 0;
-#define CALL(C, K, P) lstm_fwd_body_NAME(B, H, gates, c_prev, c, h, pi, pf, po, C, K, P)
-    if (coupled) { if (peep) CALL(1, 0, 1); else CALL(1, 0, 0); }
-    else if (cap) { if (peep) CALL(0, 1, 1); else CALL(0, 1, 0); }
-    else { if (peep) CALL(0, 0, 1); else CALL(0, 0, 0); }
-#undef CALL
-}
-
-/* gates: activations in, pre-activation gradients out; dc: dc_t in, dc_{t-1} out;
-   tanh(c_t) is recomputed from c_t rather than stored */
-INL void lstm_bwd_body_NAME(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev,
-                            const T *R_ c_new, const T *R_ dh, T *R_ dc, const T *R_ pi,
-                            const T *R_ pf, const T *R_ po,
-                            const int COUPLED, const int CAP, const int PEEP) {
-    const int64_t G = COUPLED ? 3 : 4;
-    for (int64_t b = 0; b < B; b++) {
-        T *R_ ai = gates + b * G * H;
-        T *R_ af = ai + (COUPLED ? 0 : H);
-        T *R_ ag = af + H;
-        T *R_ ao = ag + H;
-        const T *R_ cp = c_prev + b * H;
-        const T *R_ cn = c_new + b * H;
-        const T *R_ dhb = dh + b * H;
-        T *R_ dcb = dc + b * H;
-#pragma GCC ivdep
-        for (int64_t j = 0; j < H; j++) {
-            T o = ao[j], t = TANH(cn[j]), f = af[j], g = ag[j], d = dhb[j];
-            T dzo = d * t * o * ((T)1 - o);
-            T dcn = dcb[j] + d * o * ((T)1 - t * t) + (PEEP ? dzo * po[j] : (T)0);
-            T df, dg, dzi = (T)0;
-            if (COUPLED) {
-                df = dcn * (cp[j] - g);
-                dg = dcn * ((T)1 - f);
-            } else {
-                T i = ai[j];
-                if (CAP) {
-                    T a = (T)1 - f;
-                    /* d min(a, i): to the smaller, split evenly on ties (as torch) */
-                    T to_a = a < i ? (T)1 : (a == i ? (T)0.5 : (T)0);
-                    T dm = dcn * g;
-                    df = dcn * cp[j] - dm * to_a;
-                    dzi = dm * ((T)1 - to_a) * i * ((T)1 - i);
-                    dg = dcn * (a < i ? a : i);
-                } else {
-                    df = dcn * cp[j];
-                    dzi = dcn * g * i * ((T)1 - i);
-                    dg = dcn * i;
-                }
-                ai[j] = dzi;
-            }
-            T dzf = df * f * ((T)1 - f);
-            af[j] = dzf;
-            ag[j] = dg * ((T)1 - g * g);
-            ao[j] = dzo;
-            dcb[j] = dcn * f + (PEEP ? dzf * pf[j] : (T)0)
-                     + ((PEEP && !COUPLED) ? dzi * pi[j] : (T)0);
-        }
-    }
-}
-
-void lstm_bwd_NAME(int64_t B, int64_t H, T *gates, const T *c_prev, const T *c_new,
-                   const T *dh, T *dc, const T *pi, const T *pf, const T *po,
-                   int coupled, int cap) {
-    int peep = pf != 0;
-#define CALL(C, K, P) lstm_bwd_body_NAME(B, H, gates, c_prev, c_new, dh, dc, pi, pf, po, C, K, P)
-    if (coupled) { if (peep) CALL(1, 0, 1); else CALL(1, 0, 0); }
-    else if (cap) { if (peep) CALL(0, 1, 1); else CALL(0, 1, 0); }
-    else { if (peep) CALL(0, 0, 1); else CALL(0, 0, 0); }
-#undef CALL
-}
-
-/* s: (R, C) pre-activation in, sigmoid out; new = 2 s old (row strides so, sn) */
-void round_fwd_NAME(int64_t R, int64_t C, T *R_ s, const T *R_ old, int64_t so, T *R_ nw,
-                    int64_t sn) {
-    for (int64_t r = 0; r < R; r++) {
-        T *sr = s + r * C;
-        const T *orow = old + r * so;
-        T *nrow = nw + r * sn;
-        for (int64_t j = 0; j < C; j++) {
-            T v = SIG(sr[j]);
-            sr[j] = v;
-            nrow[j] = (T)2 * v * orow[j];
-        }
-    }
-}
-
-/* s: pre-activation z in, dz out; with v = sigmoid(z): d_old = 2 v d_new */
-void round_bwd_NAME(int64_t R, int64_t C, T *R_ s, const T *R_ old, int64_t so,
-                    const T *R_ dnew, int64_t sd, T *R_ dold) {
-    for (int64_t r = 0; r < R; r++) {
-        T *sr = s + r * C, *dor = dold + r * C;
-        const T *orow = old + r * so, *drow = dnew + r * sd;
-        for (int64_t j = 0; j < C; j++) {
-            T v = SIG(sr[j]), dn = drow[j];
-            dor[j] = (T)2 * v * dn;
-            sr[j] = (T)2 * orow[j] * dn * v * ((T)1 - v);
-        }
-    }
-}
-"""
+_CSRC = Path(__file__).parent / "csrc"
+_FILES = ("moglstm.c", "body.h")
 
 # -ffast-math only when compiling: linking with it adds crtfastmath.o, whose constructor turns on
 # flush-to-zero for the whole process when the library loads (and would change every float
@@ -188,17 +51,9 @@ void round_bwd_NAME(int64_t R, int64_t C, T *R_ s, const T *R_ old, int64_t so,
 _FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC"]
 _LINK_FLAGS = ["-shared", "-fPIC"]
 
-
-def _source() -> str:
-    parts = []
-    for name, ctype, exp, lim in (
-        ("f32", "float", "expf", "80.0f"),
-        ("f64", "double", "exp", "700.0"),
-    ):
-        body = _TEMPLATE.replace("NAME", name)
-        head = f"#define T {ctype}\n#define EXP {exp}\n#define LIM {lim}\n"
-        parts.append(f"{head}{body}\n#undef T\n#undef EXP\n#undef LIM\n")
-    return "".join(parts)
+# Fewest batch rows one thread of the step loop takes: below this, per-step products get too
+# thin for the BLAS to run well and a second thread gains nothing.
+MIN_ROWS_PER_THREAD = 8
 
 
 def _compiler() -> str | None:
@@ -223,17 +78,17 @@ def _cpu_flags() -> str:
 
 
 def _build(cc: str) -> Path:
-    source = _source()
-    parts = [source, cc, *_FLAGS, *_LINK_FLAGS, platform.machine(), _cpu_flags()]
+    sources = {name: (_CSRC / name).read_text() for name in _FILES}
+    parts = [*sources.values(), cc, *_FLAGS, *_LINK_FLAGS, platform.machine(), _cpu_flags()]
     key = hashlib.sha256("\n".join(parts).encode())
-    target = _cache_dir() / f"pointwise-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"moglstm-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "pointwise.c"
-        src.write_text(source)
-        obj, out = Path(tmp) / "pointwise.o", Path(tmp) / "pointwise.so"
+        for name, text in sources.items():
+            (Path(tmp) / name).write_text(text)
+        src, obj, out = (Path(tmp) / n for n in ("moglstm.c", "moglstm.o", "moglstm.so"))
         run = {"check": True, "capture_output": True, "timeout": 120}
         subprocess.run([cc, *_FLAGS, "-c", str(src), "-o", str(obj)], **run)
         subprocess.run([cc, *_LINK_FLAGS, str(obj), "-o", str(out), "-lm"], **run)
@@ -243,7 +98,7 @@ def _build(cc: str) -> Path:
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels, or ``None`` when disabled or no compiler works (cached)."""
+    """The compiled library, or ``None`` when disabled or no compiler works (cached)."""
     if os.environ.get("MOGLSTM_NO_KERNELS", "") not in ("", "0"):
         return None
     cc = _compiler()
@@ -255,17 +110,197 @@ def load() -> ctypes.CDLL | None:
         return None
 
 
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
 def available(t: Tensor) -> bool:
+    """Whether the pointwise kernels serve tensors like ``t``."""
     return t.device.type == "cpu" and t.dtype in _SUFFIX and load() is not None
 
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+def loop_available(t: Tensor) -> bool:
+    """Whether the compiled step loop serves tensors like ``t``."""
+    return available(t) and blas() is not None
+
+
+class Blas(ctypes.Structure):
+    """Entry points of the BLAS linked into torch (``Blas`` in ``csrc/moglstm.c``)."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("sgemm", "dgemm", "pack_size", "pack", "compute", "set_threads_local")
+    ]
+
+
+_BLAS_SYMBOLS = {
+    "sgemm": "sgemm_",
+    "dgemm": "dgemm_",
+    "pack_size": "cblas_sgemm_pack_get_size",
+    "pack": "cblas_sgemm_pack",
+    "compute": "cblas_sgemm_compute",
+    "set_threads_local": "MKL_Set_Num_Threads_Local",
+}
+
+
+def _torch_library() -> ctypes.CDLL | None:
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).exists():
+            try:
+                return ctypes.CDLL(str(lib_dir / name))  # already loaded: the same handle
+            except OSError:
+                return None
+    return None
+
+
+@functools.cache
+def blas() -> Blas | None:
+    """torch's BLAS entry points if both gemms are there and pass the self-check (cached)."""
+    lib, torch_lib = load(), _torch_library()
+    if lib is None or torch_lib is None:
+        return None
+    found = {}
+    for field, symbol in _BLAS_SYMBOLS.items():
+        try:
+            found[field] = ctypes.cast(getattr(torch_lib, symbol), ctypes.c_void_p).value
+        except AttributeError:
+            found[field] = None
+    if found["sgemm"] is None or found["dgemm"] is None:
+        return None
+    entry = Blas(**found)
+    checks = (lib.blas_check_f32(ctypes.byref(entry)), lib.blas_check_f64(ctypes.byref(entry)))
+    return entry if all(checks) else None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _ptrs(ctype, values: Sequence) -> ctypes.Array:
+    return (ctype * max(1, len(values)))(*values)
+
+
+def _row_stride(t: Tensor) -> int:
+    """The row stride ``ld`` of a ``(T, B, n)`` buffer whose element ``(t, b, j)`` sits at
+    ``(t * B + b) * ld + j`` (strides of size-1 dimensions do not matter)."""
+    T, B, n = t.shape
+    ld = t.stride(1) if B > 1 else (t.stride(0) if T > 1 else max(t.stride(0), t.stride(1), n))
+    assert T == 1 or t.stride(0) == B * ld, "steps must follow each other"
+    assert n == 1 or t.stride(2) == 1, "rows need unit stride"
+    return ld
+
+
+class Layer(ctypes.Structure):
+    """One layer direction for the step loop (``Layer`` in ``csrc/moglstm.c``).
+
+    Build it with :meth:`make`, which also keeps every tensor it points into alive.
+    """
+
+    _fields_ = [
+        *((n, ctypes.c_int64) for n in ("steps", "B", "I", "H", "G")),
+        *((n, ctypes.c_int64) for n in ("rounds", "low_rank", "coupled", "cap")),
+        ("rank", ctypes.POINTER(ctypes.c_int64)),
+        *((n, ctypes.POINTER(ctypes.c_void_p)) for n in ("w_left", "w_right", "w_bias")),
+        *((n, ctypes.c_void_p) for n in ("w_gates", "bias", "peep_i", "peep_f", "peep_o")),
+        ("xs", ctypes.POINTER(ctypes.c_void_p)),
+        ("xs_ld", ctypes.POINTER(ctypes.c_int64)),
+        ("hs", ctypes.POINTER(ctypes.c_void_p)),
+        ("hs_ld", ctypes.POINTER(ctypes.c_int64)),
+        ("u", ctypes.POINTER(ctypes.c_void_p)),
+        *((n, ctypes.c_void_p) for n in ("gates", "c", "out", "h0", "mask")),
+        *((n, ctypes.c_void_p) for n in ("d_out", "dh", "dc", "dx")),
+        *((n, ctypes.POINTER(ctypes.c_void_p)) for n in ("gw_left", "gw_right", "gw_bias")),
+        ("g_bias", ctypes.c_void_p),
+    ]
+
+    @classmethod
+    def make(cls, tensors: dict, flags: dict, lists: dict) -> Layer:
+        """``tensors``: name -> tensor or None (contiguous); ``lists``: name -> list of
+        tensors or None (rows of unit stride; xs/hs versions may have any row stride);
+        ``flags``: the integer fields."""
+        layer = cls(**flags)
+        keep = [*tensors.values(), *(t for ts in lists.values() for t in ts)]
+        for name, t in tensors.items():
+            assert t is None or t.is_contiguous(), f"{name} must be contiguous"
+            setattr(layer, name, _ptr(t))
+        for name, ts in lists.items():
+            array = _ptrs(ctypes.c_void_p, [_ptr(t) for t in ts])
+            keep.append(array)
+            setattr(layer, name, ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p)))
+            if name in ("xs", "hs"):
+                lds = _ptrs(ctypes.c_int64, [_row_stride(t) for t in ts])
+                keep.append(lds)
+                setattr(layer, f"{name}_ld", ctypes.cast(lds, ctypes.POINTER(ctypes.c_int64)))
+        layer._keep = keep  # the memory behind every pointer lives as long as the struct
+        return layer
+
+    def set_ranks(self, ranks: list[int]) -> None:
+        self._ranks = _ptrs(ctypes.c_int64, ranks)
+        self.rank = ctypes.cast(self._ranks, ctypes.POINTER(ctypes.c_int64))
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def advise_huge_pages(t: Tensor) -> None:
+    """Ask Linux to back the 2 MiB-aligned part of ``t``'s memory with transparent huge
+    pages (call before first touching it); harmless where unsupported."""
+    madvise = _madvise()
+    start, size = t.data_ptr(), t.numel() * t.element_size()
+    lo, hi = -(-start // _HUGE_PAGE) * _HUGE_PAGE, (start + size) // _HUGE_PAGE * _HUGE_PAGE
+    if madvise is not None and hi > lo:
+        madvise(lo, hi - lo, _MADV_HUGEPAGE)  # a refusal (EINVAL) changes nothing
+
+
+def row_slices(batch: int) -> list[tuple[int, int]]:
+    """The batch rows each thread of the step loop takes: near-equal contiguous ranges."""
+    n = max(1, min(torch.get_num_threads(), batch // MIN_ROWS_PER_THREAD))
+    bounds = [batch * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def run_rows(
+    name: str, layer: Layer, dtype: torch.dtype, slices: list[tuple[int, int]], *extra: int
+) -> None:
+    """Run ``name`` (``mog_forward`` or ``mog_backward``) on each range of batch rows in
+    ``slices``, one thread each (ctypes releases the GIL during each call); thread ``i``
+    gets its index ``i`` (its slice of the gradient accumulators) after its rows."""
+    fn = getattr(load(), f"{name}_{_SUFFIX[dtype]}")
+    entry = blas()
+    status = [0] * len(slices)
+
+    def work(i: int) -> None:
+        b0, b1 = slices[i]
+        args = (ctypes.c_int64(b0), ctypes.c_int64(b1), *map(ctypes.c_int64, (i, *extra)))
+        status[i] = fn(ctypes.byref(layer), ctypes.byref(entry), *args)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(1, len(slices))]
+    for thread in threads:
+        thread.start()
+    work(0)
+    for thread in threads:
+        thread.join()
+    if any(status):
+        raise MemoryError(f"the compiled step loop ({name}) could not allocate its workspace")
 
 
 def _arg(a):
     """ctypes argument: tensors (or None) by data pointer, bools as int, ints as int64."""
     if a is None or isinstance(a, Tensor):
-        assert a is None or a.stride(-1) == 1, "kernels need rows with unit stride"
         return ctypes.c_void_p(None if a is None else a.data_ptr())
     return ctypes.c_int(a) if isinstance(a, bool) else ctypes.c_int64(a)
 
@@ -284,7 +319,7 @@ def lstm_forward(gates, c_prev, c, h, peephole, coupled: bool, cap: bool) -> Non
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
     _contiguous(gates, c_prev, c, h, p_i, p_f, p_o)
     B, H = c.shape
-    _call("lstm_fwd", c, B, H, gates, c_prev, c, h, p_i, p_f, p_o, coupled, cap)
+    _call("lstm_fwd", c, B, H, gates, c_prev, c, h, p_i, p_f, p_o, coupled, cap, None)
 
 
 def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) -> None:
@@ -299,13 +334,16 @@ def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) 
 def round_forward(s: Tensor, old: Tensor, new: Tensor) -> None:
     """In place: ``s = sigmoid(s)``, ``new = 2 * s * old`` (rows of old/new may be strided)."""
     _contiguous(s)
+    assert old.stride(-1) == 1 and new.stride(-1) == 1, "kernels need rows of unit stride"
     R, C = s.shape
-    _call("round_fwd", s, R, C, s, old, old.stride(0), new, new.stride(0))
+    _call("round_fwd", s, R, C, s, None, old, old.stride(0), new, new.stride(0))
 
 
 def round_backward(z: Tensor, old: Tensor, d_new: Tensor, d_old: Tensor) -> None:
     """In place, with ``s = sigmoid(z)``: ``d_old = 2 s d_new``; ``z`` becomes
     ``dz = 2 old d_new s (1 - s)``."""
     _contiguous(z, d_old)
+    assert old.stride(-1) == 1 and d_new.stride(-1) == 1, "kernels need rows of unit stride"
     R, C = z.shape
-    _call("round_bwd", z, R, C, z, old, old.stride(0), d_new, d_new.stride(0), d_old)
+    args = (R, C, z, None, old, old.stride(0), d_new, d_new.stride(0), d_old, d_old.stride(0))
+    _call("round_bwd", z, *args)

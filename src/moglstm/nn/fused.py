@@ -9,6 +9,13 @@ gradients are computed after the loop as a few large products over ``T * B``
 rows. The math is :mod:`moglstm.nn.functional`'s, and the tests check outputs
 and gradients of every parameter against it.
 
+Two step loops run this plan. On CPU, when :mod:`moglstm.nn._kernels` could build
+its C library and find torch's BLAS, the compiled loop (``csrc/body.h``) runs every
+step of the window in C, with batch rows split across threads; each thread also
+accumulates the rounds' weight gradients for its rows. Elsewhere (CUDA, no
+compiler) the Python loop below runs the same steps with torch ops, and is the
+readable description of what the C does.
+
 Buffers reuse: in backward, step ``t``'s gate activations are overwritten by
 the gate gradients and each round's sigmoid output by that round's
 pre-activation gradient, once they have been read.
@@ -16,9 +23,12 @@ pre-activation gradient, once they have been read.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -164,6 +174,28 @@ class StepOps:
         )
 
 
+def carve(like: Tensor, shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, list[Tensor]]:
+    """Tensors of the given shapes, carved out of one allocation (64-byte aligned views).
+
+    A window's buffers are about 100 MB per layer at B=64, T=70, H=512; first-touching
+    them in 4 KiB pages cost about 0.5 ms per MB here, so on CPU the block is advised
+    to use transparent huge pages (a no-op where Linux or the machine says no).
+    """
+    align = 64 // like.element_size()
+    sizes = {name: [math.prod(s) for s in group] for name, group in shapes.items()}
+    total = sum(-(-n // align) * align for group in sizes.values() for n in group)
+    arena = like.new_empty(total)
+    if like.device.type == "cpu":
+        _kernels.advise_huge_pages(arena)
+    out, offset = {}, 0
+    for name, group in shapes.items():
+        out[name] = []
+        for shape, n in zip(group, sizes[name], strict=True):
+            out[name].append(arena[offset : offset + n].view(shape))
+            offset += -(-n // align) * align
+    return out
+
+
 class Buffers:
     """Everything the forward keeps for backward, ``T`` steps of ``B`` rows.
 
@@ -177,22 +209,31 @@ class Buffers:
         T, B, I = x.shape
         H = hidden
         nx, nh = (spec.rounds + 1) // 2 + 1, spec.rounds // 2 + 1
-        new = x.new_empty
+        ranks = [p.rounds[r][0].shape[1] for r in range(spec.rounds)] if spec.low_rank else []
+        G = p.weight_hh.shape[0]
+        shapes = {
+            "xh": [(T, B, I + H)] if spec.rounds else [],
+            "xs": [(T, B, I)] * (nx - 2) if spec.rounds else [],
+            "hs": [(T, B, H)] * (nh - 1 if spec.rounds else 1),
+            "u": [(T, B, k) for k in ranks],  # low-rank v @ right.T per round
+            "gates": [(T, B, G)],  # activated i, f, g, o
+            "c": [(T + 1, B, H)],  # c[0] = c_0, c[t + 1] = c_t
+        }
+        parts = carve(x, shapes)
         if spec.rounds:
-            self.xh = new(T, B, I + H)
-            self.xs = [x] + [new(T, B, I) for _ in range(nx - 2)] + [self.xh[..., :I]]
-            self.hs = [new(T, B, H) for _ in range(nh - 1)] + [self.xh[..., I:]]
+            self.xh = parts["xh"][0]
+            self.xs = [x, *parts["xs"], self.xh[..., :I]]
+            self.hs = [*parts["hs"], self.xh[..., I:]]
         else:  # no rounds: x is never gated and the x projection is precomputed
             self.xh = None
-            self.xs, self.hs = [x], [new(T, B, H)]
+            self.xs, self.hs = [x], parts["hs"]
+        self.u, self.gates, self.c = parts["u"], parts["gates"][0], parts["c"][0]
         # one step's round gates: backward recomputes them from u or v (one small product)
-        self.scratch = (new(B, I), new(B, H))
-        ranks = [p.rounds[r][0].shape[1] for r in range(spec.rounds)] if spec.low_rank else []
-        self.u = [new(T, B, k) for k in ranks]  # low-rank v @ right.T per round
-        self.gates = new(T, B, p.weight_hh.shape[0])  # activated i, f, g, o
-        self.c = new(T + 1, B, H)  # c[0] = c_0, c[t + 1] = c_t
-        self.out = new(T, B, H)  # h_t, the layer's output
+        self.scratch = (x.new_empty(B, I), x.new_empty(B, H))
+        self.out = x.new_empty(T, B, H)  # h_t, the layer's output (the caller's, not carved)
+        self.w_gates: Tensor | None = None  # the compiled loop's [W_ih W_hh]
         self.kernels = _kernels.available(x)  # fused C pointwise kernels, else torch ops
+        self.loop = _kernels.loop_available(x)  # the compiled step loop, else the Python one
         self.on_cpu = x.device.type == "cpu"
 
 
@@ -448,10 +489,12 @@ def rounds_backward(
     return dh
 
 
-def weight_grads(spec: LayerSpec, p: Params, buf: Buffers, rg: RoundGrads, needs) -> list:
-    """All parameter gradients in flat order; the gates' as products over ``T * B`` rows."""
+def weight_grads(spec: LayerSpec, p: Params, buf: Buffers, round_grads, db, needs) -> list:
+    """All parameter gradients in flat order, given the rounds' (a list per round) and, if
+    already summed, the gates' bias gradient ``db``; the gates' weight gradients as
+    products over ``T * B`` rows."""
     dgates = rows(buf.gates)
-    grads: list[Tensor | None] = [g for parts in rg.grads for g in parts]
+    grads: list[Tensor | None] = [g for parts in round_grads for g in parts]
     if buf.xh is None:
         grads += [dgates.t() @ rows(buf.xs[-1]), dgates.t() @ rows(buf.hs[-1])]
     else:
@@ -459,7 +502,7 @@ def weight_grads(spec: LayerSpec, p: Params, buf: Buffers, rg: RoundGrads, needs
         I = buf.xs[0].shape[-1]
         grads += [dw_cat[:, :I].contiguous(), dw_cat[:, I:].contiguous()]
     if spec.bias:
-        db = dgates.sum(0)
+        db = dgates.sum(0) if db is None else db
         grads += [db, db.clone()]
     if spec.peephole:
         dz_i, dz_f, _, dz_o = split_gates(spec, buf.gates)
@@ -487,6 +530,84 @@ def run_forward(spec, p, x, h, c0, mask, buf) -> Tensor:
     return buf.out
 
 
+def compiled_layer(spec: LayerSpec, p: Params, buf: Buffers, h0, mask, **backward) -> Any:
+    """The :class:`moglstm.nn._kernels.Layer` the compiled step loop runs on."""
+    T, B, H = buf.c.shape[0] - 1, buf.c.shape[1], buf.c.shape[2]
+    if buf.w_gates is None:  # built once in forward, kept for backward
+        buf.w_gates = torch.cat([p.weight_ih, p.weight_hh], 1) if spec.rounds else p.weight_hh
+    peep = p.peephole if p.peephole is not None else (None, None, None)
+    tensors = {
+        "w_gates": buf.w_gates.contiguous(),
+        "bias": p.bias,
+        **dict(zip(("peep_i", "peep_f", "peep_o"), peep, strict=True)),
+        "gates": buf.gates,
+        "c": buf.c,
+        "out": buf.out,
+        "h0": h0,
+        "mask": None if mask is None else mask.contiguous(),
+        **backward.pop("tensors", {}),
+    }
+    lists = {
+        "w_left": [w[0].contiguous() for w in p.rounds],
+        "w_right": [w[1].contiguous() for w in p.rounds] if spec.low_rank else [],
+        "w_bias": p.round_biases,
+        "xs": buf.xs,
+        "hs": buf.hs,
+        "u": buf.u,
+        **backward,
+    }
+    flags = {
+        "steps": T,
+        "B": B,
+        "I": buf.xs[0].shape[-1],
+        "H": H,
+        "G": p.weight_hh.shape[0],
+        "rounds": spec.rounds,
+        "low_rank": int(spec.low_rank),
+        "coupled": int(spec.coupled),
+        "cap": int(spec.cap_input_gate),
+    }
+    layer = _kernels.Layer.make(tensors, flags, lists)
+    layer.set_ranks([u.shape[-1] for u in buf.u])
+    return layer
+
+
+def run_forward_compiled(spec, p, x, h, c0, mask, buf) -> Tensor:
+    """:func:`run_forward` by the compiled step loop."""
+    buf.c[0].copy_(c0)
+    if spec.rounds == 0:  # x is never gated: project all steps at once, straight into gates
+        torch.mm(rows(x), p.weight_ih.t(), out=rows(buf.gates))
+        if p.bias is not None:
+            buf.gates += p.bias
+    layer = compiled_layer(spec, p, buf, h.contiguous(), mask)
+    _kernels.run_rows("mog_forward", layer, x.dtype, _kernels.row_slices(x.shape[1]))
+    return buf.out
+
+
+def backward_compiled(spec, p, buf, mask, d_out, dh, dc):
+    """The backward loop by the compiled step loop: returns the input's gradient (with
+    rounds), the round gradients (as :attr:`RoundGrads.grads`) and the gates' bias gradient;
+    ``dh``, ``dc`` end as those of ``h_0``, ``c_0``. Each thread adds the weight gradients
+    of its rows into its own slice of the accumulators; the slices are summed here."""
+    T, B = buf.gates.shape[:2]
+    slices = _kernels.row_slices(B)
+    zeros = functools.partial(buf.gates.new_zeros, len(slices))
+    acc = {
+        "gw_left": [zeros(*w[0].shape) for w in p.rounds],
+        "gw_right": [zeros(*w[1].shape) for w in p.rounds] if spec.low_rank else [],
+        "gw_bias": [None if b is None else zeros(*b.shape) for b in p.round_biases],
+    }
+    gates_bias = zeros(buf.gates.shape[-1]) if spec.bias else None
+    dx_all = torch.empty_like(buf.xs[0]) if spec.rounds else None
+    tensors = {"d_out": d_out, "dh": dh, "dc": dc, "dx": dx_all, "g_bias": gates_bias}
+    layer = compiled_layer(spec, p, buf, None, mask, tensors=tensors, **acc)
+    _kernels.run_rows("mog_backward", layer, dh.dtype, slices, T, 0)
+    right = acc["gw_right"] or [None] * spec.rounds
+    per_round = zip(acc["gw_left"], right, acc["gw_bias"], strict=True)
+    round_grads = [[g.sum(0) for g in parts if g is not None] for parts in per_round]
+    return dx_all, round_grads, None if gates_bias is None else gates_bias.sum(0)
+
+
 class MogrifierLayerFunction(torch.autograd.Function):
     """``(spec, x (T,B,I), h0 (B,H), c0 (B,H), mask (B,H) or None, *flat params)``
     -> ``(output (T,B,H), h_n, c_n)``."""
@@ -495,7 +616,8 @@ class MogrifierLayerFunction(torch.autograd.Function):
     def forward(ctx, spec: LayerSpec, x, h0, c0, mask, *flat):
         p = unflatten_params(spec, flat)
         buf = Buffers(spec, p, x, h0.shape[1])
-        out = run_forward(spec, p, x, h0, c0, mask, buf)
+        run = run_forward_compiled if buf.loop else run_forward
+        out = run(spec, p, x, h0, c0, mask, buf)
         buf.out = None  # the output belongs to the caller; backward does not read it
         h_n, c_n = out[-1].clone(), buf.c[-1].clone()
         ctx.spec, ctx.buf = spec, buf
@@ -514,37 +636,50 @@ class MogrifierLayerFunction(torch.autograd.Function):
             )
         mask, *flat = ctx.saved_tensors
         p = unflatten_params(spec, flat)
-        T, B = buf.gates.shape[:2]
-        I = buf.xs[0].shape[-1]
-        dx_all = torch.empty_like(buf.xs[0]) if spec.rounds else None
-        back = StepOps.backward(spec, p, B)
-        recompute = StepOps.round_outputs(p, B)  # the rounds' forward products, not the gates
-        rg = RoundGrads(spec, buf, B)
-        dh = d_hn.clone() if d_hn is not None else torch.zeros_like(buf.c[0])
-        dc = d_cn.clone() if d_cn is not None else torch.zeros_like(buf.c[0])
-        for steps in rg.chunks(T):
-            for t in steps:
-                if d_out is not None:
-                    dh = dh + d_out[t]
-                dc = lstm_pointwise_backward(spec, p, buf, t, dh, dc)
-                dxh = back.gates(buf.gates[t])  # (B, I + H): d x_m and d h_m at once, or d h_m
-                if spec.rounds:
-                    slot = t - steps[-1]
-                    with one_thread(buf.on_cpu):
-                        dx, dh_m = dxh[:, :I], dxh[:, I:]
-                        dh = rounds_backward(
-                            spec, buf, t, slot, dx, dh_m, recompute, back, rg, dx_all[t]
-                        )
-                else:
-                    dh = dxh
-                if mask is not None:
-                    dh = dh * mask
-            rg.flush(steps)
+        fresh = torch.contiguous_format  # dh, dc are written in place
+        dh = d_hn.clone(memory_format=fresh) if d_hn is not None else torch.zeros_like(buf.c[0])
+        dc = d_cn.clone(memory_format=fresh) if d_cn is not None else torch.zeros_like(buf.c[0])
+        if buf.loop:
+            d_out = None if d_out is None else d_out.contiguous()
+            dx_all, round_grads, db = backward_compiled(spec, p, buf, mask, d_out, dh, dc)
+        else:
+            dx_all, rg, dh, dc = backward_python(spec, p, buf, mask, d_out, dh, dc)
+            round_grads, db = rg.grads, None
         if dx_all is None:  # no rounds: the input's gradient in one product
             dx_all = buf.gates @ p.weight_ih
-        grads = weight_grads(spec, p, buf, rg, ctx.needs_input_grad[5:])
+        grads = weight_grads(spec, p, buf, round_grads, db, ctx.needs_input_grad[5:])
         ctx.buf = None
         return None, dx_all, dh, dc, None, *grads
+
+
+def backward_python(spec, p, buf, mask, d_out, dh, dc):
+    """The backward loop in Python: returns the input's gradient (with rounds), the round
+    gradients, and the gradients of ``h_0`` and ``c_0``."""
+    T, B = buf.gates.shape[:2]
+    I = buf.xs[0].shape[-1]
+    dx_all = torch.empty_like(buf.xs[0]) if spec.rounds else None
+    back = StepOps.backward(spec, p, B)
+    recompute = StepOps.round_outputs(p, B)  # the rounds' forward products, not the gates
+    rg = RoundGrads(spec, buf, B)
+    for steps in rg.chunks(T):
+        for t in steps:
+            if d_out is not None:
+                dh = dh + d_out[t]
+            dc = lstm_pointwise_backward(spec, p, buf, t, dh, dc)
+            dxh = back.gates(buf.gates[t])  # (B, I + H): d x_m and d h_m at once, or d h_m
+            if spec.rounds:
+                slot = t - steps[-1]
+                with one_thread(buf.on_cpu):
+                    dx, dh_m = dxh[:, :I], dxh[:, I:]
+                    dh = rounds_backward(
+                        spec, buf, t, slot, dx, dh_m, recompute, back, rg, dx_all[t]
+                    )
+            else:
+                dh = dxh
+            if mask is not None:
+                dh = dh * mask
+        rg.flush(steps)
+    return dx_all, rg, dh, dc
 
 
 FUSED_DTYPES = (torch.float32, torch.float64)

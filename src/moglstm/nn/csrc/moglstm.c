@@ -1,0 +1,96 @@
+/* The fused path's CPU code: pointwise kernels and the compiled step loop.
+ *
+ * body.h holds everything once, written for a scalar type T with names
+ * suffixed by SUF; it is included here for float (f32) and double (f64).
+ * Plain C with no torch headers, so it builds in about a second with the system
+ * compiler (see moglstm/nn/_kernels.py, which also calls it through ctypes).
+ *
+ * Matrix products go to the BLAS inside libtorch_cpu (MKL on x86 builds of
+ * torch), whose entry points Python looks up and passes in a Blas struct: this
+ * library links against nothing but libm.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Fortran gemm: column-major, arguments by pointer, 32-bit integers (MKL's LP64) */
+typedef void (*gemm_fn)(const char *, const char *, const int *, const int *, const int *,
+                        const void *, const void *, const int *, const void *, const int *,
+                        const void *, void *, const int *);
+/* MKL's packed single-precision API and its per-thread thread count */
+typedef size_t (*pack_size_fn)(int, int, int, int);
+typedef void (*pack_fn)(int, int, int, int, int, int, float, const float *, int, float *);
+typedef void (*compute_fn)(int, int, int, int, int, int, const float *, int, const float *, int,
+                           float, float *, int);
+typedef int (*threads_fn)(int);
+
+typedef struct {
+    gemm_fn sgemm, dgemm;
+    pack_size_fn pack_size; /* these three may be NULL: plain gemm then */
+    pack_fn pack;
+    compute_fn compute;
+    threads_fn set_threads_local; /* may be NULL */
+} Blas;
+
+/* CBLAS enum values (MKL's mkl_cblas.h) */
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, PACKED = 151, B_MATRIX = 162 };
+
+/* One layer direction: sizes, weights and the (T, B, .) buffers of fused.py's Buffers.
+ * Pointers are void so that one struct serves both precisions. Versions of x and h
+ * (xs[v], hs[v]) have their own row stride (ld): the last ones are halves of xh. */
+typedef struct {
+    int64_t steps, B, I, H, G; /* G: gate rows, 4H (3H if coupled) */
+    int64_t rounds, low_rank, coupled, cap;
+    const int64_t *rank;  /* per round, low rank only */
+    void *const *w_left;  /* per round: W (out, in), or left (out, k) if low rank */
+    void *const *w_right; /* per round, low rank: right (k, in) */
+    void *const *w_bias;  /* per round: bias (out) or NULL */
+    const void *w_gates;  /* rounds: [W_ih W_hh] (G, I + H); no rounds: W_hh (G, H) */
+    const void *bias;     /* (G) or NULL; with no rounds it is already in gates */
+    const void *peep_i, *peep_f, *peep_o; /* (H) each, or NULL */
+    void *const *xs;
+    const int64_t *xs_ld;
+    void *const *hs;
+    const int64_t *hs_ld;
+    void *const *u; /* per round, low rank: (T, B, k) */
+    void *gates;    /* (T, B, G) */
+    void *c;        /* (T + 1, B, H) */
+    void *out;      /* (T, B, H) */
+    const void *h0, *mask; /* (B, H); mask may be NULL */
+    /* backward only */
+    const void *d_out; /* (T, B, H) contiguous, or NULL */
+    void *dh, *dc;     /* (B, H): gradient of h_t, c_t in; of h_{t-1}, c_{t-1} out */
+    void *dx;          /* (T, B, I): the input's gradient (rounds only) */
+    /* weight gradients, accumulated by each thread into its own slice (index `thread`) */
+    void *const *gw_left;  /* per round: (threads, out, k), or (threads, out, in) full rank */
+    void *const *gw_right; /* per round, low rank: (threads, k, in) */
+    void *const *gw_bias;  /* per round: (threads, out) or NULL */
+    void *g_bias;          /* (threads, G) or NULL: the gates' bias */
+} Layer;
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SUF)
+
+#define T float
+#define SUF f32
+#define EXP expf
+#define LIM 80.0f
+#define GEMM sgemm
+#define IS_F32 1
+#include "body.h"
+#undef T
+#undef SUF
+#undef EXP
+#undef LIM
+#undef GEMM
+#undef IS_F32
+
+#define T double
+#define SUF f64
+#define EXP exp
+#define LIM 700.0
+#define GEMM dgemm
+#define IS_F32 0
+#include "body.h"

@@ -1,0 +1,75 @@
+"""The compiled step loop: rows split across threads, and the BLAS it finds in torch."""
+
+import ctypes
+import ctypes.util
+
+import pytest
+import torch
+
+from moglstm.nn import _kernels
+from tests.nn.test_fused import assert_twins_agree, inputs, twins
+
+
+@pytest.mark.parametrize(
+    "slices", [[(0, 17)], [(0, 8), (8, 17)], [(0, 1), (1, 9), (9, 12), (12, 17)]]
+)
+def test_compiled_loop_splits_batch_rows_across_threads(monkeypatch, slices):
+    """Each thread runs its own rows through the whole window; any split gives the same."""
+    if not _kernels.loop_available(torch.zeros(1)):
+        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
+    monkeypatch.setattr(_kernels, "row_slices", lambda batch: slices)
+    ref, fused = twins(
+        input_size=5,
+        hidden_size=4,
+        num_layers=2,
+        mogrify_rounds=5,
+        mogrify_rank=2,
+        peephole=True,
+        state_dropout=0.3,
+    )
+    x, hx = inputs(5, 2, B=17)
+    assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
+
+
+def test_row_slices_follow_the_thread_count(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert _kernels.row_slices(64) == [(0, 21), (21, 42), (42, 64)]
+    assert _kernels.row_slices(16) == [(0, 8), (8, 16)]  # at least 8 rows a thread
+    assert _kernels.row_slices(5) == [(0, 5)]
+
+
+def test_compiled_loop_needs_a_working_blas(monkeypatch):
+    _kernels.blas.cache_clear()
+    try:
+        monkeypatch.setattr(_kernels, "_torch_library", lambda: None)
+        assert not _kernels.loop_available(torch.zeros(1))
+        _kernels.blas.cache_clear()
+        if _kernels.load() is not None:  # the self-check refuses a gemm that computes garbage
+            monkeypatch.setattr(_kernels, "_torch_library", lambda: _FakeTorch())
+            assert _kernels.blas() is None
+    finally:
+        _kernels.blas.cache_clear()
+
+
+class _FakeTorch:
+    """A 'libtorch' whose gemms are libc's abs (callable, wrong): the self-check fails."""
+
+    def __getattr__(self, name):
+        if name in ("sgemm_", "dgemm_"):
+            return ctypes.CDLL(ctypes.util.find_library("c")).abs
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("T, B", [(1, 1), (1, 4), (5, 1)])
+def test_compiled_loop_single_step_or_row(T, B):
+    """Size-1 dimensions leave strides free; the row strides handed to BLAS must still hold."""
+    ref, fused = twins(
+        input_size=5,
+        hidden_size=4,
+        num_layers=2,
+        mogrify_rounds=5,
+        mogrify_rank=2,
+        bidirectional=True,
+    )
+    x, hx = inputs(5, 4, T=T, B=B)
+    assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
