@@ -31,6 +31,29 @@ def test_compiled_loop_splits_batch_rows_across_threads(monkeypatch, slices):
     assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("rounds, rank", [(0, None), (3, None), (5, 6)])
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_compiled_loop_shares_hidden_units_and_columns(monkeypatch, rounds, rank, threads):
+    """With several threads the gates run on each thread's share of the hidden units (and
+    of the input-gradient columns), in blocks of 16: H=40 gives 3 shares, a 4th thread none."""
+    if not _kernels.loop_available(torch.zeros(1)):
+        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
+    bounds = [9 * i // threads for i in range(threads + 1)]
+    slices = list(zip(bounds[:-1], bounds[1:], strict=True))
+    monkeypatch.setattr(_kernels, "row_slices", lambda batch: slices)
+    ref, fused = twins(
+        input_size=24,
+        hidden_size=40,
+        num_layers=2,
+        mogrify_rounds=rounds,
+        mogrify_rank=rank,
+        coupled=rounds == 3,
+        state_dropout=0.3,
+    )
+    x, hx = inputs(24, 2, B=9, hidden=40)
+    assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
+
+
 def test_row_slices_follow_the_thread_count(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert _kernels.row_slices(64) == [(0, 21), (21, 42), (42, 64)]

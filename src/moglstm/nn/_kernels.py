@@ -210,7 +210,7 @@ class Layer(ctypes.Structure):
         *((n, ctypes.c_void_p) for n in ("gates", "c", "out", "h0", "mask")),
         *((n, ctypes.c_void_p) for n in ("d_out", "dh", "dc", "dx")),
         *((n, ctypes.POINTER(ctypes.c_void_p)) for n in ("gw_left", "gw_right", "gw_bias")),
-        ("g_bias", ctypes.c_void_p),
+        *((n, ctypes.c_void_p) for n in ("g_bias", "work", "sync")),
     ]
 
     @classmethod
@@ -276,16 +276,21 @@ def row_slices(batch: int) -> list[tuple[int, int]]:
 def run_rows(
     name: str, layer: Layer, dtype: torch.dtype, slices: list[tuple[int, int]], *extra: int
 ) -> None:
-    """Run ``name`` (``mog_forward`` or ``mog_backward``) on each range of batch rows in
-    ``slices``, one thread each (ctypes releases the GIL during each call); thread ``i``
-    gets its index ``i`` (its slice of the gradient accumulators) after its rows."""
+    """Run ``name`` (``mog_forward`` or ``mog_backward``) with one thread per range of batch
+    rows in ``slices`` (ctypes releases the GIL during each call). Thread ``i`` gets its
+    rows, its index (its slice of the gradient accumulators) and the thread count; the C
+    shares out hidden units and columns itself and synchronises the threads after each
+    phase of a step through ``layer.sync``."""
     fn = getattr(load(), f"{name}_{_SUFFIX[dtype]}")
     entry = blas()
     status = [0] * len(slices)
+    sync = torch.zeros(4, dtype=torch.int32)  # the barrier's counter, sense and error flag
+    layer.sync, layer._sync = sync.data_ptr(), sync
 
     def work(i: int) -> None:
         b0, b1 = slices[i]
-        args = (ctypes.c_int64(b0), ctypes.c_int64(b1), *map(ctypes.c_int64, (i, *extra)))
+        ints = (b0, b1, i, len(slices), *extra)
+        args = tuple(map(ctypes.c_int64, ints))
         status[i] = fn(ctypes.byref(layer), ctypes.byref(entry), *args)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(1, len(slices))]
@@ -319,7 +324,7 @@ def lstm_forward(gates, c_prev, c, h, peephole, coupled: bool, cap: bool) -> Non
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
     _contiguous(gates, c_prev, c, h, p_i, p_f, p_o)
     B, H = c.shape
-    _call("lstm_fwd", c, B, H, gates, c_prev, c, h, p_i, p_f, p_o, coupled, cap, None)
+    _call("lstm_fwd", c, B, H, H, gates, c_prev, c, h, p_i, p_f, p_o, coupled, cap, None)
 
 
 def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) -> None:
@@ -328,7 +333,7 @@ def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) 
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
     _contiguous(gates, c_prev, c, dh, dc, p_i, p_f, p_o)
     B, H = dc.shape
-    _call("lstm_bwd", dc, B, H, gates, c_prev, c, dh, dc, p_i, p_f, p_o, coupled, cap)
+    _call("lstm_bwd", dc, B, H, H, gates, c_prev, c, dh, dc, p_i, p_f, p_o, coupled, cap)
 
 
 def round_forward(s: Tensor, old: Tensor, new: Tensor) -> None:

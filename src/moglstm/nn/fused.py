@@ -599,7 +599,9 @@ def backward_compiled(spec, p, buf, mask, d_out, dh, dc):
     }
     gates_bias = zeros(buf.gates.shape[-1]) if spec.bias else None
     dx_all = torch.empty_like(buf.xs[0]) if spec.rounds else None
+    work = buf.gates.new_empty(B, buf.xh.shape[-1]) if spec.rounds else None  # d[x_m, h_m]
     tensors = {"d_out": d_out, "dh": dh, "dc": dc, "dx": dx_all, "g_bias": gates_bias}
+    tensors["work"] = work
     layer = compiled_layer(spec, p, buf, None, mask, tensors=tensors, **acc)
     _kernels.run_rows("mog_backward", layer, dh.dtype, slices, T, 0)
     right = acc["gw_right"] or [None] * spec.rounds

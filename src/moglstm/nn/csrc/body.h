@@ -19,27 +19,28 @@
 
 /* ---------------------------------------------------------------- pointwise kernels */
 
-/* gates: (B, G*H) pre-activations in (plus bias, if given), activations out;
-   G = 3 (f, g, o) if coupled */
-INL void FN(lstm_fwd_body)(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev, T *R_ c,
+/* gates: (B, G*Hs) pre-activations in (plus bias, if given), activations out; G = 3 (f, g, o)
+   if coupled. Hs is the hidden size (the gates' spacing, the row stride of c and h); the
+   kernels run on n units, with every pointer already at the first one. */
+INL void FN(lstm_fwd_body)(int64_t B, int64_t n, int64_t Hs, T *R_ gates, const T *R_ c_prev, T *R_ c,
                            T *R_ h, const T *R_ pi, const T *R_ pf, const T *R_ po,
                            const T *R_ bias, const int COUPLED, const int CAP, const int PEEP,
                            const int BIASED) {
     const int64_t G = COUPLED ? 3 : 4;
     const T *R_ bi = bias;
-    const T *R_ bf = bias ? bias + (COUPLED ? 0 : H) : 0;
-    const T *R_ bg = bias ? bf + H : 0;
-    const T *R_ bo = bias ? bg + H : 0;
+    const T *R_ bf = bias ? bias + (COUPLED ? 0 : Hs) : 0;
+    const T *R_ bg = bias ? bf + Hs : 0;
+    const T *R_ bo = bias ? bg + Hs : 0;
     for (int64_t b = 0; b < B; b++) {
-        T *R_ zi = gates + b * G * H;
-        T *R_ zf = zi + (COUPLED ? 0 : H);
-        T *R_ zg = zf + H;
-        T *R_ zo = zg + H;
-        const T *R_ cp = c_prev + b * H;
-        T *R_ cn = c + b * H;
-        T *R_ hn = h + b * H;
+        T *R_ zi = gates + b * G * Hs;
+        T *R_ zf = zi + (COUPLED ? 0 : Hs);
+        T *R_ zg = zf + Hs;
+        T *R_ zo = zg + Hs;
+        const T *R_ cp = c_prev + b * Hs;
+        T *R_ cn = c + b * Hs;
+        T *R_ hn = h + b * Hs;
 #pragma GCC ivdep
-        for (int64_t j = 0; j < H; j++) {
+        for (int64_t j = 0; j < n; j++) {
             T f = SIG(zf[j] + BIAS(bf, j) + (PEEP ? pf[j] * cp[j] : (T)0));
             T g = TANH(zg[j] + BIAS(bg, j));
             T m;
@@ -61,15 +62,15 @@ INL void FN(lstm_fwd_body)(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev
     }
 }
 
-void FN(lstm_fwd)(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *h, const T *pi,
+void FN(lstm_fwd)(int64_t B, int64_t n, int64_t Hs, T *gates, const T *c_prev, T *c, T *h, const T *pi,
                   const T *pf, const T *po, int coupled, int cap, const T *bias) {
     int peep = pf != 0;
 #define CALL(C, K, P)                                                                         \
     do {                                                                                      \
         if (bias)                                                                             \
-            FN(lstm_fwd_body)(B, H, gates, c_prev, c, h, pi, pf, po, bias, C, K, P, 1);       \
+            FN(lstm_fwd_body)(B, n, Hs, gates, c_prev, c, h, pi, pf, po, bias, C, K, P, 1);   \
         else                                                                                  \
-            FN(lstm_fwd_body)(B, H, gates, c_prev, c, h, pi, pf, po, bias, C, K, P, 0);       \
+            FN(lstm_fwd_body)(B, n, Hs, gates, c_prev, c, h, pi, pf, po, bias, C, K, P, 0);   \
     } while (0)
     if (coupled) {
         if (peep) CALL(1, 0, 1); else CALL(1, 0, 0);
@@ -83,22 +84,22 @@ void FN(lstm_fwd)(int64_t B, int64_t H, T *gates, const T *c_prev, T *c, T *h, c
 
 /* gates: activations in, pre-activation gradients out; dc: dc_t in, dc_{t-1} out;
    tanh(c_t) is recomputed from c_t rather than stored */
-INL void FN(lstm_bwd_body)(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev,
+INL void FN(lstm_bwd_body)(int64_t B, int64_t n, int64_t Hs, T *R_ gates, const T *R_ c_prev,
                            const T *R_ c_new, const T *R_ dh, T *R_ dc, const T *R_ pi,
                            const T *R_ pf, const T *R_ po, const int COUPLED, const int CAP,
                            const int PEEP) {
     const int64_t G = COUPLED ? 3 : 4;
     for (int64_t b = 0; b < B; b++) {
-        T *R_ ai = gates + b * G * H;
-        T *R_ af = ai + (COUPLED ? 0 : H);
-        T *R_ ag = af + H;
-        T *R_ ao = ag + H;
-        const T *R_ cp = c_prev + b * H;
-        const T *R_ cn = c_new + b * H;
-        const T *R_ dhb = dh + b * H;
-        T *R_ dcb = dc + b * H;
+        T *R_ ai = gates + b * G * Hs;
+        T *R_ af = ai + (COUPLED ? 0 : Hs);
+        T *R_ ag = af + Hs;
+        T *R_ ao = ag + Hs;
+        const T *R_ cp = c_prev + b * Hs;
+        const T *R_ cn = c_new + b * Hs;
+        const T *R_ dhb = dh + b * Hs;
+        T *R_ dcb = dc + b * Hs;
 #pragma GCC ivdep
-        for (int64_t j = 0; j < H; j++) {
+        for (int64_t j = 0; j < n; j++) {
             T o = ao[j], t = TANH(cn[j]), f = af[j], g = ag[j], d = dhb[j];
             T dzo = d * t * o * ((T)1 - o);
             T dcn = dcb[j] + d * o * ((T)1 - t * t) + (PEEP ? dzo * po[j] : (T)0);
@@ -133,10 +134,11 @@ INL void FN(lstm_bwd_body)(int64_t B, int64_t H, T *R_ gates, const T *R_ c_prev
     }
 }
 
-void FN(lstm_bwd)(int64_t B, int64_t H, T *gates, const T *c_prev, const T *c_new, const T *dh,
+void FN(lstm_bwd)(int64_t B, int64_t n, int64_t Hs, T *gates, const T *c_prev, const T *c_new, const T *dh,
                   T *dc, const T *pi, const T *pf, const T *po, int coupled, int cap) {
     int peep = pf != 0;
-#define CALL(C, K, P) FN(lstm_bwd_body)(B, H, gates, c_prev, c_new, dh, dc, pi, pf, po, C, K, P)
+#define CALL(C, K, P)                                                                         \
+    FN(lstm_bwd_body)(B, n, Hs, gates, c_prev, c_new, dh, dc, pi, pf, po, C, K, P)
     if (coupled) {
         if (peep) CALL(1, 0, 1); else CALL(1, 0, 0);
     } else if (cap) {
@@ -200,26 +202,28 @@ void FN(round_bwd)(int64_t R, int64_t C, T *s, const T *bias, const T *old, int6
 
 /* ---------------------------------------------------------------- matrix products */
 
-/* y (m, n) = x (m, k) op(w) + beta y; op(w) = w^T with w (n, k) if trans, else w (k, n) */
+/* y (m, n) = x (m, k) op(w) + beta y; op(w) = w^T with w (n, k) if trans, else w (k, n);
+   ld: w's row stride */
 typedef struct {
     const T *w;
-    int n, k, trans;
+    int n, k, trans, ld;
     float *packed; /* MKL's packed copy of w for exactly m rows (float only), or NULL */
 } FN(lin);
 
 static int FN(lin_init)(FN(lin) *l, const Blas *b, const void *w, int64_t n, int64_t k,
-                        int trans, int m) {
+                        int trans, int64_t ld, int m) {
     l->w = (const T *)w;
     l->n = (int)n;
     l->k = (int)k;
     l->trans = trans;
+    l->ld = (int)ld;
     l->packed = NULL;
 #if IS_F32
-    if (b->pack && b->compute && b->pack_size) {
+    if (b->pack && b->compute && b->pack_size && n > 0 && k > 0 && m > 0) {
         l->packed = malloc(b->pack_size(B_MATRIX, m, l->n, l->k));
         if (!l->packed) return 1;
-        b->pack(ROW_MAJOR, B_MATRIX, trans ? TRANS : NO_TRANS, m, l->n, l->k, 1.0f, l->w,
-                trans ? l->k : l->n, l->packed);
+        b->pack(ROW_MAJOR, B_MATRIX, trans ? TRANS : NO_TRANS, m, l->n, l->k, 1.0f, l->w, l->ld,
+                l->packed);
     }
 #else
     (void)b;
@@ -235,31 +239,19 @@ static void FN(lin_free)(FN(lin) *l) {
 
 static void FN(lin_apply)(const FN(lin) *l, const Blas *b, int m, const T *x, int64_t ldx, T *y,
                           int64_t ldy, T beta) {
-    const int lx = (int)ldx, ly = (int)ldy, lw = l->trans ? l->k : l->n;
+    const int lx = (int)ldx, ly = (int)ldy;
+    if (m == 0 || l->n == 0) return;
 #if IS_F32
     if (l->packed) {
-        b->compute(ROW_MAJOR, NO_TRANS, PACKED, m, l->n, l->k, x, lx, l->packed, lw, beta, y, ly);
+        b->compute(ROW_MAJOR, NO_TRANS, PACKED, m, l->n, l->k, x, lx, l->packed, l->ld, beta, y,
+                   ly);
         return;
     }
 #endif
     /* column-major: y^T (n, m) = op(w)^T (n, k) x^T (k, m) */
     const T one = 1;
-    b->GEMM(l->trans ? "T" : "N", "N", &l->n, &m, &l->k, &one, l->w, &lw, x, &lx, &beta, y, &ly);
-}
-
-/* ---------------------------------------------------------------- the step loop */
-
-/* y = a * mask (or a copy), m rows of n; mask rows are n apart */
-static void FN(mul_rows)(int m, int64_t n, const T *a, int64_t lda, const T *mask, T *y,
-                         int64_t ldy) {
-    for (int i = 0; i < m; i++)
-        for (int64_t j = 0; j < n; j++)
-            y[i * ldy + j] = mask ? a[i * lda + j] * mask[i * n + j] : a[i * lda + j];
-}
-
-static void FN(add_rows)(int m, int64_t n, const T *a, int64_t lda, T *y, int64_t ldy) {
-    for (int i = 0; i < m; i++)
-        for (int64_t j = 0; j < n; j++) y[i * ldy + j] += a[i * lda + j];
+    b->GEMM(l->trans ? "T" : "N", "N", &l->n, &m, &l->k, &one, l->w, &l->ld, x, &lx, &beta, y,
+            &ly);
 }
 
 /* y (n1, n2) += a^T x over m rows: a (m, n1; lda), x (m, n2; ldx) */
@@ -271,42 +263,60 @@ static void FN(acc_outer)(const Blas *b, int m, int64_t n1, int64_t n2, const T 
     b->GEMM("N", "T", &i2, &i1, &m, &one, x, &lx, a, &la, &one, y, &i2);
 }
 
-/* y (n) += the column sums of a (m, n) */
-static void FN(acc_colsum)(int m, int64_t n, const T *a, T *y) {
-    for (int i = 0; i < m; i++)
-        for (int64_t j = 0; j < n; j++) y[j] += a[i * n + j];
+/* ---------------------------------------------------------------- the step loop */
+
+/* y = a * mask (or a copy), m rows of n; mask rows are n apart */
+static void FN(mul_rows)(int64_t m, int64_t n, const T *a, int64_t lda, const T *mask, T *y,
+                         int64_t ldy) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++)
+            y[i * ldy + j] = mask ? a[i * lda + j] * mask[i * n + j] : a[i * lda + j];
 }
 
-/* Row b0 of step t in a (T, B, .) buffer with row stride ld */
-#define AT(base, ld, t) ((T *)(base) + ((t) * L->B + b0) * (ld))
+static void FN(add_rows)(int64_t m, int64_t n, const T *a, int64_t lda, T *y, int64_t ldy) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) y[i * ldy + j] += a[i * lda + j];
+}
 
-/* Products of one thread's rows: per round, in (low rank: v -> u), out (-> z, also
-   recomputed in backward), back_u (dz -> du), back_v (du or dz -> dv); the gates'. */
+/* y (n) += the column sums of a (m rows of n, row stride lda) */
+static void FN(acc_colsum)(int64_t m, int64_t n, const T *a, int64_t lda, T *y) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) y[j] += a[i * lda + j];
+}
+
+/* Step t of a (T, B, .) buffer with row stride ld: this thread's first row, or row 0 */
+#define AT(base, ld, t) ((T *)(base) + ((t) * L->B + tm->b0) * (ld))
+#define AT0(base, ld, t) ((T *)(base) + (t) * L->B * (ld))
+
+/* One thread's products. Rounds, on its batch rows: in (low rank: v -> u), out (-> z, also
+   recomputed in backward), back_u (dz -> du), back_v (du or dz -> dv). Gates, on all rows:
+   forward, one product per gate (i, f, g, o) for the thread's hidden units; backward, the
+   thread's columns of d[x_m, h_m]. */
 typedef struct {
     FN(lin) * in, *out, *back_u, *back_v;
-    FN(lin) gates;
-    int m;
+    FN(lin) gates[4];
 } FN(ops);
 
 static void FN(ops_free)(FN(ops) *o, int64_t R) {
-    for (int64_t r = 0; r < R && o->in; r++) {
+    for (int64_t r = 0; r < R && o->in && o->out && o->back_u && o->back_v; r++) {
         FN(lin_free)(&o->in[r]);
         FN(lin_free)(&o->out[r]);
         FN(lin_free)(&o->back_u[r]);
         FN(lin_free)(&o->back_v[r]);
     }
-    FN(lin_free)(&o->gates);
+    for (int g = 0; g < 4; g++) FN(lin_free)(&o->gates[g]);
     free(o->in);
     free(o->out);
     free(o->back_u);
     free(o->back_v);
 }
 
-static int FN(ops_init)(FN(ops) *o, const Layer *L, const Blas *b, int m, int backward) {
-    const int64_t R = L->rounds, n = R ? R : 1;
+static int FN(ops_init)(FN(ops) *o, const Layer *L, const Blas *b, const Team *tm,
+                        int backward) {
+    const int64_t R = L->rounds, n = R ? R : 1, m = tm->m, H = L->H;
+    const int64_t width = R ? L->I + H : H; /* the gates' input: [x_m, h_m], or h */
     int err = 0;
     memset(o, 0, sizeof *o);
-    o->m = m;
     o->in = calloc(n, sizeof *o->in);
     o->out = calloc(n, sizeof *o->out);
     o->back_u = calloc(n, sizeof *o->back_u);
@@ -314,22 +324,26 @@ static int FN(ops_init)(FN(ops) *o, const Layer *L, const Blas *b, int m, int ba
     if (!o->in || !o->out || !o->back_u || !o->back_v) return 1;
     for (int64_t r = 0; r < R; r++) {
         /* odd rounds (r even here, counting from 0) gate x (I) by h (H); even ones h by x */
-        const int64_t out = r % 2 == 0 ? L->I : L->H, in = r % 2 == 0 ? L->H : L->I;
+        const int64_t out = r % 2 == 0 ? L->I : H, in = r % 2 == 0 ? H : L->I;
         const int64_t k = L->low_rank ? L->rank[r] : in;
-        err |= FN(lin_init)(&o->out[r], b, L->w_left[r], out, k, 1, m);
-        if (L->low_rank && !backward) err |= FN(lin_init)(&o->in[r], b, L->w_right[r], k, in, 1, m);
+        err |= FN(lin_init)(&o->out[r], b, L->w_left[r], out, k, 1, k, m);
+        if (L->low_rank && !backward)
+            err |= FN(lin_init)(&o->in[r], b, L->w_right[r], k, in, 1, in, m);
         if (L->low_rank && backward) {
-            err |= FN(lin_init)(&o->back_u[r], b, L->w_left[r], k, out, 0, m);
-            err |= FN(lin_init)(&o->back_v[r], b, L->w_right[r], in, k, 0, m);
+            err |= FN(lin_init)(&o->back_u[r], b, L->w_left[r], k, out, 0, k, m);
+            err |= FN(lin_init)(&o->back_v[r], b, L->w_right[r], in, k, 0, in, m);
         } else if (backward) {
-            err |= FN(lin_init)(&o->back_v[r], b, L->w_left[r], in, out, 0, m);
+            err |= FN(lin_init)(&o->back_v[r], b, L->w_left[r], in, out, 0, in, m);
         }
     }
-    const int64_t width = R ? L->I + L->H : L->H;
-    if (backward)
-        err |= FN(lin_init)(&o->gates, b, L->w_gates, width, L->G, 0, m);
-    else
-        err |= FN(lin_init)(&o->gates, b, L->w_gates, L->G, width, 1, m);
+    const T *w = (const T *)L->w_gates;
+    if (backward) {
+        err |= FN(lin_init)(&o->gates[0], b, w + tm->c0, tm->nc, L->G, 0, width, (int)L->B);
+    } else {
+        for (int64_t g = 0; g < L->G / H; g++)
+            err |= FN(lin_init)(&o->gates[g], b, w + (g * H + tm->u0) * width, tm->nu, width, 1,
+                                width, (int)L->B);
+    }
     return err;
 }
 
@@ -343,15 +357,15 @@ static void FN(slots)(int64_t R, int64_t *tgt, int64_t *src) {
     }
 }
 
-static void FN(forward_step)(const Layer *L, const Blas *b, const FN(ops) *o, int64_t t,
-                             int64_t b0, const int64_t *tgt, const int64_t *src, T *s) {
-    const int m = o->m;
-    const int64_t H = L->H, G = L->G, R = L->rounds;
-    const T *h_prev = t == 0 ? (const T *)L->h0 + b0 * H : AT(L->out, H, t - 1);
-    const T *mask = L->mask ? (const T *)L->mask + b0 * H : NULL;
-    T *h_in = AT(L->hs[0], L->hs_ld[0], t);
-    FN(mul_rows)(m, H, h_prev, H, mask, h_in, L->hs_ld[0]);
-    for (int64_t r = 0; r < R; r++) {
+/* Step t's rounds on this thread's rows; writes every version of x and h */
+static void FN(forward_rounds)(const Layer *L, const Blas *b, const FN(ops) *o, const Team *tm,
+                               int64_t t, const int64_t *tgt, const int64_t *src, T *s) {
+    const int m = (int)tm->m;
+    const int64_t H = L->H;
+    const T *h_prev = t == 0 ? (const T *)L->h0 + tm->b0 * H : AT(L->out, H, t - 1);
+    const T *mask = L->mask ? (const T *)L->mask + tm->b0 * H : NULL;
+    FN(mul_rows)(m, H, h_prev, H, mask, AT(L->hs[0], L->hs_ld[0], t), L->hs_ld[0]);
+    for (int64_t r = 0; r < L->rounds; r++) {
         const int odd = r % 2 == 0;
         void *const *gated = odd ? L->xs : L->hs, *const *gating = odd ? L->hs : L->xs;
         const int64_t *gated_ld = odd ? L->xs_ld : L->hs_ld;
@@ -370,31 +384,73 @@ static void FN(forward_step)(const Layer *L, const Blas *b, const FN(ops) *o, in
                       gated_ld[tgt[r]], AT(gated[tgt[r] + 1], gated_ld[tgt[r] + 1], t),
                       gated_ld[tgt[r] + 1]);
     }
-    T *g = AT(L->gates, G, t);
-    if (R) { /* the last x version, (R + 1) / 2, starts the (T, B, I + H) buffer [x_m, h_m] */
-        const int64_t last = (R + 1) / 2;
-        FN(lin_apply)(&o->gates, b, m, AT(L->xs[last], L->I + H, t), L->I + H, g, G, 0);
-    }
-    else /* gates[t] already holds the input projection */
-        FN(lin_apply)(&o->gates, b, m, h_in, L->hs_ld[0], g, G, 1);
-    FN(lstm_fwd)(m, H, g, AT(L->c, H, t), AT(L->c, H, t + 1), AT(L->out, H, t),
-                 (const T *)L->peep_i, (const T *)L->peep_f, (const T *)L->peep_o,
-                 (int)L->coupled, (int)L->cap, R ? (const T *)L->bias : NULL);
 }
 
-/* Runs steps 0 .. T-1 on batch rows b0 .. b1-1. Returns 0, or 1 when out of memory. */
-int FN(mog_forward)(const Layer *L, const Blas *b, int64_t b0, int64_t b1, int64_t thread) {
-    const int m = (int)(b1 - b0);
+/* Step t's gates and cell update for this thread's hidden units, on all rows */
+static void FN(forward_gates)(const Layer *L, const Blas *b, const FN(ops) *o, const Team *tm,
+                              int64_t t) {
+    const int64_t H = L->H, G = L->G, R = L->rounds, u0 = tm->u0;
+    T *g = AT0(L->gates, G, t);
+    /* the gates' input: the last x version starts the (T, B, I + H) buffer [x_m, h_m]; with no
+       rounds, h (and gates[t] already holds the input projection) */
+    const int64_t last = (R + 1) / 2, ld = R ? L->I + H : L->hs_ld[0];
+    const T *in = R ? AT0(L->xs[last], ld, t) : AT0(L->hs[0], ld, t);
+    for (int64_t k = 0; k < G / H; k++)
+        FN(lin_apply)(&o->gates[k], b, (int)L->B, in, ld, g + k * H + u0, G, R ? 0 : 1);
+    if (tm->nu == 0) return;
+#define OFF(p) ((p) ? (const T *)(p) + u0 : NULL)
+    FN(lstm_fwd)(L->B, tm->nu, H, g + u0, AT0(L->c, H, t) + u0, AT0(L->c, H, t + 1) + u0,
+                 AT0(L->out, H, t) + u0, OFF(L->peep_i), OFF(L->peep_f), OFF(L->peep_o),
+                 (int)L->coupled, (int)L->cap, R ? OFF(L->bias) : NULL);
+}
+
+/* A sense-reversing spin barrier for the threads of one call. sync[0] counts arrivals,
+   sync[1] is the shared sense, sync[2] an error flag: Python hands in zeroed memory. */
+static void FN(barrier)(Team *tm) {
+    if (tm->nth <= 1) return;
+    int *sync = tm->sync;
+    tm->sense ^= 1;
+    if (__atomic_add_fetch(&sync[0], 1, __ATOMIC_ACQ_REL) == tm->nth) {
+        __atomic_store_n(&sync[0], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&sync[1], tm->sense, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&sync[1], __ATOMIC_ACQUIRE) != tm->sense; spins++) {
+        if (spins > 2000)
+            sched_yield(); /* a descheduled partner would otherwise cost us whole slices */
+        else
+            CPU_RELAX();
+    }
+}
+
+/* Whether any thread failed to set up: every thread learns it at the same barrier */
+static int FN(agree_on_error)(Team *tm, int err) {
+    if (err) __atomic_store_n(&tm->sync[2], 1, __ATOMIC_RELEASE);
+    FN(barrier)(tm);
+    return __atomic_load_n(&tm->sync[2], __ATOMIC_ACQUIRE);
+}
+
+/* Thread `thread` of `threads` runs steps 0 .. T-1: the rounds on batch rows b0 .. b1-1, the
+   gates on its share of the hidden units; a barrier after each phase. Returns 0, or 1 when
+   some thread ran out of memory. */
+int FN(mog_forward)(const Layer *L, const Blas *b, int64_t b0, int64_t b1, int64_t thread,
+                    int64_t threads) {
+    Team tm = team(L, b0, b1, thread, threads);
     const int64_t R = L->rounds, n = R ? R : 1, width = L->I > L->H ? L->I : L->H;
     const int previous = b->set_threads_local ? b->set_threads_local(1) : 0;
-    (void)thread; /* forward needs no per-thread accumulators */
     int64_t *tgt = calloc(n, sizeof *tgt), *src = calloc(n, sizeof *src);
-    T *s = malloc(sizeof(T) * m * width);
+    T *s = malloc(sizeof(T) * tm.m * width);
     FN(ops) o;
-    int err = FN(ops_init)(&o, L, b, m, 0) || !tgt || !src || !s;
+    int err = FN(ops_init)(&o, L, b, &tm, 0) || !tgt || !src || !s;
+    err = FN(agree_on_error)(&tm, err);
     if (!err) {
         FN(slots)(R, tgt, src);
-        for (int64_t t = 0; t < L->steps; t++) FN(forward_step)(L, b, &o, t, b0, tgt, src, s);
+        for (int64_t t = 0; t < L->steps; t++) {
+            FN(forward_rounds)(L, b, &o, &tm, t, tgt, src, s);
+            FN(barrier)(&tm);
+            FN(forward_gates)(L, b, &o, &tm, t);
+            FN(barrier)(&tm);
+        }
     }
     FN(ops_free)(&o, R);
     free(tgt);
@@ -404,22 +460,23 @@ int FN(mog_forward)(const Layer *L, const Blas *b, int64_t b0, int64_t b1, int64
     return err;
 }
 
-/* Back through step t's rounds: dxh holds [d x_m, d h_m] (m rows of I + H) and ends holding
-   d h_{t-1} (before the state mask) in its h half; the input's gradient goes to L->dx. */
-static void FN(rounds_backward)(const Layer *L, const Blas *b, const FN(ops) *o, int64_t t,
-                                int64_t thread, int64_t b0, const int64_t *tgt,
-                                const int64_t *src, T *dxh, T *z, T *du, T *dv) {
-    const int m = o->m;
-    const int64_t I = L->I, H = L->H, W = I + H;
+/* Back through step t's rounds on this thread's rows: dxh holds [d x_m, d h_m] (rows of
+   I + H) and ends holding d h_{t-1} (before the state mask) in its h half; the input's
+   gradient goes to L->dx, the rounds' weight gradients into this thread's accumulators. */
+static void FN(rounds_backward)(const Layer *L, const Blas *b, const FN(ops) *o, const Team *tm,
+                                int64_t t, const int64_t *tgt, const int64_t *src, T *dxh, T *z,
+                                T *du, T *dv) {
+    const int m = (int)tm->m;
+    const int64_t I = L->I, H = L->H, W = I + H, thread = tm->tid;
     for (int64_t r = L->rounds - 1; r >= 0; r--) {
         const int odd = r % 2 == 0;
         void *const *gated = odd ? L->xs : L->hs, *const *gating = odd ? L->hs : L->xs;
         const int64_t *gated_ld = odd ? L->xs_ld : L->hs_ld;
         const int64_t *gating_ld = odd ? L->hs_ld : L->xs_ld;
         const int64_t C = odd ? I : H, in = odd ? H : I;
+        const int64_t k = L->low_rank ? L->rank[r] : in;
         T *d_new = odd ? dxh : dxh + I; /* gradient of the gated vector after the round */
         T *d_other = odd ? dxh + I : dxh;
-        const int64_t k = L->low_rank ? L->rank[r] : in;
         const T *v = AT(gating[src[r]], gating_ld[src[r]], t);
         const T *u = L->low_rank ? AT(L->u[r], k, t) : NULL;
         /* the round's pre-activation, recomputed from u (or v) */
@@ -443,49 +500,64 @@ static void FN(rounds_backward)(const Layer *L, const Blas *b, const FN(ops) *o,
             FN(lin_apply)(&o->back_v[r], b, m, z, C, dv, in, 0);
             FN(acc_outer)(b, m, C, in, z, C, v, gating_ld[src[r]], g_left);
         }
-        if (L->gw_bias[r]) FN(acc_colsum)(m, C, z, (T *)L->gw_bias[r] + thread * C);
+        if (L->gw_bias[r]) FN(acc_colsum)(m, C, z, C, (T *)L->gw_bias[r] + thread * C);
         FN(add_rows)(m, in, dv, in, d_other, W); /* the gating vector's gradient */
     }
 }
 
-/* Runs steps t_hi-1 down to t_lo on batch rows b0 .. b1-1, with L->dh, L->dc carrying the
-   gradients between calls, adding weight gradients into slice `thread` of the accumulators.
-   Returns 0, or 1 when out of memory. */
+/* Step t's cell update backward for this thread's hidden units, on all rows: dh, dc in/out */
+static void FN(backward_cell)(const Layer *L, const Team *tm, int64_t t) {
+    const int64_t H = L->H, G = L->G, u0 = tm->u0, nu = tm->nu;
+    T *g = AT0(L->gates, G, t), *dh = (T *)L->dh + u0, *dc = (T *)L->dc + u0;
+    if (nu == 0) return;
+    if (L->d_out) FN(add_rows)(L->B, nu, AT0(L->d_out, H, t) + u0, H, dh, H);
+    FN(lstm_bwd)(L->B, nu, H, g + u0, AT0(L->c, H, t) + u0, AT0(L->c, H, t + 1) + u0, dh, dc,
+                 OFF(L->peep_i), OFF(L->peep_f), OFF(L->peep_o), (int)L->coupled, (int)L->cap);
+    for (int64_t k = 0; L->g_bias && k < G / H; k++)
+        FN(acc_colsum)(L->B, nu, g + k * H + u0, G, (T *)L->g_bias + tm->tid * G + k * H + u0);
+}
+
+/* Thread `thread` of `threads` runs steps t_hi-1 down to t_lo, with L->dh, L->dc carrying the
+   gradients between calls: the cell update on its hidden units, d[x_m, h_m] on its columns
+   (into the shared L->work, B rows of I + H), the rounds on batch rows b0 .. b1-1; a barrier
+   after each phase. Weight gradients go to slice `thread` of the accumulators. Returns 0, or 1
+   when some thread ran out of memory. */
 int FN(mog_backward)(const Layer *L, const Blas *b, int64_t b0, int64_t b1, int64_t thread,
-                     int64_t t_hi, int64_t t_lo) {
-    const int m = (int)(b1 - b0);
+                     int64_t threads, int64_t t_hi, int64_t t_lo) {
+    Team tm = team(L, b0, b1, thread, threads);
     const int64_t R = L->rounds, n = R ? R : 1, H = L->H, G = L->G, W = L->I + H;
     const int previous = b->set_threads_local ? b->set_threads_local(1) : 0;
     int64_t *tgt = calloc(n, sizeof *tgt), *src = calloc(n, sizeof *src);
     int64_t k_max = 1;
     for (int64_t r = 0; L->low_rank && r < R; r++) k_max = L->rank[r] > k_max ? L->rank[r] : k_max;
-    T *dxh = malloc(sizeof(T) * m * W), *dv = malloc(sizeof(T) * m * W);
-    T *z = malloc(sizeof(T) * m * W), *du = malloc(sizeof(T) * m * k_max);
-    T *dh = (T *)L->dh + b0 * H, *dc = (T *)L->dc + b0 * H;
-    const T *mask = L->mask ? (const T *)L->mask + b0 * H : NULL;
+    T *dv = malloc(sizeof(T) * tm.m * W), *z = malloc(sizeof(T) * tm.m * W);
+    T *du = malloc(sizeof(T) * tm.m * k_max);
+    T *dxh = (T *)L->work, *dh = (T *)L->dh + tm.b0 * H;
+    const T *mask = L->mask ? (const T *)L->mask + tm.b0 * H : NULL;
     FN(ops) o;
-    int err = FN(ops_init)(&o, L, b, m, 1) || !tgt || !src || !dxh || !dv || !z || !du;
+    int err = FN(ops_init)(&o, L, b, &tm, 1) || !tgt || !src || !dv || !z || !du;
+    err = FN(agree_on_error)(&tm, err);
     if (!err) FN(slots)(R, tgt, src);
     for (int64_t t = t_hi - 1; !err && t >= t_lo; t--) {
-        if (L->d_out) FN(add_rows)(m, H, AT(L->d_out, H, t), H, dh, H);
-        T *g = AT(L->gates, G, t);
-        FN(lstm_bwd)(m, H, g, AT(L->c, H, t), AT(L->c, H, t + 1), dh, dc,
-                     (const T *)L->peep_i, (const T *)L->peep_f, (const T *)L->peep_o,
-                     (int)L->coupled, (int)L->cap);
-        if (L->g_bias) FN(acc_colsum)(m, G, g, (T *)L->g_bias + thread * G);
+        FN(backward_cell)(L, &tm, t);
+        FN(barrier)(&tm);
+        T *g = AT0(L->gates, G, t);
+        if (R)
+            FN(lin_apply)(&o.gates[0], b, (int)L->B, g, G, dxh + tm.c0, W, 0);
+        else
+            FN(lin_apply)(&o.gates[0], b, (int)L->B, g, G, (T *)L->dh + tm.c0, H, 0);
+        FN(barrier)(&tm);
         if (R) {
-            FN(lin_apply)(&o.gates, b, m, g, G, dxh, W, 0);
-            FN(rounds_backward)(L, b, &o, t, thread, b0, tgt, src, dxh, z, du, dv);
-            FN(mul_rows)(m, H, dxh + L->I, W, mask, dh, H);
-        } else {
-            FN(lin_apply)(&o.gates, b, m, g, G, dh, H, 0);
-            if (mask) FN(mul_rows)(m, H, dh, H, mask, dh, H);
+            FN(rounds_backward)(L, b, &o, &tm, t, tgt, src, dxh + tm.b0 * W, z, du, dv);
+            FN(mul_rows)(tm.m, H, dxh + tm.b0 * W + L->I, W, mask, dh, H);
+        } else if (mask) {
+            FN(mul_rows)(tm.m, H, dh, H, mask, dh, H);
         }
+        FN(barrier)(&tm);
     }
     FN(ops_free)(&o, R);
     free(tgt);
     free(src);
-    free(dxh);
     free(dv);
     free(z);
     free(du);
@@ -505,13 +577,16 @@ int FN(blas_check)(const Blas *b) {
         Blas plain = *b;
         if (!packed) plain.pack = NULL;
         FN(lin) l;
-        if (FN(lin_init)(&l, &plain, w, 3, 2, 1, 2)) return 0;
+        if (FN(lin_init)(&l, &plain, w, 3, 2, 1, 2, 2)) return 0;
         FN(lin_apply)(&l, &plain, 2, x, 2, y, 3, 0);
         FN(lin_free)(&l);
         for (int i = 0; i < 6; i++) ok &= y[i] == want[i];
     }
     return ok;
 }
+
+#undef OFF
+#undef AT0
 
 #undef AT
 #undef CLAMP

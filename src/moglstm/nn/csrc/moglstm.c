@@ -10,6 +10,7 @@
  * library links against nothing but libm.
  */
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,7 +68,40 @@ typedef struct {
     void *const *gw_right; /* per round, low rank: (threads, k, in) */
     void *const *gw_bias;  /* per round: (threads, out) or NULL */
     void *g_bias;          /* (threads, G) or NULL: the gates' bias */
+    void *work;            /* (B, I + H): d[x_m, h_m] of a step, shared by the threads */
+    int *sync;             /* 4 zeroed ints: the threads' barrier */
 } Layer;
+
+/* What one thread of a call works on: batch rows b0 .. b0+m-1 (the rounds), hidden units
+   u0 .. u0+nu-1 (the gates, forward and backward cell update) and columns c0 .. c0+nc-1 of
+   d[x_m, h_m] (backward); its barrier sense. */
+typedef struct {
+    int64_t tid, nth, b0, m, u0, nu, c0, nc;
+    int *sync;
+    int sense;
+} Team;
+
+/* An even share of `total` for thread `tid` of `nth`, in blocks of `align` (SIMD width) */
+static void share(int64_t total, int64_t nth, int64_t tid, int64_t align, int64_t *lo,
+                  int64_t *n) {
+    const int64_t chunk = ((total + nth - 1) / nth + align - 1) / align * align;
+    const int64_t start = tid * chunk < total ? tid * chunk : total;
+    *lo = start;
+    *n = (start + chunk < total ? start + chunk : total) - start;
+}
+
+static Team team(const Layer *L, int64_t b0, int64_t b1, int64_t tid, int64_t nth) {
+    Team tm = {tid, nth, b0, b1 - b0, 0, 0, 0, 0, L->sync, 0};
+    share(L->H, nth, tid, 16, &tm.u0, &tm.nu);
+    share(L->rounds ? L->I + L->H : L->H, nth, tid, 16, &tm.c0, &tm.nc);
+    return tm;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
