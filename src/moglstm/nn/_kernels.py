@@ -10,10 +10,11 @@ fused path's time beyond the matrix products. ``csrc/`` holds plain C for both:
 * the step loop itself (``mog_forward`` / ``mog_backward``): every step of a
   window, its matrix products through the BLAS inside ``libtorch_cpu`` (MKL on
   x86 builds of torch; single precision with MKL's packed weights) and the
-  kernels, on a range of batch rows. Batch rows are independent sequences, so
-  :func:`run_rows` splits them across ``torch.get_num_threads()`` threads, each
-  running its rows through the whole window with one-thread BLAS calls and no
-  synchronisation between steps.
+  kernels. :func:`run_rows` runs it on ``torch.get_num_threads()`` threads, each
+  making one-thread BLAS calls: the rounds of a step on its share of the batch
+  rows (independent sequences), the gates on its share of the hidden units (so
+  each thread reads only its part of the gates' weights), with a spin barrier
+  between the phases.
 
 The C needs no torch headers, so it builds in about a second with the system C
 compiler, on first use, and is cached by a hash of source and flags under
@@ -50,10 +51,6 @@ _FILES = ("moglstm.c", "body.h")
 # computation in it, torch's included).
 _FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC"]
 _LINK_FLAGS = ["-shared", "-fPIC"]
-
-# Fewest batch rows one thread of the step loop takes: below this, per-step products get too
-# thin for the BLAS to run well and a second thread gains nothing.
-MIN_ROWS_PER_THREAD = 8
 
 
 def _compiler() -> str | None:
@@ -267,8 +264,9 @@ def advise_huge_pages(t: Tensor) -> None:
 
 
 def row_slices(batch: int) -> list[tuple[int, int]]:
-    """The batch rows each thread of the step loop takes: near-equal contiguous ranges."""
-    n = max(1, min(torch.get_num_threads(), batch // MIN_ROWS_PER_THREAD))
+    """The batch rows each thread of the step loop takes for the rounds: near-equal
+    contiguous ranges, one per ``torch.get_num_threads()`` thread (at most one per row)."""
+    n = max(1, min(torch.get_num_threads(), batch))
     bounds = [batch * i // n for i in range(n + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 

@@ -11,8 +11,9 @@ and gradients of every parameter against it.
 
 Two step loops run this plan. On CPU, when :mod:`moglstm.nn._kernels` could build
 its C library and find torch's BLAS, the compiled loop (``csrc/body.h``) runs every
-step of the window in C, with batch rows split across threads; each thread also
-accumulates the rounds' weight gradients for its rows. Elsewhere (CUDA, no
+step of the window in C on several threads: the rounds on each thread's batch rows,
+the gates on its hidden units; each thread also accumulates the rounds' weight
+gradients for its rows. Elsewhere (CUDA, no
 compiler) the Python loop below runs the same steps with torch ops, and is the
 readable description of what the C does.
 

@@ -97,11 +97,9 @@ static Team team(const Layer *L, int64_t b0, int64_t b1, int64_t tid, int64_t nt
     return tm;
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define CPU_RELAX() __builtin_ia32_pause()
-#else
-#define CPU_RELAX() ((void)0)
-#endif
+/* Spin on a plain load, without PAUSE: in a virtual machine a PAUSE loop can exit to the
+   hypervisor (measured here: 10% slower at B=16, H=256) */
+#define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
