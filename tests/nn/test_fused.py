@@ -182,9 +182,14 @@ def test_auto_picks_fused_for_tensors_and_reference_for_packed(monkeypatch):
     rnn(torch.randn(3, 2, 5))
     assert calls == ["run_direction_fused"]
     calls.clear()
-    with torch.no_grad():  # inference: the reference loop is as fast and allocates less
+    with torch.no_grad():  # inference, a few steps: the reference loop is faster
         rnn(torch.randn(3, 2, 5))
     assert calls == ["run_direction_reference"]
+    calls.clear()
+    with torch.no_grad():  # inference over a window: the compiled loop, where there is one
+        rnn(torch.randn(8, 2, 5))
+    compiled = _kernels.loop_available(torch.zeros(1))
+    assert calls == ["run_direction_fused" if compiled else "run_direction_reference"]
     calls.clear()
     rnn(pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 1])))
     assert calls == ["run_direction_reference"]
