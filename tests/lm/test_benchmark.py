@@ -37,7 +37,8 @@ def test_run_benchmark_reports_every_implementation_and_mode():
     for r in results:
         assert r.median_ms > 0 and len(r.times_ms) == 2 and r.tokens_per_s > 0
         assert (r.ratio_over_floor is None) == (r.implementation == "torch")
-    assert len(lines) == 6 and "x 1.00 torch" in lines[0]
+        assert (r.setup_s is not None) == (r.implementation == "fused")
+    assert len(lines) == 7 and lines[0].startswith("fused: ") and "x 1.00 torch" in lines[1]
 
 
 def test_cli_writes_json(tmp_path, capsys):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moglstm.nn import MogrifierLSTM
+from moglstm.nn import MogrifierLSTM, _kernels
 
 IMPLEMENTATIONS = ("torch", "reference", "fused")
 MODES = ("forward", "train")
@@ -81,6 +81,7 @@ class Result:
     tokens_per_s: float = 0.0
     peak_memory_mb: float | None = None
     memory_ratio_to_torch: float | None = None
+    setup_s: float | None = None  # fused on CPU: building or loading the compiled loop, once
     times_ms: list[float] = field(default_factory=list)
 
 
@@ -199,6 +200,9 @@ def run_benchmark(
     """Time every implementation on every shape and mode; see the module docstring."""
     check_options(implementations, modes, runs, warmup, dtype)
     torch_dtype = getattr(torch, dtype)
+    setup = None
+    if "fused" in implementations and not device.startswith("cuda"):
+        setup = compiled_loop_setup(torch_dtype, log)
     results = []
     for shape in shapes:
         modules = {impl: build(impl, shape, device, torch_dtype) for impl in implementations}
@@ -207,12 +211,27 @@ def run_benchmark(
             fns = {impl: step_fn(m, x, mode) for impl, m in modules.items()}
             times = time_interleaved(fns, runs, warmup, device)
             rows = summarise(shape, mode, device, dtype, times)
+            for row in rows:
+                row.setup_s = setup if row.implementation == "fused" else None
             if memory and mode == "train":
                 add_memory(rows, shape, device, dtype)
             for row in rows:
                 log(format_row(row))
             results += rows
     return results
+
+
+def compiled_loop_setup(dtype: torch.dtype, log: Callable[[str], None]) -> float:
+    """Seconds to build (first use on this machine) or load the fused path's compiled CPU
+    loop, reported apart from the timings, which never include it."""
+    start = time.perf_counter()
+    available = _kernels.loop_available(torch.zeros(1, dtype=dtype))
+    seconds = time.perf_counter() - start
+    if available:
+        log(f"fused: compiled step loop built or loaded in {seconds:.2f} s (not in the timings)")
+    else:
+        log("fused: no compiled step loop here (no C compiler or BLAS): Python step loop")
+    return seconds
 
 
 def summarise(shape: Shape, mode: str, device: str, dtype: str, times) -> list[Result]:
