@@ -95,3 +95,25 @@ def test_compiled_loop_single_step_or_row(T, B):
     )
     x, hx = inputs(5, 4, T=T, B=B)
     assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
+
+
+def test_compiled_loop_survives_a_thread_that_cannot_start(monkeypatch):
+    """Threads already waiting at the first barrier give up instead of hanging."""
+    if not _kernels.loop_available(torch.zeros(1)):
+        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
+    import threading
+
+    real_start, calls = threading.Thread.start, []
+
+    def start(self):
+        calls.append(self)
+        if len(calls) == 2:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(_kernels, "row_slices", lambda batch: [(0, 1), (1, 2), (2, 3)])
+    monkeypatch.setattr(threading.Thread, "start", start)
+    _, fused = twins(input_size=5, hidden_size=4, num_layers=1, mogrify_rounds=2)
+    x, hx = inputs(5, 1)
+    with pytest.raises(RuntimeError, match="start new thread"):
+        fused(x, hx)

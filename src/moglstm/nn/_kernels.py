@@ -292,8 +292,16 @@ def run_rows(
         status[i] = fn(ctypes.byref(layer), ctypes.byref(entry), *args)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(1, len(slices))]
-    for thread in threads:
-        thread.start()
+    started = []
+    try:
+        for thread in threads:
+            thread.start()
+            started.append(thread)
+    except RuntimeError:  # could not start a thread: the started ones must not wait for it
+        sync[3] = 1
+        for thread in started:
+            thread.join()
+        raise
     work(0)
     for thread in threads:
         thread.join()

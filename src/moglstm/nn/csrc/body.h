@@ -409,7 +409,8 @@ static void FN(forward_gates)(const Layer *L, const Blas *b, const FN(ops) *o, c
 }
 
 /* A sense-reversing spin barrier for the threads of one call. sync[0] counts arrivals,
-   sync[1] is the shared sense, sync[2] an error flag: Python hands in zeroed memory. */
+   sync[1] is the shared sense, sync[2] an error flag, sync[3] set by Python when it could
+   not start every thread (the waiting ones then give up): Python hands in zeroed memory. */
 static void FN(barrier)(Team *tm) {
     if (tm->nth <= 1) return;
     int *sync = tm->sync;
@@ -420,6 +421,10 @@ static void FN(barrier)(Team *tm) {
         return;
     }
     for (int spins = 0; __atomic_load_n(&sync[1], __ATOMIC_ACQUIRE) != tm->sense; spins++) {
+        if (__atomic_load_n(&sync[3], __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&sync[2], 1, __ATOMIC_RELEASE); /* abandoned: report an error */
+            return;
+        }
         if (spins > 2000)
             sched_yield(); /* a descheduled partner would otherwise cost us whole slices */
         else
