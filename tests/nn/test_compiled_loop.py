@@ -10,13 +10,19 @@ from moglstm.nn import _kernels
 from tests.nn.test_fused import assert_twins_agree, inputs, twins
 
 
+@pytest.fixture
+def compiled_loop():
+    """Skip where the compiled loop cannot run (no C compiler, no BLAS entry points)."""
+    if not _kernels.loop_available(torch.zeros(1)):
+        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
+
+
 @pytest.mark.parametrize(
     "slices", [[(0, 17)], [(0, 8), (8, 17)], [(0, 1), (1, 9), (9, 12), (12, 17)]]
 )
+@pytest.mark.usefixtures("compiled_loop")
 def test_compiled_loop_splits_batch_rows_across_threads(monkeypatch, slices):
     """Each thread runs its own rows through the whole window; any split gives the same."""
-    if not _kernels.loop_available(torch.zeros(1)):
-        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
     monkeypatch.setattr(_kernels, "row_slices", lambda batch: slices)
     ref, fused = twins(
         input_size=5,
@@ -33,11 +39,10 @@ def test_compiled_loop_splits_batch_rows_across_threads(monkeypatch, slices):
 
 @pytest.mark.parametrize("rounds, rank", [(0, None), (3, None), (5, 6)])
 @pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.usefixtures("compiled_loop")
 def test_compiled_loop_shares_hidden_units_and_columns(monkeypatch, rounds, rank, threads):
     """With several threads the gates run on each thread's share of the hidden units (and
     of the input-gradient columns), in blocks of 16: H=40 gives 3 shares, a 4th thread none."""
-    if not _kernels.loop_available(torch.zeros(1)):
-        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
     bounds = [9 * i // threads for i in range(threads + 1)]
     slices = list(zip(bounds[:-1], bounds[1:], strict=True))
     monkeypatch.setattr(_kernels, "row_slices", lambda batch: slices)
@@ -97,10 +102,9 @@ def test_compiled_loop_single_step_or_row(T, B):
     assert_twins_agree(ref, fused, x, hx, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.usefixtures("compiled_loop")
 def test_compiled_loop_survives_a_thread_that_cannot_start(monkeypatch):
     """Threads already waiting at the first barrier give up instead of hanging."""
-    if not _kernels.loop_available(torch.zeros(1)):
-        pytest.skip("no C compiler or no BLAS entry points in torch: no compiled loop here")
     import threading
 
     real_start, calls = threading.Thread.start, []

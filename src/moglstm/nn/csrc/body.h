@@ -72,13 +72,7 @@ void FN(lstm_fwd)(int64_t B, int64_t n, int64_t Hs, T *gates, const T *c_prev, T
         else                                                                                  \
             FN(lstm_fwd_body)(B, n, Hs, gates, c_prev, c, h, pi, pf, po, bias, C, K, P, 0);   \
     } while (0)
-    if (coupled) {
-        if (peep) CALL(1, 0, 1); else CALL(1, 0, 0);
-    } else if (cap) {
-        if (peep) CALL(0, 1, 1); else CALL(0, 1, 0);
-    } else {
-        if (peep) CALL(0, 0, 1); else CALL(0, 0, 0);
-    }
+    DISPATCH_VARIANTS(CALL, coupled, cap, peep);
 #undef CALL
 }
 
@@ -134,18 +128,13 @@ INL void FN(lstm_bwd_body)(int64_t B, int64_t n, int64_t Hs, T *R_ gates, const 
     }
 }
 
-void FN(lstm_bwd)(int64_t B, int64_t n, int64_t Hs, T *gates, const T *c_prev, const T *c_new, const T *dh,
-                  T *dc, const T *pi, const T *pf, const T *po, int coupled, int cap) {
+void FN(lstm_bwd)(int64_t B, int64_t n, int64_t Hs, T *gates, const T *c_prev, const T *c_new,
+                  const T *dh, T *dc, const T *pi, const T *pf, const T *po, int coupled,
+                  int cap) {
     int peep = pf != 0;
 #define CALL(C, K, P)                                                                         \
     FN(lstm_bwd_body)(B, n, Hs, gates, c_prev, c_new, dh, dc, pi, pf, po, C, K, P)
-    if (coupled) {
-        if (peep) CALL(1, 0, 1); else CALL(1, 0, 0);
-    } else if (cap) {
-        if (peep) CALL(0, 1, 1); else CALL(0, 1, 0);
-    } else {
-        if (peep) CALL(0, 0, 1); else CALL(0, 0, 0);
-    }
+    DISPATCH_VARIANTS(CALL, coupled, cap, peep);
 #undef CALL
 }
 
