@@ -214,7 +214,8 @@ class Layer(ctypes.Structure):
     def make(cls, tensors: dict, flags: dict, lists: dict) -> Layer:
         """``tensors``: name -> tensor or None (contiguous); ``lists``: name -> list of
         tensors or None (rows of unit stride; xs/hs versions may have any row stride);
-        ``flags``: the integer fields."""
+        ``flags``: the integer fields. The row strides of the versions and the rounds'
+        ranks (the widths of the ``u`` buffers) are read off the tensors."""
         layer = cls(**flags)
         keep = [*tensors.values(), *(t for ts in lists.values() for t in ts)]
         for name, t in tensors.items():
@@ -228,12 +229,11 @@ class Layer(ctypes.Structure):
                 lds = _ptrs(ctypes.c_int64, [_row_stride(t) for t in ts])
                 keep.append(lds)
                 setattr(layer, f"{name}_ld", ctypes.cast(lds, ctypes.POINTER(ctypes.c_int64)))
+        ranks = _ptrs(ctypes.c_int64, [u.shape[-1] for u in lists.get("u", [])])
+        keep.append(ranks)
+        layer.rank = ctypes.cast(ranks, ctypes.POINTER(ctypes.c_int64))
         layer._keep = keep  # the memory behind every pointer lives as long as the struct
         return layer
-
-    def set_ranks(self, ranks: list[int]) -> None:
-        self._ranks = _ptrs(ctypes.c_int64, ranks)
-        self.rank = ctypes.cast(self._ranks, ctypes.POINTER(ctypes.c_int64))
 
 
 _HUGE_PAGE = 2 << 20

@@ -531,8 +531,17 @@ def run_forward(spec, p, x, h, c0, mask, buf) -> Tensor:
     return buf.out
 
 
-def compiled_layer(spec: LayerSpec, p: Params, buf: Buffers, h0, mask, **backward) -> Any:
-    """The :class:`moglstm.nn._kernels.Layer` the compiled step loop runs on."""
+def compiled_layer(
+    spec: LayerSpec,
+    p: Params,
+    buf: Buffers,
+    h0: Tensor | None,
+    mask: Tensor | None,
+    gradients: dict[str, Tensor | None] | None = None,
+    accumulators: dict[str, list] | None = None,
+) -> Any:
+    """The :class:`moglstm.nn._kernels.Layer` the compiled step loop runs on; backward also
+    hands in its gradient tensors and the per-thread weight-gradient accumulators."""
     T, B, H = buf.c.shape[0] - 1, buf.c.shape[1], buf.c.shape[2]
     if buf.w_gates is None:  # built once in forward, kept for backward
         buf.w_gates = torch.cat([p.weight_ih, p.weight_hh], 1) if spec.rounds else p.weight_hh
@@ -546,7 +555,7 @@ def compiled_layer(spec: LayerSpec, p: Params, buf: Buffers, h0, mask, **backwar
         "out": buf.out,
         "h0": h0,
         "mask": None if mask is None else mask.contiguous(),
-        **backward.pop("tensors", {}),
+        **(gradients or {}),
     }
     lists = {
         "w_left": [w[0].contiguous() for w in p.rounds],
@@ -555,7 +564,7 @@ def compiled_layer(spec: LayerSpec, p: Params, buf: Buffers, h0, mask, **backwar
         "xs": buf.xs,
         "hs": buf.hs,
         "u": buf.u,
-        **backward,
+        **(accumulators or {}),
     }
     flags = {
         "steps": T,
@@ -568,9 +577,7 @@ def compiled_layer(spec: LayerSpec, p: Params, buf: Buffers, h0, mask, **backwar
         "coupled": int(spec.coupled),
         "cap": int(spec.cap_input_gate),
     }
-    layer = _kernels.Layer.make(tensors, flags, lists)
-    layer.set_ranks([u.shape[-1] for u in buf.u])
-    return layer
+    return _kernels.Layer.make(tensors, flags, lists)
 
 
 def run_forward_compiled(spec, p, x, h, c0, mask, buf) -> Tensor:
@@ -600,10 +607,15 @@ def backward_compiled(spec, p, buf, mask, d_out, dh, dc):
     }
     gates_bias = zeros(buf.gates.shape[-1]) if spec.bias else None
     dx_all = torch.empty_like(buf.xs[0]) if spec.rounds else None
-    work = buf.gates.new_empty(B, buf.xh.shape[-1]) if spec.rounds else None  # d[x_m, h_m]
-    tensors = {"d_out": d_out, "dh": dh, "dc": dc, "dx": dx_all, "g_bias": gates_bias}
-    tensors["work"] = work
-    layer = compiled_layer(spec, p, buf, None, mask, tensors=tensors, **acc)
+    gradients = {
+        "d_out": d_out,
+        "dh": dh,
+        "dc": dc,
+        "dx": dx_all,
+        "g_bias": gates_bias,
+        "work": buf.gates.new_empty(B, buf.xh.shape[-1]) if spec.rounds else None,  # d[x_m, h_m]
+    }
+    layer = compiled_layer(spec, p, buf, None, mask, gradients, acc)
     _kernels.run_rows("mog_backward", layer, dh.dtype, slices, T, 0)
     right = acc["gw_right"] or [None] * spec.rounds
     per_round = zip(acc["gw_left"], right, acc["gw_bias"], strict=True)
