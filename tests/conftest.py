@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +62,19 @@ def _isolated_moglstm_env(
     monkeypatch.delenv("MOGLSTM_DATA", raising=False)
     monkeypatch.setenv("MOGLSTM_CACHE", str(tmp_path_factory.mktemp("moglstm-cache")))
     monkeypatch.setenv("MOGLSTM_MIRROR", f"http://127.0.0.1:{_closed_port()}/")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a whole test module (``pytestmark = usefixtures("one_thread")``):
+    tiny models wait on each other's threads more than they compute, and on a shared machine
+    one thread keeps their run times steady."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _closed_port() -> int:

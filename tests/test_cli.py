@@ -8,19 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from moglstm import cli
 from moglstm.lm.config import list_presets
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_overrides(corpus: Path, steps: int = 4) -> list[str]:

@@ -11,14 +11,7 @@ from moglstm.lm.budget import largest_fitting, parse_count
 from moglstm.lm.config import ModelConfig, load_config
 from moglstm.lm.models import build_model, count_parameters, resolve_sizes
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared machine: one thread avoids contention overhead
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- parse_count

@@ -29,12 +29,7 @@ from tests.conftest import grammar_sentence
 ADAPT = DynamicEvalSettings(lr=1e-3, decay=1e-3)  # tuned for the tiny model below
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

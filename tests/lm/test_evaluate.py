@@ -23,13 +23,7 @@ from moglstm.lm.evaluate import (
 )
 from moglstm.lm.train import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_tiny(data_config, out_dir: Path, kind: str = "mogrifier", steps: int = 4) -> Path:

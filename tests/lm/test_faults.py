@@ -40,12 +40,7 @@ from moglstm.lm.train import NonFiniteLossError, train
 KILL_SEED = 20240611  # the kill points are random, but repeatable
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def overrides(corpus: Path, **train: Any) -> list[str]:

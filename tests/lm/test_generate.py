@@ -13,13 +13,7 @@ from moglstm.lm.generate import check_sampling, generate, sample_ids, sample_nex
 from moglstm.lm.models import build_model
 from moglstm.lm.train import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(data_config, out_dir: Path, name: str = "run") -> Path:

@@ -31,13 +31,7 @@ from moglstm.lm.safety import decode_utf8, utf8_bytes
 SRC = Path(__file__).resolve().parents[2] / "src" / "moglstm"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: with more threads they wait on each other more than they compute
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Payload:

@@ -30,12 +30,7 @@ PAPER_PRESETS = {  # preset: vocabulary size of its corpus
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(seed: int = 0) -> torch.Tensor:

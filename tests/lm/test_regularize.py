@@ -24,13 +24,7 @@ from moglstm.lm.regularize import (
 )
 from moglstm.lm.train import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_run(data: DataConfig, out_dir: Path, name: str = "run", **train_kw: Any) -> RunConfig:
