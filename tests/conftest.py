@@ -85,6 +85,12 @@ def _closed_port() -> int:
 
 
 @pytest.fixture
+def free_port() -> int:
+    """A local port nothing listens on, for a test's own server (torchrun's rendezvous)."""
+    return _closed_port()
+
+
+@pytest.fixture
 def make_text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``make_text_corpus(n_train=300, n_valid=60, n_test=60, seed=0) -> folder``."""
 

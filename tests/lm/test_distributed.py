@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -224,12 +223,6 @@ def _run_torchrun(command: list[str], env: dict[str, str], log: Path, timeout: f
             return -1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _overrides(corpus: Path) -> list[str]:
     """A tiny Mogrifier run: carried state, variable-length windows, no dropout.
 
@@ -299,7 +292,7 @@ def _assert_weights_match(run_dir: Path, reference: Path) -> float:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(make_text_corpus, tmp_path):
+def test_two_gloo_processes_match_one_process(make_text_corpus, tmp_path, free_port):
     """2 ranks x batch 2 walk the data of 1 process x batch 4; resumes switch world size.
 
     About 30 s on 2 cores (starting torchrun and its two workers takes most of it).
@@ -319,7 +312,7 @@ def test_two_gloo_processes_match_one_process(make_text_corpus, tmp_path):
         "--nnodes=1",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port}",
         str(worker),
         str(out),
         str(report),
