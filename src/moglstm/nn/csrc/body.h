@@ -397,37 +397,6 @@ static void FN(forward_gates)(const Layer *L, const Blas *b, const FN(ops) *o, c
                  (int)L->coupled, (int)L->cap, R ? OFF(L->bias) : NULL);
 }
 
-/* A sense-reversing spin barrier for the threads of one call. sync[0] counts arrivals,
-   sync[1] is the shared sense, sync[2] an error flag, sync[3] set by Python when it could
-   not start every thread (the waiting ones then give up): Python hands in zeroed memory. */
-static void FN(barrier)(Team *tm) {
-    if (tm->nth <= 1) return;
-    int *sync = tm->sync;
-    tm->sense ^= 1;
-    if (__atomic_add_fetch(&sync[0], 1, __ATOMIC_ACQ_REL) == tm->nth) {
-        __atomic_store_n(&sync[0], 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&sync[1], tm->sense, __ATOMIC_RELEASE);
-        return;
-    }
-    for (int spins = 0; __atomic_load_n(&sync[1], __ATOMIC_ACQUIRE) != tm->sense; spins++) {
-        if (__atomic_load_n(&sync[3], __ATOMIC_ACQUIRE)) {
-            __atomic_store_n(&sync[2], 1, __ATOMIC_RELEASE); /* abandoned: report an error */
-            return;
-        }
-        if (spins > 2000)
-            sched_yield(); /* a descheduled partner would otherwise cost us whole slices */
-        else
-            CPU_RELAX();
-    }
-}
-
-/* Whether any thread failed to set up: every thread learns it at the same barrier */
-static int FN(agree_on_error)(Team *tm, int err) {
-    if (err) __atomic_store_n(&tm->sync[2], 1, __ATOMIC_RELEASE);
-    FN(barrier)(tm);
-    return __atomic_load_n(&tm->sync[2], __ATOMIC_ACQUIRE);
-}
-
 /* Thread `thread` of `threads` runs steps 0 .. T-1: the rounds on batch rows b0 .. b1-1, the
    gates on its share of the hidden units; a barrier after each phase. Returns 0, or 1 when
    some thread ran out of memory. */
@@ -440,14 +409,14 @@ int FN(mog_forward)(const Layer *L, const Blas *b, int64_t b0, int64_t b1, int64
     T *s = malloc(sizeof(T) * tm.m * width);
     FN(ops) o;
     int err = FN(ops_init)(&o, L, b, &tm, 0) || !tgt || !src || !s;
-    err = FN(agree_on_error)(&tm, err);
+    err = team_agree_on_error(&tm, err);
     if (!err) {
         FN(slots)(R, tgt, src);
         for (int64_t t = 0; t < L->steps; t++) {
             FN(forward_rounds)(L, b, &o, &tm, t, tgt, src, s);
-            FN(barrier)(&tm);
+            team_barrier(&tm);
             FN(forward_gates)(L, b, &o, &tm, t);
-            FN(barrier)(&tm);
+            team_barrier(&tm);
         }
     }
     FN(ops_free)(&o, R);
@@ -534,24 +503,24 @@ int FN(mog_backward)(const Layer *L, const Blas *b, int64_t b0, int64_t b1, int6
     const T *mask = L->mask ? (const T *)L->mask + tm.b0 * H : NULL;
     FN(ops) o;
     int err = FN(ops_init)(&o, L, b, &tm, 1) || !tgt || !src || !dv || !z || !du;
-    err = FN(agree_on_error)(&tm, err);
+    err = team_agree_on_error(&tm, err);
     if (!err) FN(slots)(R, tgt, src);
     for (int64_t t = t_hi - 1; !err && t >= t_lo; t--) {
         FN(backward_cell)(L, &tm, t);
-        FN(barrier)(&tm);
+        team_barrier(&tm);
         T *g = AT0(L->gates, G, t);
         if (R)
             FN(lin_apply)(&o.gates[0], b, (int)L->B, g, G, dxh + tm.c0, W, 0);
         else
             FN(lin_apply)(&o.gates[0], b, (int)L->B, g, G, (T *)L->dh + tm.c0, H, 0);
-        FN(barrier)(&tm);
+        team_barrier(&tm);
         if (R) {
             FN(rounds_backward)(L, b, &o, &tm, t, tgt, src, dxh + tm.b0 * W, z, du, dv);
             FN(mul_rows)(tm.m, H, dxh + tm.b0 * W + L->I, W, mask, dh, H);
         } else if (mask) {
             FN(mul_rows)(tm.m, H, dh, H, mask, dh, H);
         }
-        FN(barrier)(&tm);
+        team_barrier(&tm);
     }
     FN(ops_free)(&o, R);
     free(tgt);

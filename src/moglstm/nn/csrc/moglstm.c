@@ -101,6 +101,38 @@ static Team team(const Layer *L, int64_t b0, int64_t b1, int64_t tid, int64_t nt
    hypervisor (measured here: 10% slower at B=16, H=256) */
 #define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 
+/* A sense-reversing spin barrier for the threads of one call. sync[0] counts arrivals,
+   sync[1] is the shared sense, sync[2] an error flag, sync[3] set by Python when it could
+   not start every thread (the waiting ones then give up): Python hands in zeroed memory. */
+static void team_barrier(Team *tm) {
+    if (tm->nth <= 1) return;
+    int *sync = tm->sync;
+    tm->sense ^= 1;
+    if (__atomic_add_fetch(&sync[0], 1, __ATOMIC_ACQ_REL) == tm->nth) {
+        __atomic_store_n(&sync[0], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&sync[1], tm->sense, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&sync[1], __ATOMIC_ACQUIRE) != tm->sense; spins++) {
+        if (__atomic_load_n(&sync[3], __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&sync[2], 1, __ATOMIC_RELEASE); /* abandoned: report an error */
+            return;
+        }
+        if (spins > 2000)
+            sched_yield(); /* a descheduled partner would otherwise cost us whole slices */
+        else
+            CPU_RELAX();
+    }
+}
+
+/* Whether any thread failed to set up: every thread learns it at the same barrier */
+static int team_agree_on_error(Team *tm, int err) {
+    if (err) __atomic_store_n(&tm->sync[2], 1, __ATOMIC_RELEASE);
+    team_barrier(tm);
+    return __atomic_load_n(&tm->sync[2], __ATOMIC_ACQUIRE);
+}
+
+
 /* CALL(coupled, cap, peephole) with the three flags as compile-time constants, so that each
    variant of a kernel gets its own branch-free loop (coupled and cap never come together) */
 #define DISPATCH_VARIANTS(CALL, coupled, cap, peep)                                           \
