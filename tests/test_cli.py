@@ -205,15 +205,20 @@ def test_evaluate_and_generate_errors(capsys, runs, word_corpus_dir):
     assert_one_line_error(err, "evaluate", "not found")
     train_tiny(capsys, runs, word_corpus_dir, "g")
     for option, value, fragment in (
-        ("--temperature", "-1", "temperature=-1.0 must be"),
-        ("--top-p", "0", "top_p=0.0 must be in (0, 1]"),
-        ("--top-p", "1.5", "top_p=1.5"),
-        ("--top-k", "-2", "top_k=-2 must be >= 0"),
-        ("--tokens", "0", "tokens=0"),
+        ("--temperature", "-1", "argument --temperature: must be in [0, inf], got -1"),
+        ("--temperature", "nan", "argument --temperature: must be in"),
+        ("--top-p", "0", "argument --top-p: must be in (0, 1], got 0"),
+        ("--top-p", "1.5", "argument --top-p: must be in (0, 1], got 1.5"),
+        ("--top-k", "-2", "argument --top-k: must be >= 0, got -2"),
+        ("--tokens", "0", "argument --tokens: must be >= 1, got 0"),
+        ("--tokens", "many", "argument --tokens: expected an integer, got 'many'"),
     ):
-        code, _, err = run_cli(capsys, "generate", str(runs / "g"), option, value)
-        assert code == 2, option
-        assert_one_line_error(err, "generate", fragment)
+        with pytest.raises(SystemExit) as excinfo:  # argparse: the usage, then the error
+            cli.main(["generate", str(runs / "g"), option, value])
+        assert excinfo.value.code == 2, option
+        err = capsys.readouterr().err
+        assert err.startswith("usage: moglstm generate") and fragment in err, err
+        assert "Traceback" not in err
 
 
 def test_divergence_exits_1_with_one_line(capsys, runs, word_corpus_dir):
@@ -237,8 +242,17 @@ def test_argparse_errors_exit_2(capsys):
         cli.main(["evaluate", "run", "--split", "dev"])
     assert excinfo.value.code == 2
     with pytest.raises(SystemExit) as excinfo:
-        cli.main([])
+        cli.main(["train", "--nmae", "x"])
     assert excinfo.value.code == 2
+    assert "usage: moglstm train" in capsys.readouterr().err  # the subcommand's usage
+
+
+def test_bare_moglstm_lists_the_commands(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 0
+    for command in ("train", "evaluate", "generate", "presets", "benchmark"):
+        assert f"    {command}" in out
+    assert "moglstm train " in out  # the examples
 
 
 # --------------------------------------------------------------------------- presets, help

@@ -3,7 +3,8 @@
 A thin layer over :mod:`moglstm.lm`: every subcommand parses its arguments and
 calls one function there. Errors caused by bad input (config, paths, values) are
 printed as one line on stderr with exit status 2; ``--debug`` shows the traceback
-instead.
+instead. ``train``'s dotted ``KEY=VALUE`` overrides may stand anywhere among its
+options; every option's help shows its default; a bare ``moglstm`` lists the commands.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,10 @@ from moglstm.lm.data import CorpusFetchError
 from moglstm.lm.distributed import env_rank
 from moglstm.lm.runlock import RunLockedError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["QUICKSTART", "build_parser", "main"]
+
+#: The preset ``moglstm train`` uses when none is given.
+QUICKSTART = "quickstart"
 
 logger = logging.getLogger("moglstm")
 
@@ -49,22 +55,32 @@ _USER_ERRORS = (
 
 _MAIN_EPILOG = """\
 examples:
-  moglstm presets                                   # what can be trained
+  moglstm train                                     # the quick start: bundled Shakespeare,
+                                                    # about 10 minutes on 2 CPU cores
+  moglstm generate runs/quickstart --prompt "ROMEO ." --tokens 60 --top-p 0.9
+  moglstm presets                                   # what else can be trained
   moglstm train --preset ptb-small                  # train into runs/ptb-small/
   moglstm train --preset ptb-small model.hidden_size=300 train.max_steps=2000
   moglstm train --preset ptb-small --resume         # continue runs/ptb-small/
   moglstm evaluate runs/ptb-small --split test --batch-size 1
-  moglstm generate runs/ptb-small --prompt "the company said" --tokens 30
 
-Corpora are read from data.data_dir, else $MOGLSTM_DATA, else downloaded to
-~/.cache/moglstm. Run `moglstm COMMAND --help` for each command's options.
+The shakespeare corpus ships with the package. The others are read from
+data.data_dir, else $MOGLSTM_DATA, else downloaded to ~/.cache/moglstm.
+Run `moglstm COMMAND --help` for each command's options.
 """
 
 _TRAIN_EPILOG = """\
 Overrides are dotted KEY=VALUE items applied after the preset, values in YAML
-syntax, e.g. model.hidden_size=650 train.betas=[0,0.999] data.corpus=ptb-char.
+syntax, e.g. model.hidden_size=650 train.betas=[0,0.999] data.corpus=ptb-char;
+they may come before, between or after the options. Without --preset the
+quickstart preset is the base. `moglstm presets NAME` shows every key.
 The run folder <out_dir>/<name>/ gets config.yaml, metrics.jsonl, best.pt and
 last.pt; a new run never overwrites an existing run folder.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves last.pt
+at the step reached and says how to resume; a second Ctrl-C quits at once.
+train.max_time=90m (or 1h30m, 45s, ...) stops cleanly within that wall-clock
+time, final validation and checkpoint included.
 
 --resume continues a stopped run from its last.pt with the checkpoint's config,
 bit for bit on CPU. Only these may be overridden when resuming: train.max_steps,
@@ -73,9 +89,12 @@ train.eval_max_tokens, train.device, train.amp, data.eval_batch_size and where
 the data lives (data.data_dir, data.cache_dir, data.path, data.*_path).
 
 examples:
+  moglstm train                                      # quickstart: runs/quickstart
   moglstm train --preset ptb-small
   moglstm train --preset ptb-small --name wide model.hidden_size=300
-  moglstm train data.corpus=text data.path=my_corpus/ data.level=char --name mine
+  moglstm train data.corpus=text data.path=my_corpus/ --name mine train.max_steps=30
+  moglstm train data.corpus=text data.path=my_corpus/ data.level=char --name mine-char
+  moglstm train --preset ptb-small train.max_time=90m
   moglstm train --preset ptb-small --resume train.max_steps=8000
   moglstm train --resume runs/wide                   # a run folder, anywhere
   moglstm train --preset ptb-small --print-config    # show the resolved config
@@ -109,17 +128,48 @@ examples:
 """
 
 _GENERATE_EPILOG = """\
-The prompt is tokenized like the corpus (words unknown to it become <unk>).
-Temperature 0 or --greedy takes the most likely token each time.
+The prompt is tokenized like the corpus: words separated by spaces, punctuation
+as separate words ("ROMEO ." for the shakespeare corpus). Words the model does
+not know are read as <unk> (a warning names them); <unk> itself is never
+generated unless --allow-unk. Penn Treebank models (ptb, ptb-char) know
+lowercase text only, with every number written N and rare words <unk>: prompt
+them with "the company said" rather than "The Company said 12". Temperature 0
+or --greedy takes the most likely token each time (it tends to repeat itself;
+sampling with --top-p 0.9 reads better).
 
 examples:
+  moglstm generate runs/quickstart --prompt "ROMEO ." --tokens 60 --top-p 0.9
   moglstm generate runs/ptb-small --prompt "the stock market" --tokens 40
   moglstm generate runs/ptb-char-small --prompt "the " --tokens 200 --top-p 0.9 --seed 1
-  moglstm generate runs/ptb-small --prompt "in the" --greedy
+  moglstm generate runs/ptb-small --prompt "the company said" --greedy --tokens 20
 """
 
 
 # --------------------------------------------------------------------------- parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilogs' layout and shows every option's default in its help.
+
+    An option whose help already says its default (``default: the run's``) is left
+    as it is; flags show ``(default: off)``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default is argparse.SUPPRESS
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+        ):
+            return text
+        if action.nargs == 0:  # a flag
+            return f"{text} (default: off)".lstrip()
+        value = action.default
+        if isinstance(value, (list, tuple)):
+            value = " ".join(map(str, value))
+        return f"{text} (default: {value})".lstrip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moglstm",
         description="Mogrifier LSTM language models: train, evaluate and sample from them.",
         epilog=_MAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_evaluate(sub)
     _add_generate(sub)
@@ -152,10 +202,50 @@ def _subparser(sub: Any, name: str, help: str, description: str, epilog: str | N
         help=help,
         description=description,
         epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.set_defaults(parser_=p)  # for errors found after parsing (see main)
     return p
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum`` (the error names the option and value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"must be in {bracket}{low:g}, {high:g}], got {text}"
+            )
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_POSITIVE = _int_at_least(1)
 
 
 def _add_train(sub: Any) -> None:
@@ -167,7 +257,13 @@ def _add_train(sub: Any) -> None:
         "checkpoints and metrics in <out_dir>/<name>/.",
         _TRAIN_EPILOG,
     )
-    p.add_argument("--preset", metavar="NAME|PATH", help="shipped preset or YAML file")
+    p.add_argument(
+        "--preset",
+        metavar="NAME|PATH",
+        default=QUICKSTART,
+        help="shipped preset (see `moglstm presets`) or YAML file (default: "
+        f"{QUICKSTART}, the bundled Shakespeare corpus, about 10 minutes on 2 CPU cores)",
+    )
     p.add_argument("--name", help="run name: the run folder's name (default: the preset's)")
     p.add_argument("--out-dir", metavar="DIR", help="folder holding run folders (default: runs)")
     p.add_argument(
@@ -176,7 +272,8 @@ def _add_train(sub: Any) -> None:
         const=True,
         default=False,
         metavar="RUN",
-        help="continue the run <out_dir>/<name> (or the run folder RUN) from its last.pt",
+        help="continue the run <out_dir>/<name> (or the run folder RUN) from its last.pt "
+        "(default: off, a new run)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
@@ -195,15 +292,21 @@ def _add_evaluate(sub: Any) -> None:
         _EVALUATE_EPILOG,
     )
     p.add_argument("run", metavar="RUN", help="a run folder or a checkpoint file")
-    p.add_argument("--split", choices=("valid", "test", "train"), default="valid")
+    p.add_argument("--split", choices=("valid", "test", "train"), default="valid", help="split")
     p.add_argument(
-        "--batch-size", type=int, metavar="N", help="parallel streams (default: the run's)"
+        "--batch-size", type=_POSITIVE, metavar="N", help="parallel streams (default: the run's)"
     )
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--bptt", type=int, metavar="N", help="window length (default: the run's)")
-    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first ~N tokens")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which one")
+    p.add_argument("--bptt", type=_POSITIVE, metavar="N", help="window length (default: the run's)")
+    p.add_argument(
+        "--max-tokens",
+        type=_POSITIVE,
+        metavar="N",
+        help="score only the first ~N tokens (default: the whole split)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--data-dir", metavar="DIR", help="where the corpus is (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_protocol_options(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -221,13 +324,17 @@ def _add_protocol_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--temperature-tokens",
-        type=int,
+        type=_POSITIVE,
         default=20000,
         metavar="N",
         help="validation tokens --temperature auto searches on (default: 20000)",
     )
     p.add_argument(
-        "--mc-samples", type=int, default=0, metavar="S", help="Monte-Carlo dropout samples"
+        "--mc-samples",
+        type=_int_at_least(0),
+        default=0,
+        metavar="S",
+        help="Monte-Carlo dropout samples (0: no dropout)",
     )
     p.add_argument(
         "--mc-dropout-scale",
@@ -237,11 +344,27 @@ def _add_protocol_options(p: argparse.ArgumentParser) -> None:
         help="multiply every dropout rate by M while sampling (default: 1)",
     )
     p.add_argument("--dynamic", action="store_true", help="dynamic evaluation")
-    p.add_argument("--dynamic-lr", type=float, default=d.lr, metavar="LR")
-    p.add_argument("--dynamic-decay", type=float, default=d.decay, metavar="LAMBDA")
-    p.add_argument("--dynamic-eps", type=float, default=d.eps, metavar="EPS")
-    p.add_argument("--dynamic-bptt", type=int, default=d.bptt, metavar="N")
-    p.add_argument("--dynamic-grad-batches", type=int, default=d.grad_batches, metavar="N")
+    p.add_argument("--dynamic-lr", type=float, default=d.lr, metavar="LR", help="step size")
+    p.add_argument(
+        "--dynamic-decay",
+        type=float,
+        default=d.decay,
+        metavar="LAMBDA",
+        help="pull back towards the trained weights",
+    )
+    p.add_argument("--dynamic-eps", type=float, default=d.eps, metavar="EPS", help="RMS epsilon")
+    p.add_argument(
+        "--dynamic-bptt", type=_POSITIVE, default=d.bptt, metavar="N", help="window length"
+    )
+    p.add_argument(
+        "--dynamic-grad-batches",
+        type=_POSITIVE,
+        default=d.grad_batches,
+        metavar="N",
+        help="training windows for the gradient RMS (default: all)"
+        if d.grad_batches is None
+        else "training windows for the gradient RMS",
+    )
 
 
 def _add_generate(sub: Any) -> None:
@@ -253,14 +376,38 @@ def _add_generate(sub: Any) -> None:
         _GENERATE_EPILOG,
     )
     p.add_argument("run", metavar="RUN", help="a run folder or a checkpoint file")
-    p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue")
-    p.add_argument("--tokens", type=int, default=50, metavar="N", help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help=">= 0")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all tokens")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="in (0, 1]")
+    p.add_argument(
+        "--prompt",
+        default="",
+        metavar="TEXT",
+        help="text to continue (default: empty, the start of a line)",
+    )
+    p.add_argument("--tokens", type=_POSITIVE, default=50, metavar="N", help="tokens to generate")
+    p.add_argument(
+        "--temperature",
+        type=_float_in(0, math.inf),
+        default=1.0,
+        metavar="T",
+        help=">= 0; below 1 is more conservative, 0 is greedy",
+    )
+    p.add_argument(
+        "--top-k", type=_int_at_least(0), default=0, metavar="K", help="0 keeps all tokens"
+    )
+    p.add_argument(
+        "--top-p",
+        type=_float_in(0, 1, low_open=True),
+        default=1.0,
+        metavar="P",
+        help="in (0, 1]; 1 keeps all tokens",
+    )
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, metavar="S", help="seed for repeatable samples")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument(
+        "--allow-unk", action="store_true", help="let the model generate <unk> (unknown word)"
+    )
+    p.add_argument(
+        "--seed", type=int, metavar="S", help="seed for repeatable samples (default: random)"
+    )
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which one")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_generate)
@@ -307,18 +454,39 @@ def _add_benchmark(sub: Any) -> None:
     p.add_argument(
         "--shape",
         action="append",
+        type=_shape,
         metavar="SPEC",
-        help="B=..,T=..,H=..,I=..,L=..,r=..,k=.. (k=none: full rank); repeatable",
+        help="B=..,T=..,H=..,I=..,L=..,r=..,k=.. (k=none: full rank); repeatable "
+        "(default: the grid below)",
     )
-    p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--runs", type=int, default=20, help="timed runs per implementation")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", help="float32, float64, bfloat16, float16")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    p.add_argument(
+        "--impl",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=list(IMPLEMENTATIONS),
+        help="implementations to time",
+    )
+    p.add_argument(
+        "--mode", nargs="+", choices=MODES, default=list(MODES), help="what to time"
+    )
+    p.add_argument("--runs", type=_POSITIVE, default=20, help="timed runs per implementation")
+    p.add_argument("--warmup", type=_int_at_least(0), default=3, help="untimed runs first")
+    p.add_argument("--device", type=_benchmark_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        default="float32",
+        help="floating-point type",
+    )
+    p.add_argument(
+        "--threads",
+        type=_POSITIVE,
+        help="torch.set_num_threads before timing (default: torch's choice)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON here (default: no file)"
+    )
     p.set_defaults(func=_cmd_benchmark)
 
 
@@ -339,10 +507,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    args.run_dir = Path(cfg.out_dir) / cfg.name  # for the message if interrupted
     results = train(cfg, resume=bool(args.resume), quiet=args.quiet)
-    if _is_rank0():  # under torchrun, one copy of the (identical) results
-        _print_results(results, args.json)
-    return 0
+    if not _is_rank0():  # under torchrun, one copy of the (identical) results
+        return 0
+    _print_results(results, args.json)
+    stopped, step = results["stopped"], results["step"]
+    if stopped in ("SIGINT", "SIGTERM", "max_time"):
+        why = "train.max_time ran out" if stopped == "max_time" else f"{stopped} received"
+        print(
+            f"moglstm train: stopped at step {step} ({why}); last.pt holds it. "
+            f"Continue with: {_resume_command(args.run_dir)}",
+            file=sys.stderr,
+        )
+    return _SIGNAL_EXIT.get(stopped, 0)
+
+
+# the usual shell statuses of a process ended by these signals (the work is saved)
+_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def _resume_command(run_dir: Path) -> str:
+    return f"moglstm train --resume {shlex.quote(str(run_dir))}"
+
+
+def _interrupted_note(args: argparse.Namespace) -> str:
+    """What a second Ctrl-C during ``train`` leaves behind, and how to go on."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None:
+        return ""
+    if not (run_dir / "last.pt").is_file():
+        return " before the first checkpoint: nothing was saved"
+    return f"; last.pt is kept. Continue with: {_resume_command(run_dir)}"
 
 
 def _location_overrides(args: argparse.Namespace) -> list[str]:
@@ -388,6 +584,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         bptt=args.bptt,
         max_tokens=args.max_tokens,
         data_dir=args.data_dir,
+        progress=not args.quiet,
         **_protocol_kwargs(args),
     )
     _print_results(results, args.json)
@@ -425,7 +622,7 @@ def _protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from moglstm.lm.generate import generate
+    from moglstm.lm.generate import generate, unknown_words_message
 
     result = generate(
         args.run,
@@ -438,14 +635,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         checkpoint=args.checkpoint,
         device=args.device,
+        allow_unk=args.allow_unk,
     )
+    if result["unknown"]:
+        logger.warning("%s", unknown_words_message(result))
     if args.json:
         print(json.dumps(result))
     else:
-        if result["unknown"]:
-            logger.warning(
-                "%d prompt token(s) unknown to the model: read as <unk>", result["unknown"]
-            )
         print(result["text"])
     return 0
 
@@ -453,13 +649,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from moglstm.lm.benchmark import DEFAULT_GRID, parse_shape, run_benchmark
+    from moglstm.lm.benchmark import DEFAULT_GRID, run_benchmark
 
+    if args.json is not None:
+        _check_writable(Path(args.json), "--json")  # before minutes of timing, not after
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    shapes = [parse_shape(s) for s in args.shape] if args.shape else list(DEFAULT_GRID)
+    shapes = args.shape or list(DEFAULT_GRID)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     results = run_benchmark(
         shapes,
@@ -474,6 +670,39 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0
+
+
+def _shape(text: str) -> Any:
+    """argparse type of ``benchmark --shape``."""
+    from moglstm.lm.benchmark import parse_shape
+
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _benchmark_device(text: str) -> str:
+    """argparse type of ``benchmark --device``: cpu, cuda or cuda:N, and present."""
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return text
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available")
+    if index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: there are {torch.cuda.device_count()} CUDA devices (0-based)"
+        )
+    return text
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {str(path)!r} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {str(path)!r}: folder {str(path.parent)!r} does not exist")
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -523,7 +752,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if args.command is None:  # a bare `moglstm`: what can it do?
+        parser.print_help()
+        return 0
+    if extras:
+        _take_overrides(args, extras)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     quiet = getattr(args, "quiet", False) or not _is_rank0()  # torchrun: rank 0 reports
@@ -535,6 +770,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+def _take_overrides(args: argparse.Namespace, extras: list[str]) -> None:
+    """KEY=VALUE items argparse left over (after an option) join ``train``'s overrides;
+    anything else is an error of the subcommand (its usage, not the top level's)."""
+    unknown = [
+        e for e in extras if not (hasattr(args, "overrides") and _looks_like_override(e))
+    ]
+    if unknown:
+        hint = ""
+        if hasattr(args, "overrides") and any(e.startswith("--") and "." in e for e in unknown):
+            hint = " (config keys are given as KEY=VALUE, e.g. train.max_steps=100, no dashes)"
+        args.parser_.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    args.overrides.extend(extras)
+
+
+def _looks_like_override(item: str) -> bool:
+    key, sep, _ = item.partition("=")
+    return bool(sep and key) and not item.startswith("-")
 
 
 def _is_rank0() -> bool:
@@ -551,10 +805,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        hint = (
-            " (continue from the last checkpoint with --resume)" if args.command == "train" else ""
-        )
-        print(f"moglstm {args.command}: interrupted{hint}", file=sys.stderr)
+        note = _interrupted_note(args) if args.command == "train" else ""
+        print(f"moglstm {args.command}: interrupted{note}", file=sys.stderr)
         return 130
     except _USER_ERRORS as exc:
         if args.debug:

@@ -71,4 +71,37 @@ def test_cli_writes_json(tmp_path, capsys):
 def test_bad_options():
     with pytest.raises(ValueError, match="implementation"):
         run_benchmark([Shape(batch=2, seq_len=2, hidden=8, rank=2)], implementations=["cudnn"])
-    assert main(["benchmark", "--shape", "B=x", "--runs", "1"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--shape", "B=x"], "argument --shape: bad shape item 'B=x': B must be an integer"),
+        (["--shape", "B=0"], "argument --shape: shape B=0 "),
+        (["--shape", "T=-3"], "T=-3 must be >= 1"),
+        (["--shape", "H=64,k=64"], "k=64 must be in [1, 64)"),
+        (["--shape", "Q=1"], "use KEY=VALUE with KEY in B, T, H, I, L, r, k"),
+        (["--shape", ""], "empty shape"),
+        (["--runs", "0"], "argument --runs: must be >= 1, got 0"),
+        (["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+        (["--impl", "cudnn"], "argument --impl: invalid choice: 'cudnn'"),
+    ],
+)
+def test_every_bad_value_is_a_clear_error(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["benchmark", *argv])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+
+
+def test_benchmark_json_folder_must_exist_before_timing(capsys, tmp_path):
+    missing = str(tmp_path / "no" / "x.json")
+    code = main(["benchmark", "--shape", "B=1,T=1,H=4,k=none", "--json", missing])
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert "--json" in err and "does not exist" in err
+    assert "median" not in out  # nothing was timed

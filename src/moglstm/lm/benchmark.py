@@ -39,6 +39,23 @@ class Shape:
     rounds: int = 5
     rank: int | None = 84
 
+    def __post_init__(self) -> None:
+        problems = [
+            f"{_SHAPE_LETTERS[name]}={getattr(self, name)} must be >= {low}"
+            for name, low in (("batch", 1), ("seq_len", 1), ("hidden", 1), ("layers", 1))
+            + (("rounds", 0),)
+            if getattr(self, name) < low
+        ]
+        if self.input is not None and self.input < 1:
+            problems.append(f"I={self.input} must be >= 1")
+        limit = min(self.hidden, self.input_size)
+        if self.rank is not None and self.rounds and not 0 < self.rank < limit and not problems:
+            problems.append(
+                f"k={self.rank} must be in [1, {limit}) (below H and I), or k=none for full rank"
+            )
+        if problems:
+            raise ValueError(f"shape {self.label()}: {'; '.join(problems)}")
+
     @property
     def input_size(self) -> int:
         return self.hidden if self.input is None else self.input
@@ -301,24 +318,40 @@ def check_options(implementations, modes, runs, warmup, dtype) -> None:
         raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {dtype!r}")
 
 
+_SHAPE_KEYS = {
+    "B": "batch",
+    "T": "seq_len",
+    "H": "hidden",
+    "I": "input",
+    "L": "layers",
+    "r": "rounds",
+    "k": "rank",
+}
+_SHAPE_LETTERS = {name: letter for letter, name in _SHAPE_KEYS.items()}
+
+
 def parse_shape(text: str) -> Shape:
-    """``"B=64,T=70,H=512,I=512,L=2,r=5,k=84"`` (any subset; k=none for full rank)."""
-    keys = {
-        "B": "batch",
-        "T": "seq_len",
-        "H": "hidden",
-        "I": "input",
-        "L": "layers",
-        "r": "rounds",
-        "k": "rank",
-    }
+    """``"B=64,T=70,H=512,I=512,L=2,r=5,k=84"`` (any subset; I=none and k=none allowed).
+
+    Raises:
+        ValueError: an unknown key, a value that is not an integer, or one out of range.
+    """
     values: dict = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
-        if not sep or key.strip() not in keys:
+        key, value = key.strip(), value.strip()
+        if not sep or key not in _SHAPE_KEYS:
             raise ValueError(
-                f"bad shape item {item!r} in {text!r}: use KEY=VALUE with KEY in {', '.join(keys)}"
+                f"bad shape item {item!r} in {text!r}: use KEY=VALUE with KEY in "
+                f"{', '.join(_SHAPE_KEYS)}"
             )
-        value = value.strip()
-        values[keys[key.strip()]] = None if value.lower() == "none" else int(value)
+        if value.lower() == "none" and key in ("I", "k"):
+            values[_SHAPE_KEYS[key]] = None
+            continue
+        try:
+            values[_SHAPE_KEYS[key]] = int(value)
+        except ValueError:
+            raise ValueError(f"bad shape item {item!r}: {key} must be an integer") from None
+    if not values:
+        raise ValueError(f"empty shape {text!r}: give e.g. B=64,T=70,H=512")
     return Shape(**values)

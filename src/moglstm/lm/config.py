@@ -147,6 +147,7 @@ class TrainConfig:
     lr_decay: float = 0.5  # factor applied on plateau
     lr_patience: int = 1  # validations without improvement before a decay
     max_steps: int = 1000
+    max_time: str | None = None  # wall-clock budget of one session ("90m", "1h30m", "45s")
     eval_every: int = 200
     early_stop_patience: int = 0  # validations without improvement; 0 disables
     log_every: int = 20
@@ -277,7 +278,8 @@ def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
 
 
 _INVALID = object()  # sentinel: "cannot be converted"
-_COUNT_KEYS = frozenset({"model.num_params"})  # text fields that also take plain numbers
+# text fields that also take plain numbers
+_COUNT_KEYS = frozenset({"model.num_params", "train.max_time"})
 _TRUE_WORDS = ("true", "yes", "on")
 _FALSE_WORDS = ("false", "no", "off")
 
@@ -503,9 +505,31 @@ def _check_model(cfg: RunConfig) -> list[str]:
             if getattr(m, name)
         ]
     problems += _check_paper_model(m)
+    problems += _check_rank(m)
     if m.kind == "transformer" and not problems:
         problems += _check_transformer(m, cfg.data)
     return problems
+
+
+def _check_rank(m: ModelConfig) -> list[str]:
+    """A low rank must be below both sizes the mogrifier matrices connect (when known:
+    with model.num_params the hidden size is solved later, skipping ranks that do not fit)."""
+    if m.kind != "mogrifier" or not m.mogrify_rounds or m.mogrify_rank is None:
+        return []
+    if m.num_params is not None or m.mogrify_rank <= 0:
+        return []
+    if m.embedding_ratio is not None:
+        embedding, what = max(1, round(m.embedding_ratio * m.hidden_size)), "embedding_ratio"
+    else:
+        embedding, what = m.embedding_size or m.hidden_size, "embedding_size"
+    limit = min(m.hidden_size, embedding)
+    if m.mogrify_rank < limit:
+        return []
+    return [
+        f"model.mogrify_rank={m.mogrify_rank} must be below model.hidden_size={m.hidden_size} "
+        f"and the embedding size ({embedding}, from model.{what}): a rank of {limit} or more "
+        "is no cheaper than full matrices (model.mogrify_rank=null)"
+    ]
 
 
 _RECURRENT_ONLY = {  # field: its default; other values need a recurrent model kind
@@ -585,6 +609,13 @@ def _check_train(t: TrainConfig) -> list[str]:
         problems.append(f"train.rollback_lr_factor={t.rollback_lr_factor!r} must be in (0, 1]")
     if _DEVICE_RE.fullmatch(t.device) is None:
         problems.append(f"train.device={t.device!r} is not one of: {DEVICE_HELP}")
+    if t.max_time is not None:
+        from moglstm.lm.stopping import parse_duration  # stopping imports nothing from here
+
+        try:
+            parse_duration(t.max_time)
+        except ValueError as exc:
+            problems.append(f"train.max_time: {exc}")
     return problems + _finite(t, "train.")
 
 

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from moglstm.lm.data import iter_windows
 from moglstm.lm.models import detach_state
+from moglstm.lm.progress import ScoreProgress
 
 __all__ = ["DynamicEvalSettings", "dynamic_evaluate", "gradient_statistics"]
 
@@ -166,6 +167,7 @@ def dynamic_evaluate(
     *,
     temperature: float = 1.0,
     max_tokens: int | None = None,
+    progress: ScoreProgress | None = None,
 ) -> tuple[float, int]:
     r"""Score a split with dynamic evaluation; return ``(mean loss in nats, tokens scored)``.
 
@@ -180,6 +182,7 @@ def dynamic_evaluate(
         temperature: the logits are divided by this when scoring (and in the loss
             that is differentiated).
         max_tokens: score only about this many tokens; ``None`` for the whole split.
+        progress: a :class:`~moglstm.lm.progress.ScoreProgress` to advance per window.
     """
     settings = settings or DynamicEvalSettings()
     params = _parameters(model)
@@ -201,6 +204,8 @@ def dynamic_evaluate(
             loss, state = _window_loss(model, inputs, targets, state, temperature)
             total += loss.detach().double()
             count += targets.numel()
+            if progress is not None:
+                progress.update(targets.numel(), loss.detach())
             (loss / targets.numel()).backward()
             _update(params, rms, pull, trained, settings)
     if count == 0:

@@ -33,6 +33,7 @@ from moglstm.lm.config import RunConfig, from_dict
 from moglstm.lm.data import Vocab, batchify, iter_windows, load_corpus
 from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
 from moglstm.lm.models import build_model, detach_state
+from moglstm.lm.progress import ScoreProgress
 from moglstm.lm.regularize import scaled_dropout
 
 __all__ = [
@@ -157,6 +158,7 @@ def evaluate_loss(
     *,
     max_tokens: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    progress: ScoreProgress | None = None,
 ) -> tuple[float, int]:
     """Mean cross-entropy of ``model`` over a batchified split, state carried across windows.
 
@@ -172,6 +174,7 @@ def evaluate_loss(
         max_tokens: score only about this many target tokens (whole rows of ``B``);
             ``None`` scores the whole split.
         amp_dtype: run under ``torch.autocast`` with this dtype (see :func:`autocast_dtype`).
+        progress: a bar to advance window by window.
 
     Returns:
         ``(mean loss in nats, number of tokens scored)``.
@@ -188,8 +191,11 @@ def evaluate_loss(
             logits, state = model(inputs, state)  # logits: (T, B, V)
         state = detach_state(state)
         flat = logits.float().reshape(-1, logits.size(-1))
-        total += F.cross_entropy(flat, targets.reshape(-1), reduction="sum").double()
+        window = F.cross_entropy(flat, targets.reshape(-1), reduction="sum").double()
+        total += window
         count += targets.numel()
+        if progress is not None:
+            progress.update(targets.numel(), window)
     if count == 0:
         raise ValueError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
     return total.item() / count, count
@@ -206,6 +212,7 @@ def score_split(
     mc_dropout_scale: float = 1.0,
     max_tokens: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    progress: ScoreProgress | None = None,
 ) -> tuple[list[float], int]:
     r"""Mean cross-entropy of a split under several softmax temperatures at once.
 
@@ -228,6 +235,7 @@ def score_split(
         mc_dropout_scale: multiplier on every dropout rate while sampling.
         max_tokens: score only about this many tokens; ``None`` for the whole split.
         amp_dtype: run under ``torch.autocast`` with this dtype.
+        progress: a bar to advance window by window (it shows the first temperature's loss).
 
     Returns:
         ``(losses, tokens scored)``: one mean loss in nats per temperature.
@@ -250,8 +258,11 @@ def score_split(
                     out, state = model(inputs, states[i])  # out: (T, B, V)
                 states[i] = detach_state(state)
                 logits.append(out.float().reshape(-1, out.size(-1)))
-            totals += _token_losses(logits, targets.reshape(-1), temps)
+            window = _token_losses(logits, targets.reshape(-1), temps)
+            totals += window
             count += targets.numel()
+            if progress is not None:
+                progress.update(targets.numel(), window[0])
     model.eval()
     if count == 0:
         raise ValueError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
@@ -413,6 +424,7 @@ def evaluate(
     mc_samples: int = 0,
     mc_dropout_scale: float = 1.0,
     dynamic: DynamicEvalSettings | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Score a trained run on a whole split (state carried across windows).
 
@@ -441,6 +453,8 @@ def evaluate(
         dynamic: score with dynamic evaluation (:mod:`moglstm.lm.dynamic_eval`)
             using these settings; the mean squared gradients are taken on the
             training split with the run's batch size and window length.
+        progress: show a progress bar (on a terminal) with tokens/s and the running
+            perplexity or bits per character.
 
     Returns:
         ``{"split", "loss", "ppl" or "bpc", "tokens", "tokens_dropped", "batch_size",
@@ -481,22 +495,42 @@ def evaluate(
         )
         logger.info("temperature %.2f (searched on the start of the validation split)", temperature)
     temperature = 1.0 if temperature is None else float(temperature)
-    if dynamic is not None:
-        train = batchify(corpus.train, cfg.data.batch_size).to(target)
-        ms = gradient_statistics(
-            loaded.model, train, cfg.data.bptt, max_batches=dynamic.grad_batches
-        )
-        loss, scored = dynamic_evaluate(
-            loaded.model, data, ms, dynamic, temperature=temperature, max_tokens=max_tokens
-        )
-    elif mc_samples or temperature != 1.0:
-        (loss,), scored = score_split(
-            loaded.model, data, bptt, temperatures=[temperature], max_tokens=max_tokens, **mc
-        )
-    else:
-        loss, scored = evaluate_loss(
-            loaded.model, data, bptt, max_tokens=max_tokens, amp_dtype=amp_dtype
-        )
+    bar = ScoreProgress(
+        data,
+        corpus.level,
+        f"{'dynamic ' if dynamic is not None else ''}{split}",
+        enabled=progress,
+        max_tokens=max_tokens,
+    )
+    with bar:
+        if dynamic is not None:
+            train = batchify(corpus.train, cfg.data.batch_size).to(target)
+            ms = gradient_statistics(
+                loaded.model, train, cfg.data.bptt, max_batches=dynamic.grad_batches
+            )
+            loss, scored = dynamic_evaluate(
+                loaded.model,
+                data,
+                ms,
+                dynamic,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                progress=bar,
+            )
+        elif mc_samples or temperature != 1.0:
+            (loss,), scored = score_split(
+                loaded.model,
+                data,
+                bptt,
+                temperatures=[temperature],
+                max_tokens=max_tokens,
+                progress=bar,
+                **mc,
+            )
+        else:
+            loss, scored = evaluate_loss(
+                loaded.model, data, bptt, max_tokens=max_tokens, amp_dtype=amp_dtype, progress=bar
+            )
     # relative to batch size 1, which scores every token but the first
     dropped = ids.numel() - 1 - scored if max_tokens is None else None
     if dropped:

@@ -7,12 +7,16 @@ token by token; a Transformer, which keeps no state, re-reads the last
 of the logits divided by ``temperature``, optionally restricted to the ``top_k``
 most likely tokens and to the smallest set whose probability reaches ``top_p``
 (nucleus sampling); ``temperature=0`` (or ``greedy=True``) takes the most likely
-token instead.
+token instead. ``<unk>`` is never generated unless ``allow_unk`` (a model that has
+learnt that rare words are ``<unk>`` would otherwise write it often, and greedy
+decoding can get stuck repeating it).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,14 @@ from torch import Tensor, nn
 from moglstm.lm.data import Vocab
 from moglstm.lm.evaluate import load_run
 
-__all__ = ["check_sampling", "generate", "sample_ids", "sample_next"]
+__all__ = [
+    "check_sampling",
+    "generate",
+    "sample_ids",
+    "sample_next",
+    "unknown_words",
+    "unknown_words_message",
+]
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -94,6 +105,7 @@ def sample_ids(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    exclude: Sequence[int] = (),
 ) -> list[int]:
     """Continue ``prompt`` (token ids) with ``num_tokens`` sampled ids.
 
@@ -102,6 +114,7 @@ def sample_ids(
         prompt: at least one token id.
         num_tokens: how many ids to generate.
         temperature, top_k, top_p, generator: as in :func:`sample_next`.
+        exclude: ids never generated (e.g. ``<unk>``'s).
 
     Returns:
         The generated ids only (not the prompt).
@@ -116,14 +129,18 @@ def sample_ids(
     stateful = getattr(model, "stateful", True)
     max_len = None if stateful else model.max_len
     context = list(prompt)
+    banned = torch.tensor(sorted(set(exclude)), dtype=torch.long)
     out: list[int] = []
     state = None
     feed = context if stateful else context[-max_len:]  # the whole prompt, once
     for _ in range(num_tokens):
         tokens = torch.tensor(feed, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
         logits, state = model(tokens, state if stateful else None)  # (T, 1, V)
+        last = logits[-1, 0]
+        if exclude:
+            last = last.index_fill(0, banned.to(last.device), -math.inf)
         token = sample_next(
-            logits[-1, 0], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )
         out.append(token)
         context.append(token)
@@ -145,6 +162,7 @@ def generate(
     greedy: bool = False,
     checkpoint: str = "best",
     device: str = "auto",
+    allow_unk: bool = False,
 ) -> dict[str, Any]:
     """Load a trained run and continue ``prompt`` with ``num_tokens`` sampled tokens.
 
@@ -158,12 +176,14 @@ def generate(
         greedy: take the most likely token every time (same as ``temperature=0``).
         checkpoint: ``"best"`` or ``"last"`` (for a run folder).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        allow_unk: let the model generate ``<unk>`` (by default it never does).
 
     Returns:
         ``{"text": prompt + continuation, "continuation": the generated text alone,
         "tokens": the generated tokens, "prompt_tokens": the prompt's tokens as the
         model saw them, "unknown": how many prompt tokens became <unk>,
-        "checkpoint": path}``.
+        "unknown_words": each distinct one with the known word to try instead (or
+        ``None``), see :func:`unknown_words`, "checkpoint": path}``.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
@@ -186,6 +206,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         generator=generator,
+        exclude=() if allow_unk or vocab.unk_id is None else (vocab.unk_id,),
     )
     shown = vocab.decode(vocab.encode(tokens))  # unknown tokens shown as <unk>
     generated = vocab.decode(ids)
@@ -195,8 +216,48 @@ def generate(
         "tokens": generated,
         "prompt_tokens": shown,
         "unknown": sum(t not in vocab for t in tokens),
+        "unknown_words": unknown_words(vocab, tokens),
         "checkpoint": str(loaded.checkpoint),
     }
+
+
+_NUMBER = re.compile(r"[\d.,:/-]*\d[\d.,:/-]*")
+
+
+def unknown_words(vocab: Vocab, tokens: Sequence[str]) -> list[list[str | None]]:
+    """``[word, suggestion]`` for each distinct token of ``tokens`` that ``vocab`` lacks.
+
+    The suggestion is a known token that is probably meant: the word in lowercase (Penn
+    Treebank is lowercase), ``N`` for a number (PTB writes every number as ``N``), or
+    ``None``.
+    """
+    out: list[list[str | None]] = []
+    seen = set()
+    for token in tokens:
+        if token in vocab or token in seen:
+            continue
+        seen.add(token)
+        suggestion = None
+        if token.lower() in vocab:
+            suggestion = token.lower()
+        elif _NUMBER.fullmatch(token) and "N" in vocab:
+            suggestion = "N"
+        out.append([token, suggestion])
+    return out
+
+
+def unknown_words_message(result: dict[str, Any], shown: int = 10) -> str:
+    """One line naming the prompt words a :func:`generate` result read as ``<unk>``."""
+    words = result["unknown_words"]
+    parts = [
+        repr(word) + (f" (try {suggestion!r})" if suggestion else "")
+        for word, suggestion in words[:shown]
+    ]
+    more = f" and {len(words) - shown} more" if len(words) > shown else ""
+    return (
+        f"{len(words)} prompt word(s) unknown to the model, read as <unk>: "
+        f"{', '.join(parts)}{more}"
+    )
 
 
 def _start_tokens(vocab: Vocab, tokens: list[str]) -> list[str]:

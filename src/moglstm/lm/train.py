@@ -84,6 +84,7 @@ from moglstm.lm.evaluate import (
 from moglstm.lm.models import build_model, count_parameters, detach_state
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import RunLock
+from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -113,6 +114,7 @@ RESUMABLE_KEYS = frozenset(
         "data.test_path",
         "data.eval_batch_size",
         "train.max_steps",
+        "train.max_time",
         "train.eval_every",
         "train.log_every",
         "train.early_stop_patience",
@@ -431,6 +433,8 @@ class _Run:
     counters: _Counters
     state: Any = None  # the recurrent state carried between windows
     session_start: float = 0.0  # perf_counter() value at which `elapsed` was 0
+    deadline: float = math.inf  # perf_counter() value by which train.max_time ends this session
+    stop: GracefulStop | None = None  # SIGINT/SIGTERM turned into a stop after the step
     dist: DistContext = dataclasses.field(default_factory=DistContext)  # rank, world size
     net: nn.Module | None = None  # `model` wrapped for data-parallel training (or None)
     averager: WeightAverager | None = None  # running weight average (train.average_*)
@@ -670,8 +674,11 @@ def train(
         ``{"run_dir", "step", "epoch", "train_loss", "valid_loss", "valid_<ppl|bpc>",
         "best_valid_loss", "best_valid_<ppl|bpc>", "tokens_per_s", "elapsed",
         "stopped", "skipped_steps", "rollbacks"}``, where ``stopped`` is
-        ``"max_steps"`` or ``"early_stop"``. Under torchrun every rank returns the
-        same losses.
+        ``"max_steps"``, ``"early_stop"``, ``"max_time"`` (``train.max_time`` ran out),
+        or ``"SIGINT"``/``"SIGTERM"`` (a signal asked to stop: ``last.pt`` holds the step
+        reached, see :class:`~moglstm.lm.stopping.GracefulStop`; a second signal raises
+        ``KeyboardInterrupt`` at once). Under torchrun every rank returns the same losses
+        (and signals are not caught).
 
     Raises:
         FileExistsError: a new run would overwrite an existing run folder.
@@ -684,8 +691,10 @@ def train(
         OSError: a checkpoint could not be written (e.g. a full disk); the previous
             one is intact.
     """
+    started = time.perf_counter()  # train.max_time counts from here, setup included
     cfg = validate(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
+    new_folder = not run_dir.exists()
     with distributed.session(cfg.train.device) as ctx:
         distributed.check_batch_size(cfg.data.batch_size, ctx)
         lock = RunLock(run_dir)
@@ -697,9 +706,19 @@ def train(
                 _check_resumable(from_dict(checkpoint["config"]), cfg)
             run = _setup(cfg, checkpoint, ctx)
             del checkpoint  # free the host copy of the weights
+            if cfg.train.max_time is not None:
+                run.deadline = started + parse_duration(cfg.train.max_time)
             return _train_run(run, resume, quiet, on_step)
         finally:
             lock.release()
+            if new_folder and ctx.is_main:
+                _remove_if_empty(run_dir)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A start that failed before writing anything leaves no run folder behind."""
+    with contextlib.suppress(OSError):  # not empty (or already gone): keep it
+        run_dir.rmdir()
 
 
 def _claim(run_dir: Path, resume: bool, lock: RunLock) -> dict[str, Any] | None:
@@ -730,11 +749,18 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
         disable=True if quiet or not ctx.is_main else None,  # None: off when not a terminal
         unit="step",
         dynamic_ncols=True,
+        # tqdm's own estimate of the time left knows neither validations nor train.max_time:
+        # the postfix shows ours (left=...)
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
     )
+    # data-parallel ranks would stop at different steps: there a signal ends the job
+    stop = GracefulStop("saving a checkpoint after this step") if ctx.world_size == 1 else None
     try:
-        with _messages_above_the_bar(bar):
+        with _messages_above_the_bar(bar), stop or contextlib.nullcontext():
+            run.stop = stop
             stopped, train_loss, speed = _loop(run, log, bar, on_step)
     finally:
+        run.stop = None
         bar.close()
         log.close()
     return _results(run, stopped, train_loss, speed)
@@ -770,8 +796,13 @@ def _loop(
     window_time = train_time = session_tokens = 0.0
     train_loss = None
     last_eval = c.step  # the checkpoint (if any) was taken right after a validation
+    eta = _Eta(run)
+    stopped = None
 
     while c.step < t.max_steps and not _early_stopped(run):
+        stopped = _stop_requested(run, eta)
+        if stopped is not None:
+            break
         step_start = time.perf_counter()
         inputs, targets, new_epoch = run.stream.next()  # (T, B) each
         if new_epoch:
@@ -794,27 +825,105 @@ def _loop(
         train_time += elapsed
         session_tokens += tokens
         bar.update(1)
+        eta.step_done(elapsed)
 
         if c.step % t.log_every == 0 and window_tokens:
             train_loss = window_loss / window_tokens
             c.elapsed = time.perf_counter() - run.session_start
-            _log_train(run, log, bar, train_loss, window_tokens / window_time)
+            _log_train(run, log, bar, train_loss, window_tokens / window_time, eta)
             window_loss = window_tokens = window_time = 0.0
 
         if c.step % t.eval_every == 0:
+            eval_start = time.perf_counter()
             _evaluate_and_save(run, log, on_schedule=True)
+            eta.validation_done(time.perf_counter() - eval_start)
             last_eval = c.step
 
         if on_step is not None:
             on_step(c.step, {"loss": loss, "lr": run.schedule.lr})
 
-    if c.step > last_eval:  # the run ended between two scheduled validations
+    if stopped in _SIGNALS:  # save the step reached, at once: no validation
+        if c.step > (c.last_saved_step or 0):
+            _save_checkpoints(run, best=False)
+    elif c.step > last_eval:  # the run ended between two scheduled validations
         _evaluate_and_save(run, log, on_schedule=False)
     c.elapsed = time.perf_counter() - run.session_start
-    stopped = "early_stop" if _early_stopped(run) else "max_steps"
+    if stopped is None:
+        stopped = "early_stop" if _early_stopped(run) else "max_steps"
     if train_loss is None and window_tokens:
         train_loss = window_loss / window_tokens
     return stopped, train_loss, session_tokens / train_time if train_time else 0.0
+
+
+_SIGNALS = ("SIGINT", "SIGTERM")  # `stopped` values of a run stopped by a signal
+
+
+def _stop_requested(run: _Run, eta: _Eta) -> str | None:
+    """Why the loop must stop before the next step: a signal, or train.max_time."""
+    if run.stop is not None and run.stop.requested is not None:
+        return run.stop.requested
+    # stop early enough that the next step and the final validation fit in the budget
+    if time.perf_counter() + eta.next_step_and_validation() >= run.deadline:
+        budget, step = run.cfg.train.max_time, run.counters.step
+        logger.info("train.max_time=%s reached at step %d: stopping", budget, step)
+        return "max_time"
+    return None
+
+
+class _Eta:
+    """Time estimates of this session: the steps still to take, and the next step.
+
+    Seconds per step are averaged over this session's steps after the first (which
+    pays for warm-up); validations are timed separately and spread over the steps
+    between them. The first estimate is logged after a few steps.
+    """
+
+    _FIRST_REPORT = 6  # steps measured before the expected duration is logged
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.steps = 0
+        self.step_seconds = 0.0  # summed over the steps after the first
+        self.validation_seconds: float | None = None  # the last validation's duration
+
+    def step_done(self, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > 1:
+            self.step_seconds += seconds
+        if self.steps == self._FIRST_REPORT and self.run.dist.is_main:
+            self._report()
+
+    def validation_done(self, seconds: float) -> None:
+        self.validation_seconds = seconds
+
+    def per_step(self) -> float | None:
+        return self.step_seconds / (self.steps - 1) if self.steps > 1 else None
+
+    def next_step_and_validation(self) -> float:
+        return (self.per_step() or 0.0) + (self.validation_seconds or 0.0)
+
+    def left(self) -> float | None:
+        """Seconds to the end of the run (or of train.max_time, when sooner)."""
+        per_step = self.per_step()
+        if per_step is None:
+            return None
+        t, step = self.run.cfg.train, self.run.counters.step
+        steps_left = max(0, t.max_steps - step)
+        validations = steps_left // t.eval_every + 1
+        seconds = steps_left * per_step + validations * (self.validation_seconds or 0.0)
+        return min(seconds, max(0.0, self.run.deadline - time.perf_counter()))
+
+    def _report(self) -> None:
+        left = self.left()
+        budget = self.run.cfg.train.max_time
+        capped = f" (train.max_time={budget})" if budget is not None else ""
+        logger.info(
+            "about %s to go%s: %d steps at %.2f s/step, plus validations",
+            format_duration(left or 0.0),
+            capped,
+            max(0, self.run.cfg.train.max_steps - self.run.counters.step),
+            self.per_step() or 0.0,
+        )
 
 
 def _early_stopped(run: _Run) -> bool:
@@ -936,19 +1045,26 @@ def _record(run: _Run, split: str, metrics: dict[str, float], speed: float) -> d
     }
 
 
-def _log_train(run: _Run, log: MetricsLog, bar: Any, loss: float, speed: float) -> None:
+def _log_train(
+    run: _Run, log: MetricsLog, bar: Any, loss: float, speed: float, eta: _Eta
+) -> None:
     metrics = metrics_for(loss, run.corpus.level)
     log.write(_record(run, "train", metrics, speed))
     name = metric_name(run.corpus.level)
-    bar.set_postfix(loss=f"{loss:.3f}", **{name: f"{metrics[name]:.2f}"}, tok_s=f"{speed:.0f}")
+    left = eta.left()
+    left_text = "?" if left is None else format_duration(left)
+    bar.set_postfix(
+        loss=f"{loss:.3f}", **{name: f"{metrics[name]:.2f}"}, tok_s=f"{speed:.0f}", left=left_text
+    )
     if bar.disable:
         logger.info(
-            "step %d: train loss %.4f, %s %.3f, %.0f tokens/s",
+            "step %d: train loss %.4f, %s %.3f, %.0f tokens/s, %s left",
             run.counters.step,
             loss,
             name,
             metrics[name],
             speed,
+            left_text,
         )
 
 
