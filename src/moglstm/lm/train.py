@@ -83,7 +83,7 @@ from moglstm.lm.evaluate import (
 )
 from moglstm.lm.models import build_model, count_parameters, detach_state
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
-from moglstm.lm.runlock import RunLock
+from moglstm.lm.runlock import LOCK_FILE, RunLock
 from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
 
 __all__ = [
@@ -710,15 +710,22 @@ def train(
                 run.deadline = started + parse_duration(cfg.train.max_time)
             return _train_run(run, resume, quiet, on_step)
         finally:
+            failed_start = new_folder and ctx.is_main and _holds_only_the_lock(run_dir)
+            if failed_start:  # unlinked while still locked: no other run can be using it
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
             lock.release()
-            if new_folder and ctx.is_main:
-                _remove_if_empty(run_dir)
+            if failed_start:
+                with contextlib.suppress(OSError):  # another run just claimed it: keep it
+                    run_dir.rmdir()
 
 
-def _remove_if_empty(run_dir: Path) -> None:
-    """A start that failed before writing anything leaves no run folder behind."""
-    with contextlib.suppress(OSError):  # not empty (or already gone): keep it
-        run_dir.rmdir()
+def _holds_only_the_lock(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but its lock file: a start that failed before
+    writing anything, which leaves no run folder behind."""
+    try:
+        return [p.name for p in run_dir.iterdir()] in ([LOCK_FILE], [])
+    except OSError:
+        return False
 
 
 def _claim(run_dir: Path, resume: bool, lock: RunLock) -> dict[str, Any] | None:
