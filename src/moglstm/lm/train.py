@@ -885,7 +885,7 @@ class _Eta:
     between them. The first estimate is logged after a few steps.
     """
 
-    _FIRST_REPORT = 6  # steps measured before the expected duration is logged
+    _FIRST_REPORT = 3  # steps taken (the first one not timed) before the estimate is logged
 
     def __init__(self, run: _Run) -> None:
         self.run = run
