@@ -157,6 +157,7 @@ def test_missing_named_corpus_names_the_config_key(capsys, runs):
     )
     assert code == 2
     assert "data.data_dir" in err and "DataConfig" not in err
+    assert "data.corpus=shakespeare" in err  # the way out that needs no download
     assert not (runs / "ptb-small").exists()
 
 

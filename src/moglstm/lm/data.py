@@ -189,7 +189,9 @@ def _local_copy_hint(name: str) -> str:
         layout = f"{name}/train.txt, {name}/valid.txt and {name}/test.txt"
     return (
         f"To use a local copy instead, set data.data_dir (e.g. data.data_dir=~/corpora) or the "
-        f"MOGLSTM_DATA environment variable to a folder holding {layout}."
+        f"MOGLSTM_DATA environment variable to a folder holding {layout}. Or train on the "
+        "corpus bundled with the package, with no download: data.corpus=shakespeare (the "
+        "quickstart preset, what `moglstm train` runs without --preset)."
     )
 
 

@@ -28,6 +28,13 @@ missing, truncated or corrupt. A run holds an exclusive lock on its folder
 refuses to start. A NaN or infinite training loss stops the run, skips the step or
 rolls back to ``last.pt`` with a lower learning rate (``train.nonfinite``).
 
+Stopping early loses no work: the first SIGINT (Ctrl-C) or SIGTERM lets the current step
+finish, saves ``last.pt`` at the step reached and returns (``stopped`` is the signal's
+name); a second one raises ``KeyboardInterrupt`` at once (:mod:`moglstm.lm.stopping`).
+``train.max_time`` stops a session before the step that would overrun it, leaving time for
+the final validation and checkpoint. A start that fails before writing anything removes
+the run folder it created.
+
 Under ``torchrun`` the loop trains data-parallel (see :mod:`moglstm.lm.distributed`):
 each process takes its share of the batch streams, and only rank 0 writes files.
 """
