@@ -75,6 +75,18 @@ def test_the_issue_command_line_runs(capsys, runs, word_corpus_dir, monkeypatch)
     assert code == 0 and (runs.parent / "runs" / "mine" / "last.pt").is_file()
 
 
+def test_without_a_preset_the_base_is_the_quick_start_unless_a_corpus_is_chosen(capsys):
+    code, out, _ = run_cli(capsys, "train", "model.hidden_size=128", "--print-config")
+    assert code == 0
+    quick = yaml.safe_load(out)
+    assert quick["name"] == "quickstart" and quick["data"]["corpus"] == "shakespeare"
+    assert quick["model"]["hidden_size"] == 128 and quick["model"]["input_dropout"] == 0.3
+    code, out, _ = run_cli(capsys, "train", "data.corpus=text", "data.path=x", "--print-config")
+    assert code == 0
+    own = yaml.safe_load(out)
+    assert own["name"] == "run" and own["model"]["input_dropout"] == 0.0  # the defaults
+
+
 def test_a_config_key_written_as_an_option_gets_a_hint(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--train.max_steps", "3"])

@@ -36,7 +36,7 @@ from moglstm.lm.runlock import RunLockedError
 
 __all__ = ["QUICKSTART", "build_parser", "main"]
 
-#: The preset ``moglstm train`` uses when none is given.
+#: The preset ``moglstm train`` trains when given neither a preset nor a corpus.
 QUICKSTART = "quickstart"
 
 logger = logging.getLogger("moglstm")
@@ -72,8 +72,9 @@ Run `moglstm COMMAND --help` for each command's options.
 _TRAIN_EPILOG = """\
 Overrides are dotted KEY=VALUE items applied after the preset, values in YAML
 syntax, e.g. model.hidden_size=650 train.betas=[0,0.999] data.corpus=ptb-char;
-they may come before, between or after the options. Without --preset the
-quickstart preset is the base. `moglstm presets NAME` shows every key.
+they may come before, between or after the options. Without --preset the base
+is the quickstart preset, or the built-in defaults when the overrides choose a
+corpus (data.corpus=...). `moglstm presets NAME` shows every key.
 The run folder <out_dir>/<name>/ gets config.yaml, metrics.jsonl, best.pt and
 last.pt; a new run never overwrites an existing run folder.
 
@@ -260,9 +261,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--preset",
         metavar="NAME|PATH",
-        default=QUICKSTART,
         help="shipped preset (see `moglstm presets`) or YAML file (default: "
-        f"{QUICKSTART}, the bundled Shakespeare corpus, about 10 minutes on 2 CPU cores)",
+        f"{QUICKSTART}, the bundled Shakespeare corpus, about 10 minutes on 2 CPU cores; "
+        "with a data.corpus override, the built-in defaults)",
     )
     p.add_argument("--name", help="run name: the run folder's name (default: the preset's)")
     p.add_argument("--out-dir", metavar="DIR", help="folder holding run folders (default: runs)")
@@ -292,11 +293,15 @@ def _add_evaluate(sub: Any) -> None:
         _EVALUATE_EPILOG,
     )
     p.add_argument("run", metavar="RUN", help="a run folder or a checkpoint file")
-    p.add_argument("--split", choices=("valid", "test", "train"), default="valid", help="split")
+    p.add_argument(
+        "--split", choices=("valid", "test", "train"), default="valid", help="split to score"
+    )
     p.add_argument(
         "--batch-size", type=_POSITIVE, metavar="N", help="parallel streams (default: the run's)"
     )
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which one")
+    p.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="a run folder's checkpoint"
+    )
     p.add_argument("--bptt", type=_POSITIVE, metavar="N", help="window length (default: the run's)")
     p.add_argument(
         "--max-tokens",
@@ -407,7 +412,9 @@ def _add_generate(sub: Any) -> None:
     p.add_argument(
         "--seed", type=int, metavar="S", help="seed for repeatable samples (default: random)"
     )
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which one")
+    p.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="a run folder's checkpoint"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_generate)
@@ -503,7 +510,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = resume_config(_resume_dir(args), _without_location(args.overrides))
     else:
-        cfg = load_config(args.preset, [*args.overrides, *_location_overrides(args)])
+        cfg = load_config(_preset(args), [*args.overrides, *_location_overrides(args)])
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -541,6 +548,15 @@ def _interrupted_note(args: argparse.Namespace) -> str:
     return f"; last.pt is kept. Continue with: {_resume_command(run_dir)}"
 
 
+def _preset(args: argparse.Namespace) -> str | None:
+    """``--preset``; without it the quick start, unless the overrides choose a corpus
+    (then the built-in defaults are the base, as in :func:`~moglstm.lm.config.load_config`)."""
+    if args.preset is not None:
+        return args.preset
+    keys = {item.partition("=")[0].strip() for item in args.overrides}
+    return None if keys & {"data", "data.corpus"} else QUICKSTART
+
+
 def _location_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     if args.name is not None:
@@ -567,7 +583,8 @@ def _resume_dir(args: argparse.Namespace) -> Path:
                 "give either --resume RUN or --name/--out-dir (name=/out_dir=), not both"
             )
         return Path(args.resume)
-    base = RunConfig() if args.preset is None else load_preset(args.preset)
+    preset = _preset(args)
+    base = RunConfig() if preset is None else load_preset(preset)
     base = apply_overrides(base, location)
     return Path(base.out_dir) / base.name
 

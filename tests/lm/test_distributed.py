@@ -246,12 +246,6 @@ def _overrides(corpus: Path) -> list[str]:
         "train.eval_max_tokens=100",
         "train.device=cpu",
         "train.seed=5",
-        # the command line starts from the quickstart preset, the library from the defaults:
-        # set what differs
-        "model.input_dropout=0",
-        "model.layer_dropout=0",
-        "model.output_dropout=0",
-        "train.schedule=constant",
     ]
 
 
