@@ -217,11 +217,17 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_evaluate_shows_progress_unless_quiet(dynamic, capsys, runs, word_corpus_dir, monkeypatch):
+    import functools
+
+    from moglstm.lm import progress
+
     train_tiny(capsys, runs, word_corpus_dir, "e")
     extra = ["--dynamic", "--dynamic-grad-batches", "2"] if dynamic else []
+    redraw_every_update = functools.partial(progress.tqdm, mininterval=0, miniters=1)
     for quiet in (False, True):
         terminal = _Terminal()
         monkeypatch.setattr("sys.stderr", terminal)
+        monkeypatch.setattr(progress, "tqdm", redraw_every_update)  # a tiny split is fast
         code = cli.main(["evaluate", str(runs / "e"), *extra, *(["--quiet"] if quiet else [])])
         monkeypatch.undo()
         assert code == 0
@@ -231,6 +237,7 @@ def test_evaluate_shows_progress_unless_quiet(dynamic, capsys, runs, word_corpus
         else:
             assert "tok/s" in shown and "ppl=" in shown, shown
             assert ("dynamic valid" if dynamic else "valid") in shown
+            assert ("gradient RMS on train" in shown) == dynamic
 
 
 def test_evaluate_bad_values_name_the_flags(capsys, runs):

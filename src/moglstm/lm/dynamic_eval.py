@@ -118,7 +118,12 @@ def _window_loss(model: nn.Module, inputs: Tensor, targets: Tensor, state, tempe
 
 
 def gradient_statistics(
-    model: nn.Module, data: Tensor, bptt: int, *, max_batches: int | None = None
+    model: nn.Module,
+    data: Tensor,
+    bptt: int,
+    *,
+    max_batches: int | None = None,
+    progress: ScoreProgress | None = None,
 ) -> list[Tensor]:
     r"""Mean squared gradient of every parameter over windows of a (training) split.
 
@@ -130,6 +135,7 @@ def gradient_statistics(
         data: ``(N, B)`` batchified token ids on the model's device.
         bptt: window length.
         max_batches: use only the first this many windows; ``None`` for all.
+        progress: a :class:`~moglstm.lm.progress.ScoreProgress` to advance per window.
 
     Returns:
         One tensor per parameter (in ``model.parameters()`` order, tied ones once),
@@ -148,6 +154,8 @@ def gradient_statistics(
         model.zero_grad(set_to_none=True)
         loss, state = _window_loss(model, inputs, targets, state, 1.0)
         (loss / targets.numel()).backward()
+        if progress is not None:
+            progress.update(targets.numel(), loss.detach())
         with torch.no_grad():
             for m, p in zip(ms, params, strict=True):
                 if p.grad is not None:

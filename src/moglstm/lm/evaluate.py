@@ -505,9 +505,21 @@ def evaluate(
     with bar:
         if dynamic is not None:
             train = batchify(corpus.train, cfg.data.batch_size).to(target)
-            ms = gradient_statistics(
-                loaded.model, train, cfg.data.bptt, max_batches=dynamic.grad_batches
-            )
+            windows = dynamic.grad_batches
+            with ScoreProgress(
+                train,
+                corpus.level,
+                "dynamic: gradient RMS on train",
+                enabled=progress,
+                max_tokens=None if windows is None else windows * cfg.data.bptt * train.size(1),
+            ) as stats_bar:
+                ms = gradient_statistics(
+                    loaded.model,
+                    train,
+                    cfg.data.bptt,
+                    max_batches=dynamic.grad_batches,
+                    progress=stats_bar,
+                )
             loss, scored = dynamic_evaluate(
                 loaded.model,
                 data,
