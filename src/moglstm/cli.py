@@ -670,6 +670,11 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         _check_writable(Path(args.json), "--json")  # before minutes of timing, not after
+    if "fused" in args.impl and args.dtype in ("float16", "bfloat16"):
+        raise ValueError(
+            f"--dtype {args.dtype}: the fused implementation runs float32 and float64 only; "
+            "time the others with --impl torch reference"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shapes = args.shape or list(DEFAULT_GRID)

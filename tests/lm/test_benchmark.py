@@ -98,6 +98,12 @@ def test_every_bad_value_is_a_clear_error(capsys, argv, fragment):
     assert fragment in err and "Traceback" not in err, err
 
 
+def test_half_precision_with_the_fused_path_names_the_flags(capsys):
+    assert main(["benchmark", "--dtype", "float16", "--shape", "B=2,T=2,H=8,k=none"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype float16" in err and "--impl torch reference" in err
+
+
 def test_benchmark_json_folder_must_exist_before_timing(capsys, tmp_path):
     missing = str(tmp_path / "no" / "x.json")
     code = main(["benchmark", "--shape", "B=1,T=1,H=4,k=none", "--json", missing])
