@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from moglstm.nn import _kernels
+from moglstm.nn.recompute import differentiable_backward
 
 
 @dataclass(frozen=True)
@@ -636,20 +636,20 @@ class MogrifierLayerFunction(torch.autograd.Function):
         buf.out = None  # the output belongs to the caller; backward does not read it
         h_n, c_n = out[-1].clone(), buf.c[-1].clone()
         ctx.spec, ctx.buf = spec, buf
-        ctx.save_for_backward(mask, *flat)
+        ctx.save_for_backward(x, h0, c0, mask, *flat)
         return out, h_n, c_n
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
         spec, buf = ctx.spec, ctx.buf
-        if buf is None:
-            raise RuntimeError(
-                "the fused Mogrifier LSTM path frees its buffers in its first backward, so "
-                "it cannot run backward twice (retain_graph=True, gradcheck); build the "
-                "module with implementation='reference' for that"
+        if torch.is_grad_enabled() or buf is None:
+            # create_graph=True (second derivatives), or a second backward after the first
+            # freed the buffers: recompute with the reference path, which autograd records
+            grads = differentiable_backward(
+                spec, ctx.saved_tensors, (d_out, d_hn, d_cn), ctx.needs_input_grad[1:]
             )
-        mask, *flat = ctx.saved_tensors
+            return None, *grads[:3], None, *grads[4:]
+        _x, _h0, _c0, mask, *flat = ctx.saved_tensors
         p = unflatten_params(spec, flat)
         fresh = torch.contiguous_format  # dh, dc are written in place
         dh = d_hn.clone(memory_format=fresh) if d_hn is not None else torch.zeros_like(buf.c[0])

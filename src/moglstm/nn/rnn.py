@@ -142,7 +142,9 @@ class MogrifierLSTM(nn.Module):
             other dtypes);
             ``"reference"`` always runs :mod:`moglstm.nn.functional` step by step;
             ``"fused"`` insists on the fused path. Both give the same outputs and
-            gradients; the fused path supports first derivatives only.
+            gradients, first and second: a backward with ``create_graph=True`` (or a
+            second one through a retained graph) recomputes the window with the
+            reference path (:mod:`moglstm.nn.recompute`).
 
     Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
     ``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``_reverse`` for the backward direction
