@@ -182,8 +182,10 @@ def _row_stride(t: Tensor) -> int:
     ``(t * B + b) * ld + j`` (strides of size-1 dimensions do not matter)."""
     T, B, n = t.shape
     ld = t.stride(1) if B > 1 else (t.stride(0) if T > 1 else max(t.stride(0), t.stride(1), n))
-    assert T == 1 or t.stride(0) == B * ld, "steps must follow each other"
-    assert n == 1 or t.stride(2) == 1, "rows need unit stride"
+    if T > 1 and t.stride(0) != B * ld:
+        raise RuntimeError(f"steps must follow each other, got strides {t.stride()}")
+    if n > 1 and t.stride(2) != 1:
+        raise RuntimeError(f"rows need unit stride, got strides {t.stride()}")
     return ld
 
 
@@ -219,7 +221,8 @@ class Layer(ctypes.Structure):
         layer = cls(**flags)
         keep = [*tensors.values(), *(t for ts in lists.values() for t in ts)]
         for name, t in tensors.items():
-            assert t is None or t.is_contiguous(), f"{name} must be contiguous"
+            if t is not None and not t.is_contiguous():
+                raise RuntimeError(f"{name} must be contiguous, got strides {t.stride()}")
             setattr(layer, name, _ptr(t))
         for name, ts in lists.items():
             array = _ptrs(ctypes.c_void_p, [_ptr(t) for t in ts])
@@ -322,7 +325,13 @@ def _call(name: str, ref: Tensor, *args) -> None:
 
 def _contiguous(*ts: Tensor | None) -> None:
     for t in ts:
-        assert t is None or t.is_contiguous(), "kernels need contiguous buffers"
+        if t is not None and not t.is_contiguous():
+            raise RuntimeError(f"kernels need contiguous buffers, got strides {t.stride()}")
+
+
+def _unit_rows(*ts: Tensor) -> None:
+    if any(t.stride(-1) != 1 for t in ts):
+        raise RuntimeError("kernels need rows of unit stride")
 
 
 def lstm_forward(gates, c_prev, c, h, peephole, coupled: bool, cap: bool) -> None:
@@ -345,7 +354,7 @@ def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) 
 def round_forward(s: Tensor, old: Tensor, new: Tensor) -> None:
     """In place: ``s = sigmoid(s)``, ``new = 2 * s * old`` (rows of old/new may be strided)."""
     _contiguous(s)
-    assert old.stride(-1) == 1 and new.stride(-1) == 1, "kernels need rows of unit stride"
+    _unit_rows(old, new)
     R, C = s.shape
     _call("round_fwd", s, R, C, s, None, old, old.stride(0), new, new.stride(0))
 
@@ -354,7 +363,7 @@ def round_backward(z: Tensor, old: Tensor, d_new: Tensor, d_old: Tensor) -> None
     """In place, with ``s = sigmoid(z)``: ``d_old = 2 s d_new``; ``z`` becomes
     ``dz = 2 old d_new s (1 - s)``."""
     _contiguous(z, d_old)
-    assert old.stride(-1) == 1 and d_new.stride(-1) == 1, "kernels need rows of unit stride"
+    _unit_rows(old, d_new)
     R, C = z.shape
     args = (R, C, z, None, old, old.stride(0), d_new, d_new.stride(0), d_old, d_old.stride(0))
     _call("round_bwd", z, *args)

@@ -309,8 +309,10 @@ class MogrifierLSTM(nn.Module):
         input; packed sequences and other dtypes run the reference path (an error if
         ``"fused"`` was asked for).
         """
-        if self.implementation == "reference":
-            return False
+        if self.implementation == "reference" or (
+            steps.batch_sizes is None and not steps.x.shape[1]
+        ):
+            return False  # an empty batch: nothing to compute, the reference gives the shapes
         reason = None
         if steps.batch_sizes is not None:
             reason = "packed sequences"
@@ -343,6 +345,11 @@ class MogrifierLSTM(nn.Module):
                 f"input must be 2-D (unbatched) or 3-D (batched), got shape {tuple(input.shape)}"
             )
         self._check_features(input, input.dim(), "input")
+        length = input.shape[1 if self.batch_first and input.dim() == 3 else 0]
+        if length == 0:  # as torch.nn.LSTM: an RNN over no steps has no final state to give
+            raise ValueError(
+                f"input must have a sequence length > 0, got shape {tuple(input.shape)}"
+            )
         if input.dim() == 2:
             return Steps(input.unsqueeze(1), None), 1, True, False
         x = input.transpose(0, 1) if self.batch_first else input
