@@ -16,6 +16,7 @@ from moglstm.nn._checks import (
     check_like,
     check_positive_int,
     check_probability,
+    check_proj_size,
     check_rank,
     check_rounds,
     check_shape,
@@ -40,6 +41,7 @@ class LayerWeights:
     bias_ih: Tensor | None
     bias_hh: Tensor | None
     variants: dict
+    weight_hr: Tensor | None = None  # the output projection (proj_size), or None
 
 
 @dataclass
@@ -105,6 +107,7 @@ def run_direction_reference(
             None if precompute else w.bias_ih,
             w.bias_hh,
             gates_x=None if gates_x is None else gates_x[rows],
+            weight_hr=w.weight_hr,
             **w.variants,
         )
         outputs[t] = h_t
@@ -134,6 +137,11 @@ class MogrifierLSTM(nn.Module):
         state_dropout: variational dropout on the :math:`h_{t-1}` fed back into each
             step (one mask per layer, direction and call, in training mode only). It
             does not touch the outputs or the returned state.
+        proj_size: as in :class:`torch.nn.LSTM`: if ``> 0``, each step's output is
+            projected, :math:`h_t = W_{hr} (o_t \odot \tanh(c_t))` with ``weight_hr_l{k}``
+            of shape ``(proj_size, hidden_size)``; ``h`` (fed back, gated by the
+            Mogrifier, output and returned) has ``proj_size`` features, ``c`` keeps
+            ``hidden_size``. Runs on the reference path (``"fused"`` refuses it).
         implementation: ``"auto"`` (default) runs each layer direction as one fused
             autograd node (:mod:`moglstm.nn.fused`) when autograd records the call and
             the input is unpacked float32/float64, and in inference too for windows of
@@ -147,18 +155,23 @@ class MogrifierLSTM(nn.Module):
             reference path (:mod:`moglstm.nn.recompute`).
 
     Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
-    ``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``_reverse`` for the backward direction
-    (plus ``weight_c{i,f,o}_l{k}`` for peepholes); the Mogrifier of each layer and
-    direction is the submodule ``mogrifier_l{k}`` / ``mogrifier_l{k}_reverse``. So
-    ``load_state_dict(torch_lstm.state_dict())`` works, with ``strict=False`` when
-    there are Mogrifier or peephole parameters too.
+    ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, with ``_reverse`` for the
+    backward direction (plus ``weight_c{i,f,o}_l{k}`` for peepholes); the Mogrifier of
+    each layer and direction is the submodule ``mogrifier_l{k}`` /
+    ``mogrifier_l{k}_reverse``. So ``load_state_dict(torch_lstm.state_dict())`` works
+    (``proj_size`` included), with ``strict=False`` when there are Mogrifier or
+    peephole parameters too. ``all_weights``, ``_flat_weights``,
+    ``_flat_weights_names`` and ``mode`` are there for code written against
+    :class:`torch.nn.LSTM` (the LSTM's weights only; the Mogrifiers' are in their
+    submodules). It is not a subclass of :class:`torch.nn.LSTM` (see ``docs/interop.md``).
 
     Inputs: ``input, hx``
         - input: ``(L, H_in)`` unbatched, ``(L, N, H_in)``, ``(N, L, H_in)`` with
           ``batch_first=True``, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
           Padding of a packed sequence never affects any result.
         - hx: ``None`` (zeros) or ``(h_0, c_0)``, each ``(D * num_layers, N, H)``
-          (``(D * num_layers, H)`` unbatched), ``D = 2`` if bidirectional else 1.
+          (``(D * num_layers, H)`` unbatched), ``D = 2`` if bidirectional else 1;
+          with ``proj_size > 0``, ``h_0`` has ``proj_size`` features instead of ``H``.
 
     Outputs: ``output, (h_n, c_n)``
         - output: ``(L, N, D * H)`` (batch first if asked), or a ``PackedSequence``.
@@ -189,6 +202,7 @@ class MogrifierLSTM(nn.Module):
         peephole: bool = False,
         cap_input_gate: bool = False,
         state_dropout: float = 0.0,
+        proj_size: int = 0,
         implementation: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -213,14 +227,16 @@ class MogrifierLSTM(nn.Module):
         self.cap_input_gate = bool(cap_input_gate)
         self.mogrify_rounds = check_rounds("mogrify_rounds", mogrify_rounds)
         self.mogrify_rank = mogrify_rank
+        self.proj_size = check_proj_size(proj_size, hidden_size)
+        out_size = self.proj_size or hidden_size  # the h carried, fed back and output
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
-            check_rank("mogrify_rank", mogrify_rank, layer_input, hidden_size)
+            layer_input = input_size if layer == 0 else out_size * self.num_directions
+            check_rank("mogrify_rank", mogrify_rank, layer_input, out_size)
             for suffix in self._suffixes(layer):
-                mog = Mogrifier(layer_input, hidden_size, mogrify_rounds, mogrify_rank, **factory)
+                mog = Mogrifier(layer_input, out_size, mogrify_rounds, mogrify_rank, **factory)
                 self.add_module(f"mogrifier{suffix}", mog)
-                shapes = lstm_parameter_shapes(layer_input, hidden_size, bias, coupled, peephole)
+                shapes = self._lstm_shapes(layer)
                 for name, shape in shapes.items():
                     self.register_parameter(
                         f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory))
@@ -230,6 +246,43 @@ class MogrifierLSTM(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _lstm_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Names (no suffix) and shapes of layer ``layer``'s LSTM parameters."""
+        out_size = self.proj_size or self.hidden_size
+        layer_input = self.input_size if layer == 0 else out_size * self.num_directions
+        return lstm_parameter_shapes(
+            layer_input, self.hidden_size, self.bias, self.coupled, self.peephole, self.proj_size
+        )
+
+    # -- torch.nn.LSTM's attributes, for code written against it
+
+    mode = "LSTM"
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """Per layer and direction, the LSTM parameters' names in torch.nn.LSTM's order
+        (``weight_ih, weight_hh, bias_ih, bias_hh, weight_hr``), then the peepholes'.
+        The Mogrifiers' parameters are in the ``mogrifier_l{k}`` submodules."""
+        return [
+            [f"{name}{suffix}" for name in self._lstm_shapes(layer)]
+            for layer in range(self.num_layers)
+            for suffix in self._suffixes(layer)
+        ]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The tensors named by ``_flat_weights_names``, read at every call: the module
+        always runs on its current attributes (assign ``weight_hh_l0``, not this list)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
 
     def _suffixes(self, layer: int) -> list[str]:
         return [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
@@ -259,6 +312,7 @@ class MogrifierLSTM(nn.Module):
             weight_hh=getattr(self, f"weight_hh{suffix}"),
             bias_ih=getattr(self, f"bias_ih{suffix}", None),
             bias_hh=getattr(self, f"bias_hh{suffix}", None),
+            weight_hr=getattr(self, f"weight_hr{suffix}", None),
             variants={
                 "peephole": peephole,
                 "coupled": self.coupled,
@@ -316,6 +370,8 @@ class MogrifierLSTM(nn.Module):
         reason = None
         if steps.batch_sizes is not None:
             reason = "packed sequences"
+        elif self.proj_size:
+            reason = "proj_size"
         elif steps.x.dtype not in FUSED_DTYPES:
             reason = f"dtype {steps.x.dtype}"
         if reason and self.implementation == "fused":
@@ -366,15 +422,14 @@ class MogrifierLSTM(nn.Module):
 
     def _initial_state(self, x, hx, batch, unbatched, order):
         layers = self.num_layers * self.num_directions
+        sizes = (self.proj_size or self.hidden_size, self.hidden_size)  # of h and c
         if hx is None:
-            zeros = x.new_zeros(layers, batch, self.hidden_size)
-            return zeros, zeros
+            return tuple(x.new_zeros(layers, batch, n) for n in sizes)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError(f"hx must be None or a pair (h_0, c_0), got {type(hx).__name__}")
-        shape = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
-        for name, v in zip(("hx[0]", "hx[1]"), hx, strict=True):
+        for name, v, n in zip(("hx[0]", "hx[1]"), hx, sizes, strict=True):
             check_tensor(name, v)
-            check_shape(name, v, shape)
+            check_shape(name, v, (layers, n) if unbatched else (layers, batch, n))
             check_like(name, v, x, "input")
         h0, c0 = hx
         if unbatched:
@@ -408,6 +463,8 @@ class MogrifierLSTM(nn.Module):
         for name in ("dropout", "state_dropout"):
             if getattr(self, name):
                 s += f", {name}={getattr(self, name)}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if not self.bias:
             s += ", bias=False"
         return s
