@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from moglstm.nn import _kernels
-from moglstm.nn import functional as F
+from moglstm.nn import backends
 from moglstm.nn._checks import (
     check_floating,
     check_like,
@@ -22,100 +20,12 @@ from moglstm.nn._checks import (
     check_shape,
     check_tensor,
 )
+from moglstm.nn.backends import IMPLEMENTATIONS
 from moglstm.nn.cell import check_variants, lstm_parameter_shapes
-from moglstm.nn.fused import FUSED_DTYPES, run_direction_fused
+from moglstm.nn.direction import Direction, Steps
 from moglstm.nn.mogrifier import Mogrifier
 
-IMPLEMENTATIONS = ("auto", "fused", "reference")
-INFERENCE_MIN_STEPS = 8  # "auto" runs inference through the compiled loop from this many steps
-
-
-@dataclass
-class LayerWeights:
-    """Everything one direction of one layer needs for a step."""
-
-    mogrifier_weights: list[F.RoundWeight]
-    mogrifier_biases: list[Tensor | None]
-    weight_ih: Tensor
-    weight_hh: Tensor
-    bias_ih: Tensor | None
-    bias_hh: Tensor | None
-    variants: dict
-    weight_hr: Tensor | None = None  # the output projection (proj_size), or None
-
-
-@dataclass
-class Steps:
-    """A sequence as steps: ``x`` is ``(T, B, I)``, or packed data ``(N, I)`` with
-    ``batch_sizes`` (a list of ints, non-increasing) for variable lengths."""
-
-    x: Tensor
-    batch_sizes: list[int] | None
-
-    @property
-    def length(self) -> int:
-        return self.x.shape[0] if self.batch_sizes is None else len(self.batch_sizes)
-
-    def slices(self) -> list[tuple[int, int]]:
-        """``(offset, n)`` of each step's rows in packed data."""
-        out, offset = [], 0
-        for n in self.batch_sizes:
-            out.append((offset, n))
-            offset += n
-        return out
-
-
-def run_direction_reference(
-    steps: Steps,
-    h: Tensor,
-    c: Tensor,
-    w: LayerWeights,
-    reverse: bool = False,
-    state_mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one direction of one layer step by step with :mod:`moglstm.nn.functional`.
-
-    Args:
-        steps: the layer input.
-        h, c: ``(B, H)`` initial state.
-        state_mask: ``(B, H)`` dropout mask on the ``h`` fed back (not on the outputs).
-
-    Returns:
-        ``(output, h_n, c_n)``; ``output`` is ``(T, B, H)``, or ``(N, H)`` when packed.
-        Sequences shorter than the batch keep their state after their last step.
-    """
-    precompute = not w.mogrifier_weights  # with no rounds, x is not gated: one big matmul
-    gates_x = F.round_linear(steps.x, w.weight_ih, w.bias_ih) if precompute else None
-    if steps.batch_sizes is None:
-        index = [(t, None) for t in range(steps.length)]
-    else:
-        index = [(slice(o, o + n), n) for o, n in steps.slices()]
-    outputs: list[Tensor] = [None] * len(index)  # type: ignore[list-item]
-    order = range(len(index) - 1, -1, -1) if reverse else range(len(index))
-    for t in order:
-        rows, n = index[t]
-        x_t = steps.x[rows]
-        h_t, c_t = (h, c) if n is None else (h[:n], c[:n])
-        h_in = h_t if state_mask is None else h_t * (state_mask if n is None else state_mask[:n])
-        x_t, h_in = F.mogrify(x_t, h_in, w.mogrifier_weights, w.mogrifier_biases)
-        h_t, c_t = F.lstm_cell(
-            x_t,
-            h_in,
-            c_t,
-            w.weight_ih,
-            w.weight_hh,
-            None if precompute else w.bias_ih,
-            w.bias_hh,
-            gates_x=None if gates_x is None else gates_x[rows],
-            weight_hr=w.weight_hr,
-            **w.variants,
-        )
-        outputs[t] = h_t
-        if n is None or n == h.shape[0]:
-            h, c = h_t, c_t
-        else:  # rows past n have ended (forward) or not started (reverse): keep them
-            h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
-    return (torch.stack(outputs) if steps.batch_sizes is None else torch.cat(outputs)), h, c
+__all__ = ["IMPLEMENTATIONS", "MogrifierLSTM", "Steps"]
 
 
 class MogrifierLSTM(nn.Module):
@@ -143,16 +53,17 @@ class MogrifierLSTM(nn.Module):
             Mogrifier, output and returned) has ``proj_size`` features, ``c`` keeps
             ``hidden_size``. Runs on the reference path (``"fused"`` refuses it).
         implementation: ``"auto"`` (default) runs each layer direction as one fused
-            autograd node (:mod:`moglstm.nn.fused`) when autograd records the call and
+            autograd node (a step-loop backend of :mod:`moglstm.nn.backends`, picked once
+            per call by :func:`moglstm.nn.backends.select`) when autograd records the call and
             the input is unpacked float32/float64, and in inference too for windows of
             8 steps or more on CPU when its compiled step loop is available; the
             reference step loop otherwise (short inference calls, packed sequences,
             other dtypes);
             ``"reference"`` always runs :mod:`moglstm.nn.functional` step by step;
             ``"fused"`` insists on the fused path. Both give the same outputs and
-            gradients, first and second: a backward with ``create_graph=True`` (or a
-            second one through a retained graph) recomputes the window with the
-            reference path (:mod:`moglstm.nn.recompute`).
+            gradients, first and second: a fused backward with ``create_graph=True`` (or
+            a second one through a retained graph) recomputes the window with the
+            reference (:mod:`moglstm.nn.backends.recompute`).
 
     Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
     ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, with ``_reverse`` for the
@@ -299,25 +210,24 @@ class MogrifierLSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, for code written against :class:`torch.nn.LSTM`."""
 
-    def layer_weights(self, layer: int, direction: int) -> LayerWeights:
+    def direction(self, layer: int, direction: int) -> Direction:
+        """Layer ``layer``'s weights and variant flags in direction ``direction`` (0, 1)."""
         suffix = self._suffixes(layer)[direction]
         mog: Mogrifier = getattr(self, f"mogrifier{suffix}")
         peephole = None
         if self.peephole:
             peephole = tuple(getattr(self, f"weight_c{g}{suffix}", None) for g in "ifo")
-        return LayerWeights(
-            mogrifier_weights=mog.round_weights(),
-            mogrifier_biases=mog.round_biases(),
-            weight_ih=getattr(self, f"weight_ih{suffix}"),
-            weight_hh=getattr(self, f"weight_hh{suffix}"),
-            bias_ih=getattr(self, f"bias_ih{suffix}", None),
-            bias_hh=getattr(self, f"bias_hh{suffix}", None),
+        return Direction.build(
+            mog.round_weights(),
+            mog.round_biases(),
+            getattr(self, f"weight_ih{suffix}"),
+            getattr(self, f"weight_hh{suffix}"),
+            getattr(self, f"bias_ih{suffix}", None),
+            getattr(self, f"bias_hh{suffix}", None),
+            peephole,
+            coupled=self.coupled,
+            cap_input_gate=self.cap_input_gate,
             weight_hr=getattr(self, f"weight_hr{suffix}", None),
-            variants={
-                "peephole": peephole,
-                "coupled": self.coupled,
-                "cap_input_gate": self.cap_input_gate,
-            },
         )
 
     def forward(
@@ -326,6 +236,7 @@ class MogrifierLSTM(nn.Module):
         steps, batch, unbatched, packed = self._unpack_input(input)
         order = input.sorted_indices if packed else None
         h0, c0 = self._initial_state(steps.x, hx, batch, unbatched, order)
+        backend = self.backend_for(steps)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -333,7 +244,8 @@ class MogrifierLSTM(nn.Module):
             outs = []
             for d in range(self.num_directions):
                 k = layer * self.num_directions + d
-                out, h, c = self._run(steps, h0[k], c0[k], layer, d)
+                mask = self._state_mask(h0[k])
+                out, h, c = backend.run(steps, h0[k], c0[k], self.direction(layer, d), d == 1, mask)
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -341,47 +253,18 @@ class MogrifierLSTM(nn.Module):
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         return self._pack_output(steps.x, h_n, c_n, input, unbatched)
 
-    def _run(self, steps: Steps, h: Tensor, c: Tensor, layer: int, d: int):
-        mask = None
-        if self.state_dropout > 0 and self.training:
-            keep = 1.0 - self.state_dropout
-            mask = torch.empty_like(h).bernoulli_(keep) / keep
-        weights = self.layer_weights(layer, d)
-        if self.uses_fused_path(steps):
-            return run_direction_fused(steps.x, h, c, weights, d == 1, mask)
-        return run_direction_reference(steps, h, c, weights, d == 1, mask)
+    def _state_mask(self, h: Tensor) -> Tensor | None:
+        """A fresh state-dropout mask (scaled by 1/keep) in training mode, else None."""
+        if self.state_dropout == 0 or not self.training:
+            return None
+        keep = 1.0 - self.state_dropout
+        return torch.empty_like(h).bernoulli_(keep) / keep
 
-    def uses_fused_path(self, steps: Steps) -> bool:
-        """Whether this call runs the fused path.
-
-        ``"auto"`` takes it when autograd records the call (training). Without autograd
-        (inference, generation) it takes it only for windows of at least
-        ``INFERENCE_MIN_STEPS`` steps on CPU with the compiled step loop (measured: as
-        fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of torch's LSTM
-        against x1.8); the reference loop is faster for the few steps of a generation
-        call and allocates no buffers. The fused path takes unpacked float32/float64
-        input; packed sequences and other dtypes run the reference path (an error if
-        ``"fused"`` was asked for).
-        """
-        if self.implementation == "reference" or (
-            steps.batch_sizes is None and not steps.x.shape[1]
-        ):
-            return False  # an empty batch: nothing to compute, the reference gives the shapes
-        reason = None
-        if steps.batch_sizes is not None:
-            reason = "packed sequences"
-        elif self.proj_size:
-            reason = "proj_size"
-        elif steps.x.dtype not in FUSED_DTYPES:
-            reason = f"dtype {steps.x.dtype}"
-        if reason and self.implementation == "fused":
-            raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
-        if self.implementation == "auto" and not self._records_grad(steps.x):
-            # inference: the compiled loop pays for its setup (weights concatenated and
-            # packed, buffers) over a window; the reference loop wins on a few steps
-            long_enough = steps.length >= INFERENCE_MIN_STEPS
-            return reason is None and long_enough and _kernels.loop_available(steps.x)
-        return reason is None
+    def backend_for(self, steps: Steps) -> backends.Backend:
+        """The backend that runs every layer direction of a call on ``steps`` (see
+        :func:`moglstm.nn.backends.select`)."""
+        records_grad = self._records_grad(steps.x)
+        return backends.select(self.implementation, steps, records_grad, self.proj_size)
 
     def _records_grad(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():

@@ -1,7 +1,7 @@
 """Differentiable backward of the fused path, by recomputing the window with the reference.
 
-The fused path's own backward (:mod:`moglstm.nn.fused`) is a hand-written loop over
-buffers: its gradients carry no autograd graph. When a backward runs with grad mode
+A fused backend's own backward (:mod:`moglstm.nn.backends.base`) is a hand-written
+loop over buffers: its gradients carry no autograd graph. When a backward runs with grad mode
 on (``create_graph=True``: MAML, gradient penalties, ``torch.func.grad`` of a grad,
 ``gradgradcheck``), that loop would silently drop every second-order term. Instead the
 window is run again through :mod:`moglstm.nn.functional` on the saved inputs and
@@ -17,51 +17,37 @@ and memory), only in those cases.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from moglstm.nn import functional as F
-
-
-def split_flat(spec: Any, flat: Sequence[Tensor]) -> tuple[list, list, dict]:
-    """``(round_weights, round_biases, lstm)`` from the fused path's flat weight list:
-    ``lstm`` holds the arguments of :func:`moglstm.nn.functional.lstm_cell` after ``c``.
-
-    ``spec`` has the fields of :class:`moglstm.nn.fused.LayerSpec`."""
-    it = iter(flat)
-    weights, biases = [], []
-    for _ in range(spec.rounds):
-        weights.append((next(it), next(it)) if spec.low_rank else next(it))
-        biases.append(next(it) if spec.round_bias else None)
-    lstm: dict = {"weight_ih": next(it), "weight_hh": next(it)}
-    lstm["bias_ih"], lstm["bias_hh"] = (next(it), next(it)) if spec.bias else (None, None)
-    lstm["peephole"] = None
-    if spec.peephole:
-        lstm["peephole"] = (None if spec.coupled else next(it), next(it), next(it))
-    lstm["coupled"], lstm["cap_input_gate"] = spec.coupled, spec.cap_input_gate
-    return weights, biases, lstm
+from moglstm.nn.direction import Direction, DirectionSpec
 
 
 def reference_window(
-    spec: Any, x: Tensor, h: Tensor, c: Tensor, mask: Tensor | None, flat: Sequence[Tensor]
+    spec: DirectionSpec,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    mask: Tensor | None,
+    flat: Sequence[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The fused node's function, step by step with autograd: ``x`` ``(T, B, I)``,
     ``h``, ``c``, ``mask`` ``(B, H)`` -> ``(output (T, B, H), h_n, c_n)``."""
-    weights, biases, lstm = split_flat(spec, flat)
+    d = Direction.from_flat(spec, flat)
+    weights, biases, variants = d.round_weights(), d.round_biases(), d.variants()
     outputs = []
     for t in range(x.shape[0]):
         h_in = h if mask is None else h * mask
         x_m, h_m = F.mogrify(x[t], h_in, weights, biases)
-        h, c = F.lstm_cell(x_m, h_m, c, **lstm)
+        h, c = F.lstm_cell(x_m, h_m, c, d.weight_ih, d.weight_hh, d.bias_ih, d.bias_hh, **variants)
         outputs.append(h)
-    out = torch.stack(outputs) if outputs else x.new_empty(0, *h.shape)
-    return out, h, c
+    return torch.stack(outputs), h, c
 
 
 def differentiable_backward(
-    spec: Any,
+    spec: DirectionSpec,
     saved: Sequence[Tensor | None],
     grads: Sequence[Tensor | None],
     needs: Sequence[bool],
