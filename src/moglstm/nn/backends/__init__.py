@@ -23,7 +23,9 @@ import torch
 from moglstm.nn import _kernels
 from moglstm.nn.backends.base import Backend, FusedBackend, FusedDirection
 from moglstm.nn.backends.compiled import CompiledLoop
+from moglstm.nn.backends.op import LibraryOp
 from moglstm.nn.backends.reference import Reference
+from moglstm.nn.backends.scan import Scan
 from moglstm.nn.backends.torch_loop import TorchLoop, TorchLoopKernels
 from moglstm.nn.direction import Steps
 
@@ -46,6 +48,9 @@ REFERENCE = Reference()
 TORCH_LOOP = TorchLoop()
 TORCH_LOOP_KERNELS = TorchLoopKernels()
 COMPILED_LOOP = CompiledLoop()
+STEP_LOOPS = (TORCH_LOOP, TORCH_LOOP_KERNELS, COMPILED_LOOP)
+LIBRARY_OP = LibraryOp()
+SCAN = Scan()
 
 
 def step_loop(x: torch.Tensor) -> FusedBackend:
@@ -55,6 +60,28 @@ def step_loop(x: torch.Tensor) -> FusedBackend:
     if _kernels.available(x):
         return TORCH_LOOP_KERNELS
     return TORCH_LOOP
+
+
+def traced_backend(implementation: str) -> Backend | None:
+    """The backend under a tracer, or None when running eagerly.
+
+    ``torch.export`` (and the ONNX exporter, which uses it): ``"auto"`` runs the scan
+    backend, a portable graph with a symbolic window length; ``"fused"`` the custom op
+    (the exported program then needs moglstm to run). ``torch.compile``: the custom op,
+    one graph node whatever the window length. ``torch.func`` transforms: ``"auto"``
+    runs the reference, which every transform supports; ``"fused"`` the custom op
+    (``grad``, ``vjp`` work; ``vmap`` and forward-mode raise torch's error naming it).
+    ``torch.jit.trace`` (and the TorchScript-based ONNX exporter): the reference.
+    """
+    if torch.compiler.is_compiling():  # Dynamo, or torch.export
+        if implementation == "auto" and torch.compiler.is_exporting():
+            return SCAN
+        return LIBRARY_OP
+    if torch.jit.is_tracing():  # torch.jit.trace, the TorchScript ONNX exporter
+        return REFERENCE
+    if torch._C._are_functorch_transforms_active():
+        return REFERENCE if implementation == "auto" else LIBRARY_OP
+    return None
 
 
 def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int = 0) -> Backend:
@@ -84,6 +111,9 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
         raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
     if reason:
         return REFERENCE
+    traced = traced_backend(implementation)
+    if traced is not None:
+        return traced
     backend = step_loop(steps.x)
     if implementation == "auto" and not records_grad:
         # inference: the compiled loop pays for its setup (weights concatenated and

@@ -63,6 +63,11 @@ class FusedBackend(Backend):
     ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         raise NotImplementedError
 
+    def saved_shapes(self, spec: DirectionSpec, x: Tensor) -> list[tuple[int, ...]]:
+        """The shapes of what :meth:`forward` saves for input ``x`` (``saved``, in order,
+        dtype and device of ``x``); sizes may be symbolic (a custom op's fake kernel)."""
+        raise NotImplementedError
+
     def backward(
         self,
         spec: DirectionSpec,

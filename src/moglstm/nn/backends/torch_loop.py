@@ -21,7 +21,9 @@ from moglstm.nn import _kernels
 from moglstm.nn.backends.base import FusedBackend
 from moglstm.nn.backends.buffers import (
     Buffers,
+    arena_size,
     fresh_grad,
+    layout,
     round_slots,
     rows,
     split_gates,
@@ -259,6 +261,10 @@ class TorchLoop(FusedBackend):
         return dc_prev
 
     # -- forward
+
+    def saved_shapes(self, spec, x):
+        T, B, _ = x.shape
+        return [(arena_size(layout(spec, T, B), x.element_size()),)]
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)

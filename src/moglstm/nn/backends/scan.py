@@ -1,0 +1,57 @@
+"""The reference step as a ``scan`` loop: graphs with a symbolic window length.
+
+The reference backend is a Python loop over the steps: a tracer (``torch.export``,
+``torch.compile``) unrolls it, bakes the window length into the graph and traces it again
+for every new length. Here the same step (:func:`moglstm.nn.functional.mogrify` then
+:func:`~moglstm.nn.functional.lstm_cell`) is the body of torch's ``scan`` higher-order op,
+traced once; ``torch.export`` keeps it as a loop with a symbolic length and the ONNX
+exporter turns it into an ONNX ``Scan``, so an exported model runs any window length and
+batch. Used only under a tracer (in eager, ``scan`` would trace its body on every call).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from moglstm.nn import functional as F
+from moglstm.nn.backends.base import Backend
+from moglstm.nn.direction import Direction, Steps
+
+
+class Scan(Backend):
+    name = "scan"
+
+    def run(
+        self,
+        steps: Steps,
+        h: Tensor,
+        c: Tensor,
+        d: Direction,
+        reverse: bool = False,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        from torch._higher_order_ops.scan import scan  # a prototype API of torch's
+
+        if steps.batch_sizes is not None:
+            raise ValueError("the scan backend does not take packed sequences")
+        weights, biases, variants = d.round_weights(), d.round_biases(), d.variants()
+
+        def step(carry: tuple[Tensor, Tensor], x_t: Tensor):
+            h, c = carry
+            h_in = h if mask is None else h * mask
+            x_m, h_m = F.mogrify(x_t, h_in, weights, biases)
+            h, c = F.lstm_cell(
+                x_m,
+                h_m,
+                c,
+                d.weight_ih,
+                d.weight_hh,
+                d.bias_ih,
+                d.bias_hh,
+                weight_hr=d.weight_hr,
+                **variants,
+            )
+            return (h, c), h.clone()  # scan's outputs may not alias its carry
+
+        (h_n, c_n), out = scan(step, (h, c), steps.x, reverse=reverse)
+        return out, h_n, c_n
