@@ -69,8 +69,8 @@ def traced_backend(implementation: str) -> Backend | None:
     backend, a portable graph with a symbolic window length; ``"fused"`` the custom op
     (the exported program then needs moglstm to run). ``torch.compile``: the custom op,
     one graph node whatever the window length. ``torch.func`` transforms: ``"auto"``
-    runs the reference, which every transform supports; ``"fused"`` the custom op
-    (``grad``, ``vjp`` work; ``vmap`` and forward-mode raise torch's error naming it).
+    runs the reference, which every transform supports; ``"fused"`` its step loop
+    (``grad``, ``vjp``, ``jacrev`` work; ``vmap`` and forward-mode AD raise an error).
     ``torch.jit.trace`` (and the TorchScript-based ONNX exporter): the reference.
     """
     if torch.compiler.is_compiling():  # Dynamo, or torch.export
@@ -79,8 +79,8 @@ def traced_backend(implementation: str) -> Backend | None:
         return LIBRARY_OP
     if torch.jit.is_tracing():  # torch.jit.trace, the TorchScript ONNX exporter
         return REFERENCE
-    if torch._C._are_functorch_transforms_active():
-        return REFERENCE if implementation == "auto" else LIBRARY_OP
+    if torch._C._are_functorch_transforms_active() and implementation == "auto":
+        return REFERENCE  # "fused": its autograd node takes grad/vjp/jacrev, refuses vmap
     return None
 
 

@@ -85,24 +85,36 @@ class FusedBackend(Backend):
         if steps.batch_sizes is not None:
             raise ValueError(f"the {self.name} backend does not take packed sequences")
         x = steps.x.flip(0) if reverse else steps.x
-        out, h_n, c_n = FusedDirection.apply(
+        out, h_n, c_n, *_saved = FusedDirection.apply(
             self, d.spec, x.contiguous(), h.contiguous(), c.contiguous(), mask, *d.flat()
         )
         return (out.flip(0) if reverse else out), h_n, c_n
 
 
 class FusedDirection(torch.autograd.Function):
-    """``(backend, spec, x, h0, c0, mask, *flat) -> (out, h_n, c_n)`` as one node."""
+    """``(backend, spec, x, h0, c0, mask, *flat) -> (out, h_n, c_n, *saved)`` as one node.
+
+    ``saved`` (the backend's buffers, not differentiable) are outputs so that the
+    forward takes no ``ctx``: with a separate ``setup_context`` the node works under
+    ``torch.func.grad``/``vjp``/``jacrev`` too. ``vmap`` and forward-mode AD are refused.
+    """
 
     @staticmethod
-    def forward(ctx, backend: FusedBackend, spec: DirectionSpec, x, h0, c0, mask, *flat):
+    def forward(backend: FusedBackend, spec: DirectionSpec, x, h0, c0, mask, *flat):
         out, h_n, c_n, saved = backend.forward(spec, x, h0, c0, mask, flat)
+        return out, h_n, c_n, *saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, spec, x, h0, c0, mask, *flat = inputs
+        saved = output[3:]
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # None for unused outputs: no zero-filled buffers
         ctx.backend, ctx.spec, ctx.n_flat, ctx.spent = backend, spec, len(flat), False
         ctx.save_for_backward(x, h0, c0, mask, *flat, *saved)
-        return out, h_n, c_n
 
     @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn):
+    def backward(ctx, d_out, d_hn, d_cn, *_d_saved):
         x, h0, c0, mask, *rest = ctx.saved_tensors
         flat, saved = tuple(rest[: ctx.n_flat]), tuple(rest[ctx.n_flat :])
         if torch.is_grad_enabled() or ctx.spent:
@@ -117,3 +129,11 @@ class FusedDirection(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grads = [g if need else None for g, need in zip(grads, needs[6:], strict=True)]
         return None, None, dx, dh, dc, None, *grads
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(
+            "torch.func.vmap over the fused Mogrifier LSTM path is not supported (its step "
+            "loops take whole batches): build the module with implementation='auto' (the "
+            "reference under torch.func transforms) or 'reference'"
+        )

@@ -12,8 +12,10 @@ every window length. The autograd formula (``register_autograd`` with a
 (``create_graph=True``, ``torch.func.grad`` of a grad), recomputes with the reference
 (:mod:`moglstm.nn.backends.recompute`) so that second derivatives are exact.
 
-The ops have no vmap rule: ``torch.func.vmap`` over them raises torch's error naming the
-op; ``implementation="auto"`` runs the reference under functorch transforms instead.
+Outside a tracer the fused backends run as their own autograd node
+(:class:`~moglstm.nn.backends.base.FusedDirection`), which ``torch.func`` transforms take:
+torch's custom-op autograd does not (in torch 2.13 it is an ``autograd.Function`` without
+``setup_context``), so the ops serve Dynamo and ``torch.export`` only.
 """
 
 from __future__ import annotations
