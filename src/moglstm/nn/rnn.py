@@ -28,6 +28,17 @@ from moglstm.nn.mogrifier import Mogrifier
 __all__ = ["IMPLEMENTATIONS", "MogrifierLSTM", "Steps"]
 
 
+def autocast_dtype(input: object) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``input``'s device, else None."""
+    x = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(x, Tensor) or not torch.is_floating_point(x):
+        return None
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 class MogrifierLSTM(nn.Module):
     r"""A multi-layer Mogrifier LSTM, a drop-in for :class:`torch.nn.LSTM`.
 
@@ -210,30 +221,56 @@ class MogrifierLSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, for code written against :class:`torch.nn.LSTM`."""
 
-    def direction(self, layer: int, direction: int) -> Direction:
-        """Layer ``layer``'s weights and variant flags in direction ``direction`` (0, 1)."""
+    def direction(self, layer: int, direction: int, dtype: torch.dtype | None = None) -> Direction:
+        """Layer ``layer``'s weights and variant flags in direction ``direction`` (0, 1),
+        cast (differentiably) to ``dtype`` if given."""
         suffix = self._suffixes(layer)[direction]
         mog: Mogrifier = getattr(self, f"mogrifier{suffix}")
-        peephole = None
-        if self.peephole:
-            peephole = tuple(getattr(self, f"weight_c{g}{suffix}", None) for g in "ifo")
+
+        def get(name: str) -> Tensor | None:
+            t = getattr(self, f"{name}{suffix}", None)
+            return t if t is None or dtype is None else t.to(dtype)
+
+        def cast(t):
+            if dtype is None or t is None:
+                return t
+            return tuple(w.to(dtype) for w in t) if isinstance(t, tuple) else t.to(dtype)
+
+        peephole = tuple(get(f"weight_c{g}") for g in "ifo") if self.peephole else None
         return Direction.build(
-            mog.round_weights(),
-            mog.round_biases(),
-            getattr(self, f"weight_ih{suffix}"),
-            getattr(self, f"weight_hh{suffix}"),
-            getattr(self, f"bias_ih{suffix}", None),
-            getattr(self, f"bias_hh{suffix}", None),
+            [cast(w) for w in mog.round_weights()],
+            [cast(b) for b in mog.round_biases()],
+            get("weight_ih"),
+            get("weight_hh"),
+            get("bias_ih"),
+            get("bias_hh"),
             peephole,
             coupled=self.coupled,
             cap_input_gate=self.cap_input_gate,
-            weight_hr=getattr(self, f"weight_hr{suffix}", None),
+            weight_hr=get("weight_hr"),
         )
 
     def forward(
         self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
-        steps, batch, unbatched, packed = self._unpack_input(input)
+        amp = autocast_dtype(input)
+        if amp is None:
+            return self._forward(input, hx, None)
+        # as torch.nn.LSTM under autocast: input, state and weights cast to the autocast
+        # dtype and the layer run in it, with autocast off inside (the fused node's
+        # backward also runs with autocast off: custom_fwd/custom_bwd semantics)
+        device = (input.data if isinstance(input, PackedSequence) else input).device.type
+        with torch.autocast(device, enabled=False):
+            if isinstance(input, PackedSequence):
+                input = input._replace(data=input.data.to(amp))
+            else:
+                input = input.to(amp)
+            if isinstance(hx, (tuple, list)):
+                hx = tuple(v.to(amp) if isinstance(v, Tensor) else v for v in hx)
+            return self._forward(input, hx, amp)
+
+    def _forward(self, input, hx, amp: torch.dtype | None):
+        steps, batch, unbatched, packed = self._unpack_input(input, amp)
         order = input.sorted_indices if packed else None
         h0, c0 = self._initial_state(steps.x, hx, batch, unbatched, order)
         backend = self.backend_for(steps)
@@ -245,7 +282,8 @@ class MogrifierLSTM(nn.Module):
             for d in range(self.num_directions):
                 k = layer * self.num_directions + d
                 mask = self._state_mask(h0[k])
-                out, h, c = backend.run(steps, h0[k], c0[k], self.direction(layer, d), d == 1, mask)
+                w = self.direction(layer, d, amp)
+                out, h, c = backend.run(steps, h0[k], c0[k], w, d == 1, mask)
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -271,11 +309,11 @@ class MogrifierLSTM(nn.Module):
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def _unpack_input(self, input):
+    def _unpack_input(self, input, amp: torch.dtype | None = None):
         """Return ``(Steps, batch, unbatched, packed)`` with time-major data."""
         if isinstance(input, PackedSequence):
             x = input.data
-            self._check_features(x, 2, "input.data")
+            self._check_features(x, "input.data", amp)
             sizes = input.batch_sizes.tolist()
             return Steps(x, sizes), sizes[0], False, True
         check_tensor("input", input)
@@ -283,7 +321,7 @@ class MogrifierLSTM(nn.Module):
             raise ValueError(
                 f"input must be 2-D (unbatched) or 3-D (batched), got shape {tuple(input.shape)}"
             )
-        self._check_features(input, input.dim(), "input")
+        self._check_features(input, "input", amp)
         length = input.shape[1 if self.batch_first and input.dim() == 3 else 0]
         if length == 0:  # as torch.nn.LSTM: an RNN over no steps has no final state to give
             raise ValueError(
@@ -294,14 +332,17 @@ class MogrifierLSTM(nn.Module):
         x = input.transpose(0, 1) if self.batch_first else input
         return Steps(x, None), x.shape[1], False, False
 
-    def _check_features(self, x: Tensor, dim: int, name: str) -> None:
+    def _check_features(self, x: Tensor, name: str, amp: torch.dtype | None) -> None:
         check_floating(name, x)
         if x.shape[-1] != self.input_size:
             raise ValueError(
                 f"{name} must have {self.input_size} features (input_size), "
                 f"got shape {tuple(x.shape)}"
             )
-        check_like(name, x, self.weight_ih_l0, "weight_ih_l0")
+        weight = self.weight_ih_l0
+        check_like(
+            name, x, weight if amp is None else weight.new_empty(0, dtype=amp), "weight_ih_l0"
+        )
 
     def _initial_state(self, x, hx, batch, unbatched, order):
         layers = self.num_layers * self.num_directions

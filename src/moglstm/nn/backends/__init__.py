@@ -42,7 +42,9 @@ __all__ = [
 
 IMPLEMENTATIONS = ("auto", "fused", "reference")
 INFERENCE_MIN_STEPS = 8  # "auto" runs inference through the compiled loop from this many steps
-LOOP_DTYPES = (torch.float32, torch.float64)  # what the step-loop backends take
+# what the step-loop backends take (the compiled loop: float32/float64; bfloat16 and float16,
+# e.g. under autocast, run the torch-ops loop)
+LOOP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 REFERENCE = Reference()
 TORCH_LOOP = TorchLoop()

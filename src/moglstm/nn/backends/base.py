@@ -101,7 +101,8 @@ class FusedDirection(torch.autograd.Function):
 
     @staticmethod
     def forward(backend: FusedBackend, spec: DirectionSpec, x, h0, c0, mask, *flat):
-        out, h_n, c_n, saved = backend.forward(spec, x, h0, c0, mask, flat)
+        with torch.autocast(x.device.type, enabled=False):  # it runs in x's dtype
+            out, h_n, c_n, saved = backend.forward(spec, x, h0, c0, mask, flat)
         return out, h_n, c_n, *saved
 
     @staticmethod
@@ -125,7 +126,10 @@ class FusedDirection(torch.autograd.Function):
             )
             return None, None, *grads[:3], None, *grads[4:]
         ctx.spent = True
-        dx, dh, dc, grads = ctx.backend.backward(ctx.spec, x, mask, flat, saved, d_out, d_hn, d_cn)
+        with torch.autocast(x.device.type, enabled=False):  # as its forward (custom_bwd)
+            dx, dh, dc, grads = ctx.backend.backward(
+                ctx.spec, x, mask, flat, saved, d_out, d_hn, d_cn
+            )
         needs = ctx.needs_input_grad
         grads = [g if need else None for g, need in zip(grads, needs[6:], strict=True)]
         return None, None, dx, dh, dc, None, *grads
