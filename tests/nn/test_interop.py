@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from moglstm.nn import Mogrifier, MogrifierLSTM, MogrifierLSTMCell
+from moglstm.nn import Mogrifier, MogrifierLSTM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
