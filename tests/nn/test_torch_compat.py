@@ -4,6 +4,7 @@ save and load, isinstance."""
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -156,3 +157,28 @@ def test_whole_model_saved_and_loaded_with_weights_only(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "MogrifierLSTM"
+
+
+@pytest.mark.slow
+def test_client_onnx_export_pattern(tmp_path):
+    """The client's --onnx-export: torch.onnx.export(model, (tokens, hidden), path) with
+    the defaults, then onnxruntime gives the model's output."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    (tmp_path / "client_model.py").write_text(CLIENT)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import client_model
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = client_model.RNNModel().eval()
+    tokens = torch.zeros(35, 1, dtype=torch.long)
+    hidden = (torch.zeros(2, 1, 5), torch.zeros(2, 1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (tokens, hidden), tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    tokens = torch.randint(0, 10, (35, 1))
+    feeds = [tokens.numpy(), hidden[0].numpy(), hidden[1].numpy()]
+    got = session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds, strict=True)))
+    torch.testing.assert_close(torch.from_numpy(got[0]), model(tokens, hidden)[0].detach())
