@@ -58,6 +58,20 @@ def test_compile_fullgraph_one_graph_for_every_window(implementation):
     assert "moglstm.fused_direction.default" in ops
 
 
+@pytest.mark.slow
+def test_compile_reference_unrolls_the_window():
+    """The reference path compiles too, unrolled: the graph is per window length."""
+    import torch._dynamo.testing
+
+    mine, ref = twins("reference")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(mine, fullgraph=True, backend=counter)
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    for a, b in zip(grads(compiled, x), grads(ref, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert "moglstm" not in str([n.target for g in counter.graphs for n in g.graph.nodes])
+
+
 def test_fused_op_passes_opcheck():
     """The custom op's schema, fake kernel and autograd registration agree with its kernel."""
     from moglstm.nn.backends import op
@@ -105,6 +119,14 @@ def test_export_with_dynamic_window_and_batch(implementation):
     x, hx = batch_first_inputs(11, 2, seed=1)
     for a, b in zip(program.module()(x, hx), rnn(x, hx), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_export_reference_unrolls_a_fixed_window():
+    rnn = twins("reference", batch_first=True)[0].eval()
+    x, hx = batch_first_inputs(3, 2)
+    program = torch.export.export(rnn, (x, hx))
+    for a, b in zip(program.module()(x, hx), rnn(x, hx), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.slow
@@ -242,7 +264,7 @@ def test_activation_checkpointing(implementation):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("implementation", ["auto", "reference"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_distributed_data_parallel(implementation, free_port):
     """DDP (one gloo process) wraps the module; gradients equal the module's own."""
     mine, ref = twins(implementation)
