@@ -109,14 +109,14 @@ def batch_first_inputs(T, B, layers=1, seed=0):
 def test_export_with_dynamic_window_and_batch(implementation):
     """torch.export with a symbolic window length and batch: the program runs other
     shapes. "auto" exports the scan loop (portable), "fused" the custom op."""
-    rnn = twins(implementation, batch_first=True)[0].eval()
-    program = export(rnn, *batch_first_inputs(6, 3))
+    rnn = twins(implementation, batch_first=True, num_layers=2)[0].eval()
+    program = export(rnn, *batch_first_inputs(6, 4, layers=2))  # B = hidden_size: not tied
     ops = {str(n.target) for n in program.graph.nodes}
     if implementation == "fused":
         assert "moglstm.fused_direction.default" in ops
     else:
         assert any("scan" in op for op in ops) and not any("moglstm" in op for op in ops)
-    x, hx = batch_first_inputs(11, 2, seed=1)
+    x, hx = batch_first_inputs(11, 2, layers=2, seed=1)
     for a, b in zip(program.module()(x, hx), rnn(x, hx), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -296,3 +296,13 @@ def test_mogrifier_takes_any_leading_dimensions():
     torch.testing.assert_close(hm.reshape(-1, 4), flat[1])
     with pytest.raises(ValueError, match="h must have shape"):
         mog(x, h[:, :2])
+
+
+@pytest.mark.slow
+def test_docs_interop_example_runs():
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "interop.md"
+    for block in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S):
+        exec(compile(block, "docs/interop.md", "exec"), {"__name__": "__docs__"})

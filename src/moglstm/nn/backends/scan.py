@@ -11,6 +11,7 @@ batch. Used only under a tracer (in eager, ``scan`` would trace its body on ever
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from moglstm.nn import functional as F
@@ -53,5 +54,8 @@ class Scan(Backend):
             )
             return (h, c), h.clone()  # scan's outputs may not alias its carry
 
-        (h_n, c_n), out = scan(step, (h, c), steps.x, reverse=reverse)
+        # fresh tensors, not views: scan traces its operands' bases too, and sizes of a
+        # base that happen to equal the batch tie the batch to a constant
+        h, c, x = h.clone(), c.clone(), steps.x.clone(memory_format=torch.contiguous_format)
+        (h_n, c_n), out = scan(step, (h, c), x, reverse=reverse)
         return out, h_n, c_n
