@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moglstm.nn import functional as F
-from moglstm.nn.direction import Direction, DirectionSpec
+from moglstm.nn.direction import Direction, DirectionSpec, Steps
 
 
 def reference_window(
@@ -33,17 +32,11 @@ def reference_window(
     mask: Tensor | None,
     flat: Sequence[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused node's function, step by step with autograd: ``x`` ``(T, B, I)``,
-    ``h``, ``c``, ``mask`` ``(B, H)`` -> ``(output (T, B, H), h_n, c_n)``."""
-    d = Direction.from_flat(spec, flat)
-    weights, biases, variants = d.round_weights(), d.round_biases(), d.variants()
-    outputs = []
-    for t in range(x.shape[0]):
-        h_in = h if mask is None else h * mask
-        x_m, h_m = F.mogrify(x[t], h_in, weights, biases)
-        h, c = F.lstm_cell(x_m, h_m, c, d.weight_ih, d.weight_hh, d.bias_ih, d.bias_hh, **variants)
-        outputs.append(h)
-    return torch.stack(outputs), h, c
+    """The fused node's function by the reference backend: ``x`` ``(T, B, I)``, ``h``,
+    ``c``, ``mask`` ``(B, H)`` -> ``(output (T, B, H), h_n, c_n)``."""
+    from moglstm.nn.backends.reference import Reference  # it imports base, which imports us
+
+    return Reference().run(Steps(x, None), h, c, Direction.from_flat(spec, flat), False, mask)
 
 
 def differentiable_backward(
@@ -55,7 +48,6 @@ def differentiable_backward(
     """Gradients of ``saved = (x, h0, c0, mask, *flat)`` for the output gradients
     ``grads = (d_out, d_hn, d_cn)``, with the reference path's autograd graph attached
     when grad mode is on. ``needs[i]``: whether ``saved[i]`` needs a gradient."""
-    x, h0, c0, mask, *flat = saved
     wanted = [i for i, n in enumerate(needs) if n and saved[i] is not None]
     create_graph = torch.is_grad_enabled() and _any_graph(saved, grads)
     with torch.enable_grad():
