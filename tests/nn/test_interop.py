@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -196,15 +196,19 @@ def test_func_grad_and_grad_of_grad(implementation):
     torch.testing.assert_close(gg, gg_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_func_vmap_auto_runs_and_fused_refuses():
+def test_func_vmap_and_jvp_auto_runs_and_fused_refuses():
     mine, ref = twins("auto")
     xs = torch.randn(3, 4, 2, 5)  # 3 independent calls
     params = dict(mine.named_parameters())
     out = vmap(lambda x: functional_call(mine, params, (x,))[0])(xs)
     torch.testing.assert_close(out, torch.stack([ref(x)[0] for x in xs]))
     fused = twins("fused")[0]
-    with pytest.raises(NotImplementedError, match="implementation='auto'"):
+    with pytest.raises(NotImplementedError, match="vmap.*implementation='auto'"):
         vmap(lambda x: functional_call(fused, params, (x,))[0])(xs)
+    with pytest.raises(NotImplementedError, match="jvp.*implementation='auto'"):
+        jvp(lambda x: functional_call(fused, params, (x,))[0], (xs[0],), (xs[0],))
+    out, tangent = jvp(lambda x: functional_call(mine, params, (x,))[0], (xs[0],), (xs[0],))
+    torch.testing.assert_close(out, ref(xs[0])[0])
 
 
 # -- autocast

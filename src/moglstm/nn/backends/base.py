@@ -136,8 +136,15 @@ class FusedDirection(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        raise NotImplementedError(
-            "torch.func.vmap over the fused Mogrifier LSTM path is not supported (its step "
-            "loops take whole batches): build the module with implementation='auto' (the "
-            "reference under torch.func transforms) or 'reference'"
-        )
+        raise NotImplementedError(_REFUSED.format("torch.func.vmap"))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_REFUSED.format("Forward-mode AD (torch.func.jvp)"))
+
+
+_REFUSED = (
+    "{} over the fused Mogrifier LSTM path is not supported (its step loops take whole "
+    "batches and have a reverse-mode backward only): build the module with "
+    "implementation='auto' (the reference under torch.func transforms) or 'reference'"
+)
