@@ -125,15 +125,21 @@ torch.serialization.add_safe_globals([RNNModel, nn.Embedding, nn.Dropout, nn.Lin
 '''
 
 
-def test_whole_model_saved_and_loaded_with_weights_only(tmp_path):
-    """The client's pattern: torch.save(model, f) after training, torch.load(f) (weights_only
-    by default) in the same run and in another process (its generate.py)."""
-    (tmp_path / "client_model.py").write_text(CLIENT)
-    sys.path.insert(0, str(tmp_path))
+def import_client(folder):
+    """The client's model module, written into ``folder`` and imported from there."""
+    (folder / "client_model.py").write_text(CLIENT)
+    sys.path.insert(0, str(folder))
     try:
         import client_model
     finally:
-        sys.path.remove(str(tmp_path))
+        sys.path.remove(str(folder))
+    return client_model
+
+
+def test_whole_model_saved_and_loaded_with_weights_only(tmp_path):
+    """The client's pattern: torch.save(model, f) after training, torch.load(f) (weights_only
+    by default) in the same run and in another process (its generate.py)."""
+    client_model = import_client(tmp_path)
     model = client_model.RNNModel().eval()
     x = torch.randint(0, 10, (4, 2))
     expected = model(x, None)[0]
@@ -165,12 +171,7 @@ def test_client_onnx_export_pattern(tmp_path):
     the defaults, then onnxruntime gives the model's output."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    (tmp_path / "client_model.py").write_text(CLIENT)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import client_model
-    finally:
-        sys.path.remove(str(tmp_path))
+    client_model = import_client(tmp_path)
     model = client_model.RNNModel().eval()
     tokens = torch.zeros(35, 1, dtype=torch.long)
     hidden = (torch.zeros(2, 1, 5), torch.zeros(2, 1, 5))

@@ -85,7 +85,8 @@ class MogrifierLSTM(nn.Module):
     peephole parameters too. ``all_weights``, ``_flat_weights``,
     ``_flat_weights_names`` and ``mode`` are there for code written against
     :class:`torch.nn.LSTM` (the LSTM's weights only; the Mogrifiers' are in their
-    submodules). It is not a subclass of :class:`torch.nn.LSTM` (see ``docs/interop.md``).
+    submodules). It is not a subclass of :class:`torch.nn.LSTM`. ``docs/interop.md`` says
+    what works with torch.compile, torch.export, ONNX, torch.func, autocast and the rest.
 
     Inputs: ``input, hx``
         - input: ``(L, H_in)`` unbatched, ``(L, N, H_in)``, ``(N, L, H_in)`` with
@@ -96,7 +97,8 @@ class MogrifierLSTM(nn.Module):
           with ``proj_size > 0``, ``h_0`` has ``proj_size`` features instead of ``H``.
 
     Outputs: ``output, (h_n, c_n)``
-        - output: ``(L, N, D * H)`` (batch first if asked), or a ``PackedSequence``.
+        - output: ``(L, N, D * H)`` (``D * proj_size`` with a projection; batch first if
+          asked), or a ``PackedSequence``.
         - h_n, c_n: ``(D * num_layers, N, H)``; for packed input, each sequence's
           state after its own last step.
 
@@ -153,12 +155,12 @@ class MogrifierLSTM(nn.Module):
         out_size = self.proj_size or hidden_size  # the h carried, fed back and output
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else out_size * self.num_directions
+            shapes = self._lstm_shapes(layer)
+            layer_input = shapes["weight_ih"][1]
             check_rank("mogrify_rank", mogrify_rank, layer_input, out_size)
             for suffix in self._suffixes(layer):
                 mog = Mogrifier(layer_input, out_size, mogrify_rounds, mogrify_rank, **factory)
                 self.add_module(f"mogrifier{suffix}", mog)
-                shapes = self._lstm_shapes(layer)
                 for name, shape in shapes.items():
                     self.register_parameter(
                         f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory))

@@ -58,6 +58,12 @@ def arena_size(shapes: dict[str, list[tuple[int, ...]]], element_size: int) -> i
     return sum(-(-math.prod(s) // align) * align for group in shapes.values() for s in group)
 
 
+def arena_shape(spec: DirectionSpec, x: Tensor) -> tuple[int]:
+    """The shape of the arena for input ``x`` ``(T, B, I)``: what the step loops save."""
+    T, B, _ = x.shape
+    return (arena_size(layout(spec, T, B), x.element_size()),)
+
+
 def carve(
     like: Tensor, shapes: dict[str, list[tuple[int, ...]]], arena: Tensor | None = None
 ) -> tuple[Tensor, dict[str, list[Tensor]]]:

@@ -17,14 +17,7 @@ from torch import Tensor
 
 from moglstm.nn import _kernels
 from moglstm.nn.backends.base import FusedBackend
-from moglstm.nn.backends.buffers import (
-    Buffers,
-    arena_size,
-    fresh_grad,
-    layout,
-    rows,
-    weight_grads,
-)
+from moglstm.nn.backends.buffers import Buffers, arena_shape, fresh_grad, rows, weight_grads
 from moglstm.nn.backends.torch_loop import gates_weight
 from moglstm.nn.direction import Direction, DirectionSpec
 
@@ -84,9 +77,8 @@ class CompiledLoop(FusedBackend):
     name = "compiled-loop"
 
     def saved_shapes(self, spec, x):
-        T, B, _ = x.shape
         gates_in = spec.input_size + spec.hidden_size if spec.rounds else spec.hidden_size
-        return [(arena_size(layout(spec, T, B), x.element_size()),), (spec.gate_rows, gates_in)]
+        return [arena_shape(spec, x), (spec.gate_rows, gates_in)]  # the arena, [W_ih W_hh]
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moglstm.nn import functional as F
 from moglstm.nn.backends.base import Backend
+from moglstm.nn.backends.reference import step
 from moglstm.nn.direction import Direction, Steps
 
 
@@ -35,27 +35,13 @@ class Scan(Backend):
 
         if steps.batch_sizes is not None:
             raise ValueError("the scan backend does not take packed sequences")
-        weights, biases, variants = d.round_weights(), d.round_biases(), d.variants()
 
-        def step(carry: tuple[Tensor, Tensor], x_t: Tensor):
-            h, c = carry
-            h_in = h if mask is None else h * mask
-            x_m, h_m = F.mogrify(x_t, h_in, weights, biases)
-            h, c = F.lstm_cell(
-                x_m,
-                h_m,
-                c,
-                d.weight_ih,
-                d.weight_hh,
-                d.bias_ih,
-                d.bias_hh,
-                weight_hr=d.weight_hr,
-                **variants,
-            )
+        def body(carry: tuple[Tensor, Tensor], x_t: Tensor):
+            h, c = step(d, x_t, *carry, mask)
             return (h, c), h.clone()  # scan's outputs may not alias its carry
 
         # fresh tensors, not views: scan traces its operands' bases too, and sizes of a
         # base that happen to equal the batch tie the batch to a constant
         h, c, x = h.clone(), c.clone(), steps.x.clone(memory_format=torch.contiguous_format)
-        (h_n, c_n), out = scan(step, (h, c), x, reverse=reverse)
+        (h_n, c_n), out = scan(body, (h, c), x, reverse=reverse)
         return out, h_n, c_n

@@ -21,9 +21,8 @@ from moglstm.nn import _kernels
 from moglstm.nn.backends.base import FusedBackend
 from moglstm.nn.backends.buffers import (
     Buffers,
-    arena_size,
+    arena_shape,
     fresh_grad,
-    layout,
     round_slots,
     rows,
     split_gates,
@@ -263,8 +262,7 @@ class TorchLoop(FusedBackend):
     # -- forward
 
     def saved_shapes(self, spec, x):
-        T, B, _ = x.shape
-        return [(arena_size(layout(spec, T, B), x.element_size()),)]
+        return [arena_shape(spec, x)]
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)
