@@ -156,6 +156,33 @@ def test_onnx_export_runs_other_lengths_in_onnxruntime(tmp_path):
             torch.testing.assert_close(torch.from_numpy(a), b.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "tracer, implementation, expected",
+    [
+        ("compile", "auto", "library-op"),
+        ("compile", "fused", "library-op"),
+        ("compile", "reference", "reference"),
+        ("export", "auto", "scan"),
+        ("export", "fused", "library-op"),
+        ("onnx", "fused", "scan"),
+        ("onnx", "reference", "reference"),
+        ("func", "auto", "reference"),
+        ("func", "fused", "compiled-loop|torch-loop+c-kernels|torch-loop"),
+    ],
+)
+def test_backend_under_each_tracer(monkeypatch, tracer, implementation, expected):
+    from moglstm.nn import backends
+    from moglstm.nn.direction import Steps
+
+    if tracer in ("compile", "export", "onnx"):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: tracer in ("export", "onnx"))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: tracer == "onnx")
+    monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: tracer == "func")
+    steps = Steps(torch.randn(3, 2, 5), None)
+    assert backends.select(implementation, steps, True).name in expected.split("|")
+
+
 def test_jit_trace_takes_the_reference():
     """torch.jit.trace (and the TorchScript ONNX exporter) sees torch ops, not the loop."""
     rnn = twins("auto")[0].eval()

@@ -69,14 +69,17 @@ def traced_backend(implementation: str) -> Backend | None:
 
     ``torch.export`` (and the ONNX exporter, which uses it): ``"auto"`` runs the scan
     backend, a portable graph with a symbolic window length; ``"fused"`` the custom op
-    (the exported program then needs moglstm to run). ``torch.compile``: the custom op,
+    (the exported program then needs moglstm to run), except for the ONNX exporter,
+    which gets the scan loop too. ``torch.compile``: the custom op,
     one graph node whatever the window length. ``torch.func`` transforms: ``"auto"``
     runs the reference, which every transform supports; ``"fused"`` its step loop
     (``grad``, ``vjp``, ``jacrev`` work; ``vmap`` and forward-mode AD raise an error).
     ``torch.jit.trace`` (and the TorchScript-based ONNX exporter): the reference.
     """
     if torch.compiler.is_compiling():  # Dynamo, or torch.export
-        if implementation == "auto" and torch.compiler.is_exporting():
+        # ONNX has no custom op for the step loop: the ONNX exporter gets the scan loop
+        onnx = torch.onnx.is_in_onnx_export()
+        if torch.compiler.is_exporting() and (implementation == "auto" or onnx):
             return SCAN
         return LIBRARY_OP
     if torch.jit.is_tracing():  # torch.jit.trace, the TorchScript ONNX exporter
