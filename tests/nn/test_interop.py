@@ -265,6 +265,13 @@ def test_autocast_follows_torch_lstm(implementation):
     )
 
 
+def test_autocast_leaves_float64_alone():
+    mine = twins("auto", dtype=D)[0]
+    x = torch.randn(9, 2, 5, dtype=D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mine(x)[0].dtype == D == torch.nn.LSTM(5, 4).double()(x)[0].dtype
+
+
 def test_fused_backward_ignores_an_enclosing_autocast():
     """A float32 fused forward, backward() inside an autocast block: float32 gradients equal
     to those outside it (the block does not push the backward's products to bfloat16)."""

@@ -29,9 +29,10 @@ __all__ = ["IMPLEMENTATIONS", "MogrifierLSTM", "Steps"]
 
 
 def autocast_dtype(input: object) -> torch.dtype | None:
-    """The autocast dtype when autocast is on for ``input``'s device, else None."""
+    """The autocast dtype when autocast is on for ``input``'s device, else None (also for
+    float64 input, which autocast leaves alone)."""
     x = input.data if isinstance(input, PackedSequence) else input
-    if not isinstance(x, Tensor) or not torch.is_floating_point(x):
+    if not isinstance(x, Tensor) or not torch.is_floating_point(x) or x.dtype == torch.float64:
         return None
     device = x.device.type
     if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
