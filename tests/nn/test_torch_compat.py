@@ -113,7 +113,7 @@ class RNNModel(nn.Module):
         super().__init__()
         self.encoder = nn.Embedding(10, 6)
         self.drop = nn.Dropout(0.2)
-        self.rnn = MogrifierLSTM(6, 5, 2, dropout=0.2, mogrify_rounds=3, mogrify_rank=2)
+        self.rnn = MogrifierLSTM(6, 5, 2, dropout=0.2, mogrify_rounds=2, mogrify_rank=2)
         self.decoder = nn.Linear(5, 10)
 
     def forward(self, x, hidden):
