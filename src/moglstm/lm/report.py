@@ -44,6 +44,7 @@ __all__ = [
     "find_runs",
     "markdown_table",
     "plot_runs",
+    "read_jsonl",
     "read_run",
     "record_evaluation",
     "require",
@@ -170,11 +171,13 @@ def read_run(run_dir: str | Path) -> RunRecord:
         )
     run = RunRecord(path=path)
     if config_file.is_file():
+        from moglstm.lm.train import _flat  # train imports evaluate, which imports this
+
         run.config = _flat(to_dict(read_config(config_file)))
-    records = _read_jsonl(metrics)
+    records = read_jsonl(metrics)
     run.train = [r for r in records if r.get("split") == "train"]
     run.valid = [r for r in records if r.get("split") == "valid"]
-    run.evaluations = _read_jsonl(path / EVALUATIONS_FILE)
+    run.evaluations = read_jsonl(path / EVALUATIONS_FILE)
     run.params = _count_parameters(path)
     run.running = _is_running(path)
     return run
@@ -220,8 +223,9 @@ def _is_run(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file()
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON-object lines of ``path`` (a line being written is skipped)."""
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON-object lines of ``path`` (a line being written is skipped; no
+    file, no records)."""
     if not path.is_file():
         return []
     out = []
@@ -232,16 +236,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict):
             out.append(record)
-    return out
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
     return out
 
 

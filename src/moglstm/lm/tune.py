@@ -298,8 +298,7 @@ def parse_duration(text: str | float | None) -> float | None:
 
 
 def _finished(study: Any, optuna: Any) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return len(study.get_trials(deepcopy=False, states=_counted(optuna)))
 
 
 def _run_study(
@@ -377,9 +376,9 @@ class _ValidationReporter:
 
 
 def _last_validation(path: Path, step: int) -> dict[str, Any] | None:
-    from moglstm.lm.report import _read_jsonl
+    from moglstm.lm.report import read_jsonl
 
-    for record in reversed(_read_jsonl(path)):
+    for record in reversed(read_jsonl(path)):
         if record.get("split") == "valid" and record.get("step") == step:
             return record
     return None
