@@ -407,7 +407,8 @@ def plot_runs(runs: Sequence[RunRecord], title: str | None = None) -> Any:
             ax.grid(True, alpha=0.3)
     if metric == "ppl":
         axes[0][0].set_yscale("log")
-    axes[0][1].legend(fontsize="small")
+    if len(runs) <= 20:  # beyond, (a study's trials) the lines speak as a cloud
+        axes[0][1].legend(fontsize="small", ncol=2 if len(runs) > 8 else 1)
     if title:
         fig.suptitle(title)
     return fig

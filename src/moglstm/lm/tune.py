@@ -35,12 +35,13 @@ validation split instead; the study lives in the run folder (``dynamic.db``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -316,6 +317,13 @@ def _run_study(
         raise ValueError("give a trial budget (--trials N), a time budget (--timeout 2h) or both")
     callbacks = [_log_trial]
     remaining = None
+    logger.info(
+        "study %r: %d finished trials so far; budget: %s trials, %s",
+        study.study_name,
+        _finished(study, optuna),
+        "no limit on" if trials is None else trials,
+        "no time limit" if timeout is None else f"{timeout:.0f} s",
+    )
     if trials is not None:
         remaining = trials - _finished(study, optuna)
         if remaining <= 0:
@@ -330,8 +338,25 @@ def _counted(optuna: Any) -> tuple[Any, ...]:
 
 
 def _log_trial(study: Any, trial: Any) -> None:
-    value = "" if trial.value is None else f" {trial.value:.4f}"
+    attrs = trial.user_attrs
+    scores = [f"{k.removeprefix('best_')} {v:.4g}" for k, v in attrs.items() if k != "run_dir"]
+    value = "" if trial.value is None else f": loss {trial.value:.4f}"
+    value += f" ({', '.join(scores)})" if scores and value else ""
     logger.info("trial %d %s%s %s", trial.number, trial.state.name.lower(), value, trial.params)
+
+
+@contextlib.contextmanager
+def _quiet_training() -> Iterator[None]:
+    """Only warnings from the training loop: a study logs one line per trial instead."""
+    loggers = [logging.getLogger(n) for n in ("moglstm.lm.train", "moglstm.lm.models")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _summary(study: Any, optuna: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -461,7 +486,8 @@ def tune(
         reporter = _ValidationReporter(trial, run_dir, cfg.train.eval_every, optuna.TrialPruned)
         from moglstm.lm.train import train
 
-        results = train(cfg, resume=resume, quiet=True, on_step=reporter)
+        with _quiet_training():
+            results = train(cfg, resume=resume, quiet=True, on_step=reporter)
         metric = "bpc" if "best_valid_bpc" in results else "ppl"
         trial.set_user_attr(f"best_{metric}", results[f"best_valid_{metric}"])
         return results["best_valid_loss"]
