@@ -238,6 +238,9 @@ def test_unknown_keys_and_bad_values_fail_before_any_trial(tmp_path: Path) -> No
     assert not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match="trial budget"):
         tune("ptb-small", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="trials=0"):
+        tune("ptb-small", trials=0, out_dir=tmp_path)
+    assert not list(tmp_path.glob("*/study.db"))
     with pytest.raises(FileNotFoundError, match="shipped space"):
         load_space("nope")
     assert main(["tune", str(path), "--trials", "1", "--out-dir", str(tmp_path)]) == 2

@@ -298,6 +298,17 @@ def parse_duration(text: str | float | None) -> float | None:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def _budget(trials: int | None, timeout: float | str | None) -> float | None:
+    """Check the budgets; return the time budget in seconds."""
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int)):
+        raise TypeError(f"trials: expected an int, got {trials!r}")
+    if trials is not None and trials < 1:
+        raise ValueError(f"trials={trials} must be >= 1")
+    if trials is None and timeout is None:
+        raise ValueError("give a trial budget (--trials N), a time budget (--timeout 2h) or both")
+    return parse_duration(timeout)
+
+
 def _finished(study: Any, optuna: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=_counted(optuna)))
 
@@ -311,10 +322,6 @@ def _run_study(
     catch: tuple[type[Exception], ...],
 ) -> None:
     """Optimize until the study has ``trials`` finished ones (all workers) or time is up."""
-    if trials is not None and trials < 1:
-        raise ValueError(f"trials={trials} must be >= 1")
-    if trials is None and timeout is None:
-        raise ValueError("give a trial budget (--trials N), a time budget (--timeout 2h) or both")
     callbacks = [_log_trial]
     remaining = None
     logger.info(
@@ -447,6 +454,7 @@ def tune(
         "best_trial", "best_value" (validation loss), "best_<ppl|bpc>", "run_dir",
         "best_params"}``.
     """
+    seconds = _budget(trials, timeout)
     optuna = _optuna()
     from moglstm.lm.runlock import RunLockedError
     from moglstm.lm.train import NonFiniteLossError
@@ -497,7 +505,7 @@ def tune(
         study_obj,
         objective,
         trials,
-        parse_duration(timeout),
+        seconds,
         (NonFiniteLossError, RunLockedError, ValueError),
     )
     return _summary(study_obj, optuna, {"study_dir": str(study_dir), "storage": storage})
@@ -534,6 +542,7 @@ def tune_dynamic(
         The study's summary (see :func:`tune`), with ``best_<ppl|bpc>`` and the
         ``evaluate`` command line of the best settings.
     """
+    seconds = _budget(trials, timeout)
     optuna = _optuna()
     from moglstm.lm.data import batchify, load_corpus
     from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
@@ -582,7 +591,7 @@ def tune_dynamic(
         direction="minimize",
         load_if_exists=True,
     )
-    _run_study(optuna, study_obj, objective, trials, parse_duration(timeout), ())
+    _run_study(optuna, study_obj, objective, trials, seconds, ())
     out = _summary(study_obj, optuna, {"run_dir": str(run_dir), "storage": storage})
     if out["best_trial"] is not None:
         flags = " ".join(
