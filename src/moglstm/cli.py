@@ -327,14 +327,22 @@ def _add_benchmark(sub: Any) -> None:
 
 
 def _add_tool(sub: Any, module: str) -> None:
-    """A subcommand defined by ``moglstm.lm.<module>``: its ``COMMAND`` (help,
-    description, epilog), ``add_arguments(parser)`` and ``command(args) -> int``."""
+    """A subcommand defined by ``moglstm.lm.<module>``: its ``COMMAND`` (help, description,
+    epilog), ``add_arguments(parser)`` and ``command(args)``, whose results (a dict) if any
+    are printed like train's."""
     import importlib
 
     tool = importlib.import_module(f"moglstm.lm.{module}")
     p = _subparser(sub, module, *tool.COMMAND)
     tool.add_arguments(p)
-    p.set_defaults(func=tool.command)
+
+    def run(args: argparse.Namespace) -> int:
+        results = tool.command(args)
+        if results is not None:
+            _print_results(results, args.json)
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------- commands

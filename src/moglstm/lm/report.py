@@ -492,10 +492,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--no-plot", action="store_true", help="the table alone (no matplotlib)")
 
 
-def command(args: Any) -> int:
+def command(args: Any) -> None:
     """Run ``moglstm report``: print the table, write the files."""
     result = report(args.runs, args.out, plot=not args.no_plot, title=args.title)
     print(result["table"], end="")
     for path in result["files"]:
         logger.info("wrote %s", path)
-    return 0

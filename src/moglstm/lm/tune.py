@@ -663,14 +663,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def command(args: argparse.Namespace) -> int:
-    """Run ``moglstm tune``."""
+def command(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run ``moglstm tune``; return the study's summary (printed by the command line)."""
     if args.list:
         for name in list_spaces():
             space = load_space(name)
             keys = ", ".join(p.key for p in space.params)
             print(f"{name:<22} [{space.preset or 'defaults'}] {keys}")
-        return 0
+        return None
     common = {"trials": args.trials, "timeout": args.timeout, "study": args.study}
     common |= {"storage": args.storage, "seed": args.seed, "heartbeat": args.heartbeat}
     if args.dynamic:
@@ -695,10 +695,5 @@ def command(args: argparse.Namespace) -> int:
             prune_startup=args.prune_startup,
             **common,
         )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    return 0
+    return result
 
