@@ -406,8 +406,15 @@ def plot_runs(runs: Sequence[RunRecord], title: str | None = None) -> Any:
             ax.set_xlabel(xlabel)
             ax.grid(True, alpha=0.3)
     if metric == "ppl":
+        from matplotlib import ticker
+
+        axis = axes[0][0].yaxis  # shared with the time panel
         axes[0][0].set_yscale("log")
-    if len(runs) <= 20:  # beyond, (a study's trials) the lines speak as a cloud
+        # plain numbers (300, not 3 x 10^2), minor ticks labelled across small ranges
+        axis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+        minor = ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+        axis.set_minor_formatter(minor)
+    if len(runs) <= 20:  # more (a study's trials) read as a cloud, not by name
         axes[0][1].legend(fontsize="small", ncol=2 if len(runs) > 8 else 1)
     if title:
         fig.suptitle(title)

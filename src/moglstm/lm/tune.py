@@ -632,7 +632,7 @@ dynamic.decay) of a trained run on its validation split; the study is kept in
 RUN/dynamic.db and the best settings are printed as an evaluate command.
 
 examples:
-  moglstm tune ptb-small-quick --trials 20
+  moglstm tune ptb-small --trials 20
   moglstm tune ptb-paper --trials 1000 --timeout 7d train.max_steps=30000
   moglstm tune my-space.yaml --trials 50 --pruner hyperband --study wide
   moglstm tune --dynamic runs/ptb-small --trials 30 --max-tokens 20000
