@@ -79,7 +79,8 @@ def test_table_shows_differences_and_results(two_runs: list[Path]) -> None:
     assert "model.kind=lstm, model.mogrify_rounds=0" in lstm_row
     best = runs[1].best_valid
     assert f"ppl {best['ppl']:.2f} (step {best['step']})" in lstm_row
-    assert f"ppl {runs[1].test['ppl']:.2f} (batch 2)" in lstm_row
+    test = runs[1].test
+    assert f"ppl {test['ppl']:.2f} (batch 2, {test['tokens']:,} tokens)" in lstm_row
     cells = [c.strip() for c in mog_row.strip("|").split("|")]
     assert cells[1] == "done" and cells[2] == "8"
     assert cells[7] == "-"  # no test evaluation of this run

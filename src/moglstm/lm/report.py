@@ -347,7 +347,7 @@ def _test(record: dict[str, Any] | None) -> str:
     if record is None:
         return "-"
     metric = "bpc" if "bpc" in record else "ppl"
-    how = [f"batch {record.get('batch_size')}"]
+    how = [f"batch {record.get('batch_size')}", f"{record.get('tokens', 0):,} tokens"]
     if record.get("dynamic"):
         how.append("dynamic")
     if record.get("temperature") not in (None, 1.0):
