@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -177,15 +177,7 @@ def test_cli_report(two_runs: list[Path], tmp_path: Path, capsys: pytest.Capture
 def test_without_matplotlib(
     two_runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    real_import = builtins.__import__
-
-    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name.startswith("matplotlib"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.delitem(__import__("sys").modules, "matplotlib", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'moglstm\[plot\]'"):
         report(two_runs, tmp_path / "x")
     assert not list(tmp_path.iterdir())  # nothing half written

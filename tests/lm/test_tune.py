@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,21 +99,41 @@ def test_study_prunes_resumes_and_reports(tmp_path: Path, word_corpus_dir: Path)
 @pytest.mark.slow
 def test_two_workers_share_the_sqlite_study(tmp_path: Path, word_corpus_dir: Path) -> None:
     space = write_space(tmp_path, word_corpus_dir)
-    cmd = [sys.executable, "-m", "moglstm", "tune", str(space), "--trials", "4"]
-    cmd += ["--out-dir", str(tmp_path / "tune"), "--pruner", "none"]
+    argv = ["tune", str(space), "--trials", "4", "--out-dir", str(tmp_path / "tune")]
+    # both workers start their study together (past their imports), so each gets trials
+    worker = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from pathlib import Path
+        from moglstm.cli import main
+        Path({str(tmp_path)!r}, f"ready-{{os.getpid()}}").touch()
+        while len(list(Path({str(tmp_path)!r}).glob("ready-*"))) < 2:
+            time.sleep(0.01)
+        sys.exit(main({argv!r} + ["--pruner", "none"]))
+        """
+    )
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     workers = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", worker],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [w.communicate(timeout=300) for w in workers]
+    ran = []
     for w, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, stderr
         assert "complete: " in stdout
-        assert " complete " in stderr, f"this worker ran no trial:\n{stderr}"  # its own trials
+        ran.append({int(n) for n in re.findall(r"trial (\d+) complete", stderr)})
+    assert all(ran) and not ran[0] & ran[1], ran  # each ran trials, none ran the same
     study = open_study(tmp_path / "tune" / "space")
     trials = study.get_trials()
-    assert counts(study).get("COMPLETE", 0) >= 4 and set(counts(study)) == {"COMPLETE"}
+    assert set(counts(study)) == {"COMPLETE"} and len(trials) >= 4
+    assert ran[0] | ran[1] == {t.number for t in trials}
     dirs = [t.user_attrs["run_dir"] for t in trials]
     assert len(set(dirs)) == len(dirs)  # one run folder per trial
     assert all(read_run(d).status == "done" for d in dirs)
@@ -263,3 +284,14 @@ def test_durations() -> None:
 def test_list(capsys: pytest.CaptureFixture) -> None:
     assert main(["tune", "--list"]) == 0
     assert "ptb-paper " in capsys.readouterr().out
+
+
+def test_without_optuna(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from moglstm.lm.report import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna: ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'moglstm\[tune\]'"):
+        tune("ptb-small", trials=1, out_dir=tmp_path)
+    assert main(["tune", "ptb-small", "--trials", "1", "--out-dir", str(tmp_path)]) == 2
+    assert "optuna" in capsys.readouterr().err
+    assert main(["tune", "--list"]) == 0  # listing needs no optuna
