@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -249,13 +250,22 @@ def _storage(optuna: Any, url: str, heartbeat: int) -> Any:
         return url
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        heartbeat_interval=heartbeat,
-        grace_period=2 * heartbeat,
-        **{_retry_keyword(optuna): _retry_class(optuna)(max_retry=2)},
-    )
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(1, 6):  # the 5th failure is raised
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                **{_retry_keyword(optuna): _retry_class(optuna)(max_retry=2)},
+            )
+        except Exception as exc:
+            # workers started together race to create the tables: the loser tries again
+            if attempt == 5 or not type(exc).__module__.startswith("sqlalchemy"):
+                raise
+            logger.debug("storage %s not ready (%s); retrying", url, exc)
+            time.sleep(0.2 * attempt)
 
 
 def _retry_class(optuna: Any) -> Any:
