@@ -192,3 +192,14 @@ def test_evaluations_are_recorded_per_call(two_runs: list[Path]) -> None:
     lines = (two_runs[1] / EVALUATIONS_FILE).read_text().splitlines()
     assert json.loads(lines[0])["split"] == "test"
     assert not (two_runs[0] / EVALUATIONS_FILE).exists()
+
+
+def test_a_config_it_cannot_read_leaves_the_rest(two_runs: list[Path], tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_runs[0], copy)
+    (copy / "config.yaml").write_text("model: [unclosed\n")
+    run = read_run(copy)
+    assert run.config == {} and [r["step"] for r in run.valid] == [4, 8]
+    assert "| copy | stopped | 8 |" in markdown_table([run])  # no max_steps known: stopped

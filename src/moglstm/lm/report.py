@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from moglstm.lm.config import read_config, to_dict
+import yaml
 
 __all__ = [
     "COMMAND",
@@ -171,9 +170,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
         )
     run = RunRecord(path=path)
     if config_file.is_file():
-        from moglstm.lm.train import _flat  # train imports evaluate, which imports this
-
-        run.config = _flat(to_dict(read_config(config_file)))
+        run.config = _read_config(config_file)
     records = read_jsonl(metrics)
     run.train = [r for r in records if r.get("split") == "train"]
     run.valid = [r for r in records if r.get("split") == "valid"]
@@ -217,6 +214,19 @@ def record_evaluation(run_dir: Path, results: dict[str, Any]) -> None:
             f.write(json.dumps(results) + "\n")
     except OSError as exc:
         logger.debug("evaluation not recorded in %s: %s", run_dir, exc)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The saved config as dotted keys, read as plain YAML: a report needs no validation
+    (and so also reads runs of other moglstm versions); unreadable gives ``{}``."""
+    from moglstm.lm.train import _flat  # train imports evaluate, which imports this
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        logger.warning("cannot read %s: %s", path, exc)
+        return {}
+    return _flat(data) if isinstance(data, dict) else {}
 
 
 def _is_run(path: Path) -> bool:
