@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -195,8 +196,6 @@ def test_evaluations_are_recorded_per_call(two_runs: list[Path]) -> None:
 
 
 def test_a_config_it_cannot_read_leaves_the_rest(two_runs: list[Path], tmp_path: Path) -> None:
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(two_runs[0], copy)
     (copy / "config.yaml").write_text("model: [unclosed\n")
