@@ -103,7 +103,9 @@ def subcommand_parsers() -> dict:
     return dict(sub.choices)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "generate", "presets", "benchmark"])
+@pytest.mark.parametrize(
+    "command", ["train", "evaluate", "generate", "presets", "benchmark", "report", "tune"]
+)
 def test_every_option_help_shows_its_default(command, capsys):
     parser = subcommand_parsers()[command]
     formatter = parser._get_formatter()
