@@ -362,7 +362,7 @@ def load_newest_checkpoint(
     candidates = [path, previous_path(path)]
     if not any(os.path.lexists(c) for c in candidates):
         raise FileNotFoundError(f"checkpoint file {str(path)!r} not found")
-    failures = []
+    failures: list[tuple[Path, CheckpointError]] = []
     for candidate in candidates:
         if not os.path.lexists(candidate):
             continue
@@ -371,13 +371,14 @@ def load_newest_checkpoint(
             if check is not None:
                 check(payload, candidate)
         except CheckpointError as exc:
-            _warn_once(candidate, "skipping checkpoint %s: %s", candidate, exc)
-            failures.append(str(exc))
+            failures.append((candidate, exc))
             continue
+        for bad, exc in failures:  # warned only when there is a fallback: else the error says it
+            _warn_once(bad, "skipping checkpoint %s: %s", bad, exc)
         if failures:
             _warn_once(candidate, "falling back to the previous checkpoint %s", candidate)
         return payload, candidate
-    raise CheckpointError("no readable checkpoint: " + "; ".join(failures))
+    raise CheckpointError("no readable checkpoint: " + "; ".join(str(e) for _, e in failures))
 
 
 _warned: set[tuple] = set()
@@ -498,8 +499,9 @@ def check_training_checkpoint(payload: Mapping[str, Any], path: Path, *, resume:
         raise CheckpointError(f"{where} lacks {', '.join(missing)}: not a training checkpoint")
     try:
         for key, value in payload.items():
-            if key != "vocab":
+            if key not in ("vocab", "config"):
                 check_tree_size(value, f"its {short_repr(key)}", max_values=_MAX_PLAIN_VALUES)
+        check_tree_size(payload["config"], "its config")
         cfg = _checked_config(payload["config"])
         vocab_size = _checked_vocab(payload["vocab"])
         model = _meta_model(cfg, vocab_size)

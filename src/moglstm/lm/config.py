@@ -826,10 +826,10 @@ def load_preset(name_or_path: str | Path) -> RunConfig:
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith(_PRESET_SUFFIXES) or _has_sep(text):
         path = Path(name_or_path)
-        return _from_yaml_file(path, f"preset file {short_repr(text)}", default_name=path.stem)
+        return _from_yaml_file(path, f"preset file {short_repr(text, 300)}", default_name=path.stem)
     if text not in list_presets():
         raise ValueError(
-            f"unknown preset {short_repr(text)}; shipped presets: {', '.join(list_presets())} "
+            f"unknown preset {short_repr(text, 300)}; shipped presets: {', '.join(list_presets())} "
             "(or give the path of a .yaml file)"
         )
     resource = _preset_folder() / f"{text}.yaml"

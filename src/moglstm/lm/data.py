@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from moglstm.lm.config import DataConfig
-from moglstm.lm.safety import decode_utf8, utf8_bytes
+from moglstm.lm.safety import decode_utf8, describe_path, utf8_bytes
 
 __all__ = [
     "CORPORA",
@@ -654,8 +654,7 @@ def _lines(text: str) -> list[str]:
 
 def _read_text(path: Path) -> str:
     """The file's text; it must be UTF-8 (a ValueError says where it is not)."""
-    if not path.is_file():
-        raise ValueError(f"missing corpus file: {path} does not exist")
+    _check_corpus_file(path)
     text = decode_utf8(path.read_bytes(), f"corpus file {path}")
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # as open()'s universal newlines
     if not text.strip():
@@ -675,9 +674,17 @@ def _read_tokens(path: Path, split_chars: bool) -> list[str]:
     return tokens
 
 
-def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
+def _check_corpus_file(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a regular file; say what it is instead."""
+    problem = describe_path(path)  # never opens it: a FIFO would block the read
+    if problem == "does not exist":
         raise ValueError(f"missing corpus file: {path} does not exist")
+    if problem is not None:
+        raise ValueError(f"corpus file {path} {problem}: give a text file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _check_corpus_file(path)
     raw = path.read_bytes()
     if not raw:
         raise ValueError(f"corpus file {path} is empty")

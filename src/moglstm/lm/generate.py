@@ -67,10 +67,14 @@ def sample_next(
     check_sampling(temperature, top_k, top_p)
     if logits.dim() != 1:
         raise ValueError(f"logits must have shape (V,), got {tuple(logits.shape)}")
-    logits = logits.detach().float().cpu()
+    logits = logits.detach().double().cpu()
+    if bool(torch.isnan(logits).any()):
+        raise ValueError("the model's next-token scores hold NaN: its weights are damaged")
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # shift the largest logit to 0 first: a tiny temperature then sends the others to
+    # -inf (probability 0) instead of overflowing every logit to inf (NaN probabilities)
+    logits = (logits - logits.max()) / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)

@@ -106,12 +106,6 @@ class _ShortRepr(reprlib.Repr):
             return f"<an int of {x.bit_length()} bits>"
         return super().repr_int(x, level)
 
-    def repr_instance(self, x: Any, level: int) -> str:
-        try:
-            return super().repr_instance(x, level)
-        except Exception:  # a broken __repr__ must not hide the error being reported
-            return f"<{type(x).__name__}>"
-
 
 _SHORT = _ShortRepr()
 
@@ -124,7 +118,7 @@ def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
     billions of elements costs microseconds. Every error message that quotes a value
     from outside (a config, an override, a checkpoint) uses this.
     """
-    text = _SHORT.repr(value)
+    text = repr(value[:limit]) if isinstance(value, str) else _SHORT.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
