@@ -568,3 +568,115 @@ def test_shipped_presets_still_load():
 def test_unsafe_path_error_is_a_value_error():
     assert issubclass(UnsafePathError, ValueError)
     assert checkpoint_module.TRAINING_ENTRIES[:3] == ("model", "config", "vocab")
+
+
+# --------------------------------------------------------------------------- distributed
+
+_PEER_SCRIPT = """
+import os, sys, time
+from moglstm.lm import distributed
+mode, timeout = sys.argv[1], float(sys.argv[2])
+try:
+    with distributed.session("cpu", timeout) as ctx, distributed.peer_failures(ctx):
+        distributed.barrier(ctx)  # both are up
+        if ctx.rank == 1:
+            if mode == "die":
+                os._exit(0)
+            time.sleep(120)  # stalled, not dead
+        distributed.barrier(ctx)
+except distributed.PeerLostError as exc:
+    print(exc, file=sys.stderr, flush=True)
+    os._exit(3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["die", "stall"])
+def test_a_dead_or_stalled_peer_is_one_line_within_the_timeout(mode, free_port, tmp_path):
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    processes = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port),
+        }
+        log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        processes.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", _PEER_SCRIPT, mode, "3"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    try:
+        start = time.perf_counter()
+        code = processes[0][0].wait(timeout=90)
+        elapsed = time.perf_counter() - start
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    err = (tmp_path / "rank0.log").read_text().strip()
+    assert code == 3, err
+    assert len(err.splitlines()) == 1, err
+    assert "another process of this job died or stopped answering" in err
+    assert "train.dist_timeout" in err and "pair.cc" not in err
+    assert elapsed < 60
+
+
+def test_the_process_group_gets_the_configured_timeout(monkeypatch):
+    import datetime
+
+    from moglstm.lm import distributed
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    with distributed.session("cpu", 42.0) as ctx:
+        assert ctx.world_size == 2
+    assert seen["timeout"] == datetime.timedelta(seconds=42)
+    assert load_config().train.dist_timeout == 300.0
+    with pytest.raises(ValueError, match="train.dist_timeout"):
+        load_config(None, ["train.dist_timeout=0"])
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def test_every_test_the_reliability_tables_name_exists():
+    """docs/reliability.md and the README's table name tests that exist."""
+    import fnmatch
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    defined = {
+        path.name: set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+        for path in (root / "tests" / "lm").glob("test_*.py")
+    }
+    doc = (root / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", doc)
+    assert len(named) > 25
+    for file, test in named:
+        assert test in defined[file], f"{file}::{test}"
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("### Reliability") :].split("\n\n")[2]
+    for pattern in re.findall(r"`(test_[\w*]+)`", table):
+        assert fnmatch.filter(defined["test_hardening.py"], pattern), pattern

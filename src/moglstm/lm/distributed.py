@@ -262,7 +262,8 @@ def peer_failures(ctx: DistContext) -> Iterator[None]:
         if not ctx.distributed or not _is_peer_failure(exc):
             raise
         lines = str(exc).strip().splitlines()
-        detail = lines[0].strip()[:160] if lines else type(exc).__name__
+        detail = lines[0].strip() if lines else type(exc).__name__
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", detail)[:160]  # gloo's source location
         raise PeerLostError(
             f"rank {ctx.rank} of {ctx.world_size}: another process of this job died or "
             f"stopped answering within train.dist_timeout; the run stops ({detail}). "
