@@ -465,7 +465,9 @@ _MAX_PLAIN_VALUES = 1_000_000  # plain values outside the vocabulary (a payload 
 _SHOWN = 3  # names listed in an error, at most
 
 
-def check_training_checkpoint(payload: Mapping[str, Any], path: Path, *, resume: bool = False):
+def check_training_checkpoint(
+    payload: Mapping[str, Any], path: Path, *, resume: bool = False
+) -> Any:
     """Check a loaded checkpoint against its own config before anything is built from it.
 
     The checks, in order, each cheap and none allocating the model:

@@ -634,10 +634,11 @@ def _finite(section: Any, prefix: str) -> list[str]:
 def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
     """Return a copy of ``cfg`` with dotted ``key=value`` overrides applied.
 
-    Each value is parsed with ``yaml.safe_load`` (so ``null``, ``true``, ``[0, 0.999]``
-    and numbers work) and then checked against the field's type as in
-    :func:`from_dict`. For string fields the raw text is kept when YAML would
-    read it as something else (``name=2024`` gives ``"2024"``). A key naming a
+    Each value is parsed as YAML by :func:`~moglstm.lm.safety.load_yaml` (safe_load's
+    rules without aliases, so ``null``, ``true``, ``[0, 0.999]`` and numbers work) and
+    then checked against the field's type as in :func:`from_dict`. For string fields
+    the raw text is kept when YAML would read it as something else (``name=2024``
+    gives ``"2024"``). A key naming a
     whole section takes a mapping (``model={kind: lstm, hidden_size: 650}``).
     The result is not validated: call :func:`validate` (as :func:`load_config` does).
 

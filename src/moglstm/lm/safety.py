@@ -188,8 +188,9 @@ def load_yaml(text: str, label: str) -> Any:
             f"{label} is too long for a config ({len(text):,} characters; at most "
             f"{MAX_YAML_BYTES:,})"
         )
-    loader = _ConfigLoader(text)
+    loader = None
     try:
+        loader = _ConfigLoader(text)  # its reader already refuses control characters
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ValueError(f"{label} is not valid YAML: {_yaml_reason(exc)}") from None
@@ -198,7 +199,8 @@ def load_yaml(text: str, label: str) -> Any:
     except ValueError as exc:  # int() of a number with more than 4300 digits
         raise ValueError(f"{label} is not valid YAML: {short_repr(str(exc), 80)[1:-1]}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
