@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from moglstm.lm.config import DataConfig
-from moglstm.lm.safety import decode_utf8, describe_path, utf8_bytes
+from moglstm.lm.safety import decode_utf8, describe_path, short_repr, utf8_bytes
 
 __all__ = [
     "CORPORA",
@@ -450,14 +450,14 @@ class Vocab:
         if not all(isinstance(t, str) for t in self._itos):
             raise TypeError("tokens must be a sequence of str")
         if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+            raise ValueError(f"level must be one of {LEVELS}, got {short_repr(level)}")
         self._stoi: dict[str, int] = {t: i for i, t in enumerate(self._itos)}
         if len(self._stoi) != len(self._itos):
             dup = next(t for t, n in Counter(self._itos).items() if n > 1)
-            raise ValueError(f"tokens must be distinct; {dup!r} occurs more than once")
+            raise ValueError(f"tokens must be distinct; {short_repr(dup)} occurs more than once")
         for arg, tok in (("unk", unk), ("eos", eos), ("space", space)):
             if tok is not None and tok not in self._stoi:
-                raise ValueError(f"{arg} token {tok!r} is not in the vocabulary")
+                raise ValueError(f"{arg} token {short_repr(tok)} is not in the vocabulary")
         if space is not None and level != "char":
             raise ValueError(f"space is only used at char level, got level={level!r}")
         self.level, self.unk, self.eos, self.space = level, unk, eos, space

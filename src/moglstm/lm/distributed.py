@@ -68,6 +68,7 @@ from torch import distributed as dist
 
 from moglstm.lm.checkpoint import capture_rng_state, restore_rng_state
 from moglstm.lm.evaluate import resolve_device
+from moglstm.lm.safety import short_repr
 
 __all__ = [
     "DistContext",
@@ -136,7 +137,7 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(
-            f"environment variable {name}={raw!r} is not an integer (torchrun sets it)"
+            f"environment variable {name}={short_repr(raw)} is not an integer (torchrun sets it)"
         ) from None
 
 
