@@ -135,9 +135,9 @@ RESUMABLE_KEYS = frozenset(
     }
 )
 
-#: Files whose presence marks a folder as holding a run.
-#: The checkpoints among them: a folder without any holds a run that can only start over.
+#: The checkpoints of a run folder: a folder without any holds a run that can only start over.
 CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt")
+#: Files whose presence marks a folder as holding a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", *CHECKPOINT_FILES)
 
 OnStep = Callable[[int, dict[str, float]], None]
@@ -739,8 +739,8 @@ def train(
     """
     cfg = validate(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
-    timeout = cfg.train.dist_timeout
-    with distributed.session(cfg.train.device, timeout) as ctx, distributed.peer_failures(ctx):
+    session = distributed.session(cfg.train.device, cfg.train.dist_timeout)
+    with session as ctx, distributed.peer_failures(ctx):
         distributed.check_batch_size(cfg.data.batch_size, ctx)
         lock = RunLock(run_dir)
         try:
