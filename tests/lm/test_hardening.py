@@ -335,6 +335,33 @@ def test_last_pt_exists_at_every_step_of_a_save(tmp_path, monkeypatch):
     assert seen and all(seen)
 
 
+def test_a_reader_beside_the_saves_always_finds_last_pt(tmp_path):
+    import threading
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _payload(0), keep_previous=True)
+    misses, reads, done = [], [0], threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                with open(path, "rb") as f:
+                    f.read(16)
+                reads[0] += 1
+            except FileNotFoundError:
+                misses.append(1)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(1, 40):
+            save_checkpoint(path, _payload(n), keep_previous=True, verify=False)
+    finally:
+        done.set()
+        thread.join()
+    assert reads[0] > 0 and not misses
+
+
 def test_previous_copy_without_hard_links(tmp_path, monkeypatch):
     def no_links(*args: Any, **kwargs: Any) -> None:
         raise OSError(1, "Operation not permitted")
