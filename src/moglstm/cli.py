@@ -82,8 +82,11 @@ examples:
   torchrun --nproc_per_node=4 -m moglstm train --preset ptb-small   # 4 GPUs, data-parallel
 
 Under torchrun each process takes data.batch_size / N of the streams (the batch
-size must divide by N) and only rank 0 writes files. train.nonfinite=skip or
-rollback keeps a run going through a NaN/inf loss (default: stop).
+size must divide by N) and only rank 0 writes files; a dead or stalled process
+stops the others after train.dist_timeout seconds (300). train.nonfinite=skip or
+rollback keeps a run going through a NaN/inf loss (default: stop). A model whose
+training cannot fit in memory is refused before it is built, with the numbers
+(train.check_memory=false tries anyway). See docs/reliability.md.
 """
 
 _EVALUATE_EPILOG = """\
