@@ -183,8 +183,9 @@ def training_memory(
     round's gate and gated vector (``2 H`` per round) and dropout's input (``2 H``); for
     a Transformer block ``16 d`` plus ``2 heads x bptt`` attention weights; for the
     output layer the logits, their log-softmax and its gradient (``3 V``, times the
-    mixture's components with ``model.mos_components``). Within a factor of about two
-    of what PyTorch allocates; meant to catch sizes that cannot fit at all.
+    mixture's components with ``model.mos_components``). Meant to catch sizes that
+    cannot fit at all, it errs low: 0.6 to 0.8 of the peak memory measured on CPU by
+    ``experiments/memory_estimate.py`` (see docs/reliability.md).
 
     Args:
         cfg: the run's config.
