@@ -514,6 +514,22 @@ def test_available_memory_is_known_on_this_platform():
     assert room is None or room[0] > 0
 
 
+def test_on_a_gpu_the_chosen_devices_free_memory_counts(trained, tmp_path, monkeypatch):
+    seen = []
+
+    def mem_get_info(device: Any) -> tuple[int, int]:
+        seen.append(device)
+        return 5_000_000, 80_000_000_000
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    gpu = torch.device("cuda", 1)
+    assert budget.available_memory(gpu) == (5_000_000, "GPU cuda:1 has")
+    cfg = load_config(None, _cfg_overrides(trained["corpus"], tmp_path))
+    with pytest.raises(budget.MemoryBudgetError, match=r"GPU cuda:1 has 5\.0 MB available"):
+        budget.check_training_fits(cfg, 100_000, gpu)
+    assert seen == [gpu, gpu]
+
+
 def test_an_allocation_failure_is_one_line(trained, tmp_path, capsys, monkeypatch):
     from moglstm.lm import train as train_module
 
