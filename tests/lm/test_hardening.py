@@ -214,6 +214,10 @@ def test_preset_errors_never_echo_the_file(tmp_path, capsys):
         err = _error(capsys, ["train", "--preset", str(path), "--print-config"])
         assert secret not in err, (name, err)
         assert str(path) in err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("modle:\n  hidden_size: 3\n")  # a near miss of a config key is named
+    err = _error(capsys, ["train", "--preset", str(typo), "--print-config"])
+    assert "'modle'" in err and "did you mean 'model'" in err
 
 
 def test_a_folder_or_fifo_as_a_preset_or_corpus_is_called_what_it_is(

@@ -764,7 +764,7 @@ def read_config(path: str | Path) -> RunConfig:
 
 def _from_yaml_file(path: Path, label: str, default_name: str | None = None) -> RunConfig:
     data = _read_yaml_mapping(path, label)
-    if data and not any(isinstance(k, str) and k in _hints(RunConfig) for k in data):
+    if data and not any(_config_like(k) for k in data):
         raise ValueError(  # say so without quoting a file that is not a config at all
             f"{label} is not a moglstm config: none of its {len(data)} top-level keys is one "
             f"of {', '.join(_hints(RunConfig))}"
@@ -775,6 +775,12 @@ def _from_yaml_file(path: Path, label: str, default_name: str | None = None) -> 
         return from_dict(data)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{label}: {exc}") from exc
+
+
+def _config_like(key: Any) -> bool:
+    """A top-level key that is a config key, or a near miss worth naming (``modle``)."""
+    valid = list(_hints(RunConfig))
+    return isinstance(key, str) and bool(difflib.get_close_matches(key, valid, n=1, cutoff=0.75))
 
 
 def _read_yaml_mapping(path: Path, label: str) -> dict[str, Any]:
