@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moglstm.lm.safety import short_repr
+
 __all__ = [
     "MAX_SEARCHED_SIZE",
     "MemoryBudgetError",
@@ -74,18 +76,19 @@ def parse_count(value: str | int | float) -> int:
         (24000000, 24000000, 24000000)
     """
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise TypeError(f"count: expected text like '24M' or a number, got {value!r}")
+        raise TypeError(f"count: expected text like '24M' or a number, got {short_repr(value)}")
     if isinstance(value, str):
         match = _COUNT_RE.fullmatch(value)
         if match is None:
             raise ValueError(
-                f"{value!r} is not a parameter count (write e.g. 24M, 1.5k, 24e6 or 24000000)"
+                f"{short_repr(value)} is not a parameter count (write e.g. 24M, 1.5k, 24e6 or "
+                "24000000)"
             )
         number = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
     else:
         number = float(value)
     if not math.isfinite(number) or number < 1 or abs(number - round(number)) > 1e-6 * number:
-        raise ValueError(f"{value!r} must be a positive whole number of parameters")
+        raise ValueError(f"{short_repr(value)} must be a positive whole number of parameters")
     return int(round(number))
 
 
@@ -109,9 +112,9 @@ def largest_fitting(
             no size up to ``high`` can be built.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive int, got {budget!r}")
+        raise ValueError(f"budget must be a positive int, got {short_repr(budget)}")
     if isinstance(high, bool) or not isinstance(high, int) or high < 1:
-        raise ValueError(f"high must be a positive int, got {high!r}")
+        raise ValueError(f"high must be a positive int, got {short_repr(high)}")
     smallest = _first(lambda n: count(n) is not None, 1, high)
     if smallest is None:
         raise ValueError(f"no size up to {high} can be built")

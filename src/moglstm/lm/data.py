@@ -261,9 +261,9 @@ def download(url: str, dest: str | os.PathLike[str], sha256: str, *, timeout: fl
         ChecksumError: the downloaded bytes do not match ``sha256``.
     """
     if not isinstance(url, str) or not url:
-        raise ValueError(f"url must be a non-empty string, got {url!r}")
+        raise ValueError(f"url must be a non-empty string, got {short_repr(url)}")
     if not isinstance(sha256, str) or len(sha256) != 64:
-        raise ValueError(f"sha256 must be a 64-character hex digest, got {sha256!r}")
+        raise ValueError(f"sha256 must be a 64-character hex digest, got {short_repr(sha256)}")
     dest = Path(dest)
     sha256 = sha256.lower()
     if dest.is_file() and sha256_file(dest) == sha256:
@@ -459,7 +459,7 @@ class Vocab:
             if tok is not None and tok not in self._stoi:
                 raise ValueError(f"{arg} token {short_repr(tok)} is not in the vocabulary")
         if space is not None and level != "char":
-            raise ValueError(f"space is only used at char level, got level={level!r}")
+            raise ValueError(f"space is only used at char level, got level={short_repr(level)}")
         self.level, self.unk, self.eos, self.space = level, unk, eos, space
 
     @classmethod
@@ -526,7 +526,7 @@ class Vocab:
         ids = list(map(self._stoi.get, tokens, repeat(self.unk_id)))  # C-speed lookup
         if self.unk is None and None in ids:
             bad = next(t for t in tokens if t not in self._stoi)
-            raise ValueError(f"token {bad!r} is not in the vocabulary (which has no unk)")
+            raise ValueError(f"token {short_repr(bad)} is not in the vocabulary (which has no unk)")
         return ids
 
     def decode(self, ids: Iterable[int] | Tensor) -> list[str]:
@@ -636,7 +636,7 @@ class Corpus:
     def split(self, name: str) -> Tensor:
         """Return the split called ``name`` (``train``, ``valid`` or ``test``)."""
         if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+            raise ValueError(f"split must be one of {SPLITS}, got {short_repr(name)}")
         return getattr(self, name)
 
     def __repr__(self) -> str:
@@ -775,7 +775,9 @@ def load_corpus(
     name = cfg.corpus
     if name == "text":
         if cfg.level not in LEVELS:
-            raise ValueError(f"DataConfig.level must be one of {LEVELS}, got {cfg.level!r}")
+            raise ValueError(
+                f"DataConfig.level must be one of {LEVELS}, got {short_repr(cfg.level)}"
+            )
         level = cfg.level
     else:
         level = _source(name).level

@@ -165,7 +165,7 @@ def _context_from_env(device: str) -> DistContext:
 def _rank_device(spec: str, local_rank: int, local_world: int) -> torch.device:
     """The device of one rank: ``cuda``/``auto`` mean the GPU numbered ``local_rank``."""
     if not isinstance(spec, str):
-        raise TypeError(f"train.device: expected a string, got {spec!r}")
+        raise TypeError(f"train.device: expected a string, got {short_repr(spec)}")
     if spec == "mps":
         raise ValueError("train.device='mps' does not support several processes; use cpu")
     if spec == "auto":
