@@ -33,6 +33,7 @@ from typing import Any, Union
 import yaml
 
 from moglstm.lm.safety import (
+    MAX_YAML_BYTES,
     NONFINITE_POLICIES,
     describe_path,
     load_yaml,
@@ -73,7 +74,6 @@ DROPOUT_MASKS = ("window", "step")  # model.dropout_mask
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _PRESET_SUFFIXES = (".yaml", ".yml")
-MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes
 
 
 @dataclass
@@ -790,7 +790,9 @@ def _read_yaml_mapping(path: Path, label: str) -> dict[str, Any]:
     if problem is not None:
         raise ValueError(f"{label} {problem}")
     with open(path, "rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise ValueError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
