@@ -7,6 +7,7 @@ backend                runs
 ``torch-loop``         one autograd node; a Python step loop of torch ops (any device)
 ``torch-loop+c-kernels``  the same with the pointwise parts in C (CPU)
 ``compiled-loop``      one autograd node; the whole step loop in C (CPU, threads)
+``triton``             one autograd node; the step loop in Triton kernels (CUDA)
 =====================  ==========================================================
 
 :func:`select` is called once per :class:`~moglstm.nn.MogrifierLSTM` call and its
@@ -25,6 +26,7 @@ from moglstm.nn.backends.base import Backend, FusedBackend, FusedDirection
 from moglstm.nn.backends.compiled import CompiledLoop
 from moglstm.nn.backends.reference import Reference
 from moglstm.nn.backends.torch_loop import TorchLoop, TorchLoopKernels
+from moglstm.nn.backends.triton import TRITON, self_check, unavailable_reason
 from moglstm.nn.direction import Steps
 
 __all__ = [
@@ -34,11 +36,12 @@ __all__ = [
     "Backend",
     "FusedBackend",
     "FusedDirection",
+    "TRITON",
     "select",
     "step_loop",
 ]
 
-IMPLEMENTATIONS = ("auto", "fused", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "reference", "triton")
 INFERENCE_MIN_STEPS = 8  # "auto" runs inference through the compiled loop from this many steps
 LOOP_DTYPES = (torch.float32, torch.float64)  # what the step-loop backends take
 
@@ -61,30 +64,50 @@ def select(implementation: str, steps: Steps, records_grad: bool) -> Backend:
     """The backend for one call.
 
     ``"reference"`` is the reference. ``"fused"`` is the best step loop for the input
-    (an error for packed sequences or other dtypes). ``"auto"`` takes the step loop when
-    autograd records the call (training); without autograd (inference, generation) only
-    for windows of at least ``INFERENCE_MIN_STEPS`` steps on CPU with the compiled loop
-    (measured: as fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of torch's
-    LSTM against x1.8); the reference loop is faster for the few steps of a generation
-    call and allocates no buffers. Packed sequences and other dtypes run the reference.
+    (an error for packed sequences or other dtypes). ``"triton"`` is the Triton backend
+    (an error where it cannot run: no triton, not CUDA and not ``TRITON_INTERPRET=1``,
+    packed sequences, dtypes other than float32/float16/bfloat16). ``"auto"`` takes a
+    fused backend when autograd records the call (training): on CUDA the Triton one
+    once it has passed its self-check on that device and dtype (else the torch-ops
+    loop), on CPU the best step loop. Without autograd (inference, generation) it does
+    so only for windows of at least ``INFERENCE_MIN_STEPS`` steps, on CUDA with Triton
+    or on CPU with the compiled loop (measured on CPU: as fast at batch 1, twice as fast
+    at batch 8, B=64 forward x1.2 of torch's LSTM against x1.8); the reference loop is
+    faster for the few steps of a generation call and allocates no buffers. Packed
+    sequences and other dtypes run the reference.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "reference":
         return REFERENCE
+    x = steps.x
+    if implementation == "triton":
+        reason = "packed sequences" if steps.batch_sizes is not None else unavailable_reason(x)
+        if reason:
+            raise ValueError(f"implementation='triton' does not support {reason}")
+        return TRITON
     reason = None
     if steps.batch_sizes is not None:
         reason = "packed sequences"
-    elif steps.x.dtype not in LOOP_DTYPES:
-        reason = f"dtype {steps.x.dtype}"
+    elif x.dtype not in LOOP_DTYPES and not _triton_ready(x):
+        reason = f"dtype {x.dtype}"
     if reason and implementation == "fused":
         raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
     if reason:
         return REFERENCE
-    backend = step_loop(steps.x)
+    backend = TRITON if _triton_ready(x) else step_loop(x)
     if implementation == "auto" and not records_grad:
-        # inference: the compiled loop pays for its setup (weights concatenated and
-        # packed, buffers) over a window; the reference loop wins on a few steps
-        if steps.length < INFERENCE_MIN_STEPS or backend is not COMPILED_LOOP:
+        # inference: a fused backend pays for its setup (weights concatenated and packed,
+        # buffers) over a window; the reference loop wins on a few steps
+        fast = backend is COMPILED_LOOP or backend is TRITON
+        if steps.length < INFERENCE_MIN_STEPS or not fast:
             return REFERENCE
     return backend
+
+
+def _triton_ready(x: torch.Tensor) -> bool:
+    """Whether "auto" and "fused" run tensors like ``x`` through Triton: on CUDA, where it
+    can run, after its one-time self-check against the reference passed."""
+    if x.device.type != "cuda" or unavailable_reason(x) is not None:
+        return False
+    return self_check(str(x.device), x.dtype)

@@ -144,10 +144,13 @@ class RoundGrads:
 
     CHUNK_ROWS = 1024
 
-    def __init__(self, spec: DirectionSpec, buf: Buffers, batch: int) -> None:
+    def __init__(
+        self, spec: DirectionSpec, buf: Buffers, batch: int, chunk: int | None = None
+    ) -> None:
+        """``chunk``: steps per flush (default: about ``CHUNK_ROWS`` rows)."""
         T = buf.gates.shape[0]
         self.spec, self.buf = spec, buf
-        self.chunk = max(1, min(T, -(-self.CHUNK_ROWS // batch)))
+        self.chunk = max(1, min(T, chunk or -(-self.CHUNK_ROWS // batch)))
         new = buf.gates.new_empty
         widths = [spec.round_shape(r)[0] for r in range(spec.rounds)]
         self.dz = [new(self.chunk, batch, n) for n in widths]
