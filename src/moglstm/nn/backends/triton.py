@@ -75,21 +75,24 @@ class Tiles:
     k: int
 
 
-def linear_tiles(M: int, N: int, K: int) -> Tiles:
-    """Tiles of :func:`linear_kernel`: 16..64 batch rows (tl.dot needs 16), 32 or 64
-    columns, 32 of the reduction."""
-    m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return Tiles(m, 64 if N >= 512 else 32, 32)
-
-
-def gates_tiles(B: int, H: int) -> Tiles:
-    """Tiles of :func:`gates_cell_kernel`: a batch tile and 16 or 32 hidden units (four
-    gate blocks each, so 64 or 128 gate rows per program), 32 of the reduction."""
-    m = 16 if B <= 16 else (32 if B <= 32 else 64)
-    return Tiles(m, 32 if H >= 2048 else 16, 32)
-
-
+# The tiles the dispatcher picks from: a batch tile of 16 rows (tl.dot's minimum) for
+# batches up to 16, else 64; 64 output columns of a product, 16 hidden units (four gate
+# blocks: 64 gate rows) of the gates' kernel; 32 of every reduction.
+BATCH_TILES = (16, 64)
+LINEAR_N, GATES_H, REDUCTION = 64, 16, 32
 POINTWISE = Tiles(16, 64, 1)
+
+
+def batch_tile(rows: int) -> int:
+    return BATCH_TILES[0] if rows <= BATCH_TILES[0] else BATCH_TILES[1]
+
+
+def linear_tiles(M: int) -> Tiles:
+    return Tiles(batch_tile(M), LINEAR_N, REDUCTION)
+
+
+def gates_tiles(B: int) -> Tiles:
+    return Tiles(batch_tile(B), GATES_H, REDUCTION)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -97,6 +100,87 @@ def precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
         return "tf32"
     return "ieee"
+
+
+def linear_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles) -> dict:
+    return {
+        "MODE": mode,
+        "HAS_BIAS": bias,
+        "ACC": accumulate,
+        "PRECISION": prec,
+        "BM": t.m,
+        "BN": t.n,
+        "BK": t.k,
+    }
+
+
+def variant_constexprs(spec_or_flags) -> dict:
+    s = spec_or_flags
+    return {"COUPLED": s.coupled, "CAP": s.cap_input_gate, "PEEP": s.peephole}
+
+
+def gates_constexprs(variant: dict, bias: bool, pre: bool, prec: str, t: Tiles) -> dict:
+    return {
+        **variant,
+        "HAS_BIAS": bias,
+        "HAS_PRE": pre,
+        "PRECISION": prec,
+        "BB": t.m,
+        "BH": t.n,
+        "BK": t.k,
+    }
+
+
+def cell_backward_constexprs(variant: dict, d_out: bool) -> dict:
+    return {**variant, "HAS_DOUT": d_out, "BB": POINTWISE.m, "BH": POINTWISE.n}
+
+
+# -- every kernel configuration the dispatcher can pick (for the ahead-of-time checks)
+
+# (operand dtype, tl.dot precision) pairs: float32 as IEEE or TF32, float16, bfloat16
+OPERANDS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"))
+# (coupled, cap_input_gate, peephole): coupled and capped never come together
+VARIANTS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1))
+# the variants with the most code: each kernel's other variants are subsets of one of them
+WIDEST_VARIANTS = ((0, 1, 1), (1, 0, 1))
+
+
+def kernel_configs(which: str = "all") -> list[tuple[str, str, dict]]:
+    """``(kernel name, operand dtype, constexprs)`` of every configuration the launchers
+    above can pick (``"all"``), or of those whose code contains every other's
+    (``"widest"``: the widest variants, every flag that adds code on)."""
+    from moglstm.nn.backends import triton_kernels as k
+
+    widest = which == "widest"
+    linear_flags = [(k.STORE, False, True), (k.ROUND_FORWARD, True, False)]
+    linear_flags.append((k.ROUND_BACKWARD, True, False))
+    if not widest:
+        linear_flags += [(k.STORE, False, False), (k.ROUND_FORWARD, False, False)]
+        linear_flags.append((k.ROUND_BACKWARD, False, False))
+    gate_inputs = [(True, False)] if widest else [(True, False), (False, False), (False, True)]
+    variants = [
+        dict(zip(("COUPLED", "CAP", "PEEP"), map(bool, v), strict=True))
+        for v in (WIDEST_VARIANTS if widest else VARIANTS)
+    ]
+    out = []
+    for dtype, prec in OPERANDS:
+        for m in BATCH_TILES:
+            for mode, bias, acc in linear_flags:
+                tiles = Tiles(m, LINEAR_N, REDUCTION)
+                out.append(
+                    ("linear_kernel", dtype, linear_constexprs(mode, bias, acc, prec, tiles))
+                )
+            for variant in variants:
+                for bias, pre in gate_inputs:
+                    tiles = Tiles(m, GATES_H, REDUCTION)
+                    cx = gates_constexprs(variant, bias, pre, prec, tiles)
+                    out.append(("gates_cell_kernel", dtype, cx))
+        if prec == "ieee":  # no products: one configuration per dtype
+            for variant in variants:
+                for d_out in (True,) if widest else (True, False):
+                    cx = cell_backward_constexprs(variant, d_out)
+                    out.append(("cell_backward_kernel", dtype, cx))
+    return out
 
 
 def _kernels():
@@ -125,7 +209,7 @@ def round_backward(v, w, bias, old, d_new, dz, d_old) -> None:
 def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None:
     M, K = a.shape
     N = w.shape[0]
-    t = linear_tiles(M, N, K)
+    t = linear_tiles(M)
     grid = (-(-M // t.m), -(-N // t.n))
     stride0 = [v.stride(0) if v is not None else 0 for v in (out, old, d_new, d_old)]
     _kernels().linear_kernel[grid](
@@ -144,13 +228,7 @@ def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None
         w.stride(0),
         w.stride(1),
         *stride0,
-        MODE=mode,
-        HAS_BIAS=bias is not None,
-        ACC=accumulate,
-        PRECISION=precision(a.dtype),
-        BM=t.m,
-        BN=t.n,
-        BK=t.k,
+        **linear_constexprs(mode, bias is not None, accumulate, precision(a.dtype), t),
     )
 
 
@@ -170,7 +248,7 @@ def gates_cell(
     ``c_prev``, ``c``, ``h`` contiguous ``(B, H)``)."""
     B, K = xh.shape
     H = spec.hidden_size
-    t = gates_tiles(B, H)
+    t = gates_tiles(B)
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
     _kernels().gates_cell_kernel[(-(-B // t.m), -(-H // t.n))](
         xh,
@@ -191,15 +269,9 @@ def gates_cell(
         w.stride(0),
         0 if pre is None else pre.stride(0),
         gates.stride(0),
-        COUPLED=spec.coupled,
-        CAP=spec.cap_input_gate,
-        PEEP=spec.peephole,
-        HAS_BIAS=bias is not None,
-        HAS_PRE=pre is not None,
-        PRECISION=precision(xh.dtype),
-        BB=t.m,
-        BH=t.n,
-        BK=t.k,
+        **gates_constexprs(
+            variant_constexprs(spec), bias is not None, pre is not None, precision(xh.dtype), t
+        ),
     )
 
 
@@ -223,12 +295,7 @@ def cell_backward(spec, gates, c_prev, c, dh, d_out, dc, peephole) -> None:
         H,
         gates.stride(0),
         dh.stride(0),
-        COUPLED=spec.coupled,
-        CAP=spec.cap_input_gate,
-        PEEP=spec.peephole,
-        HAS_DOUT=d_out is not None,
-        BB=t.m,
-        BH=t.n,
+        **cell_backward_constexprs(variant_constexprs(spec), d_out is not None),
     )
 
 
