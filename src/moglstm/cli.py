@@ -290,12 +290,13 @@ examples:
   moglstm benchmark                                   # the default grid
   moglstm benchmark --shape B=64,T=70,H=512,L=2,r=5,k=84 --runs 20
   moglstm benchmark --shape B=16,H=256 --impl torch fused --mode train --json out.json
-  moglstm benchmark --device cuda --dtype float32
+  moglstm benchmark --device cuda --dtype bfloat16 --shape B=64,T=70,H=1024,L=2,r=5,k=84
+  moglstm benchmark --device cuda --dtype tf32 --impl torch triton
 """
 
 
 def _add_benchmark(sub: Any) -> None:
-    from moglstm.lm.benchmark import IMPLEMENTATIONS, MODES
+    from moglstm.lm.benchmark import DEFAULT_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, MODES
 
     p = _subparser(
         sub,
@@ -310,12 +311,17 @@ def _add_benchmark(sub: Any) -> None:
         metavar="SPEC",
         help="B=..,T=..,H=..,I=..,L=..,r=..,k=.. (k=none: full rank); repeatable",
     )
-    p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    defaults = "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_IMPLEMENTATIONS.items())
+    p.add_argument(
+        "--impl", nargs="+", choices=IMPLEMENTATIONS, help=f"default by device ({defaults})"
+    )
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--runs", type=int, default=20, help="timed runs per implementation")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", help="float32, float64, bfloat16, float16")
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="tf32: float32, TF32 products"
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")

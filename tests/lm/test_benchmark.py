@@ -72,3 +72,28 @@ def test_bad_options():
     with pytest.raises(ValueError, match="implementation"):
         run_benchmark([Shape(batch=2, seq_len=2, hidden=8, rank=2)], implementations=["cudnn"])
     assert main(["benchmark", "--shape", "B=x", "--runs", "1"]) == 2
+
+
+def test_torch_loop_and_tf32_options():
+    """The old torch-ops loop is pinned as its own row; tf32 is float32 with TF32 allowed
+    only during the run."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    results = run_benchmark(
+        [Shape(batch=2, seq_len=3, hidden=8, rank=2)],
+        implementations=["torch", "torch-loop"],
+        modes=["train"],
+        runs=1,
+        warmup=0,
+        dtype="tf32",
+        memory=False,
+        log=lambda line: None,
+    )
+    assert [r.implementation for r in results] == ["torch", "torch-loop"]
+    assert results[1].dtype == "tf32"
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    from moglstm.lm.benchmark import build
+
+    module = build("torch-loop", Shape(batch=2, seq_len=3, hidden=8, rank=2), "cpu", torch.float32)
+    assert module.backend_for(None).name == "torch-loop"
