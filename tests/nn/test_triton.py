@@ -176,3 +176,13 @@ def test_auto_picks_triton_on_cuda_only_after_the_self_check(monkeypatch):
     assert not backends._triton_ready(cuda)
     assert not backends._triton_ready(torch.zeros(1))  # CPU: never by "auto"
     assert backends.select("auto", Steps(torch.zeros(3, 2, 5), None), True) is not backends.TRITON
+
+
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one-launch", "two-launches"])
+def test_low_rank_rounds_in_one_or_two_launches(monkeypatch, one_launch):
+    """Ranks up to 128 run a round's two products as one kernel; larger ones (forced here)
+    as two. Rank 33 pads to the 128 tile."""
+    if not one_launch:
+        monkeypatch.setattr(triton_backend, "RANK_TILES", ())
+    ref, tri = twins(input_size=40, hidden_size=37, mogrify_rounds=3, mogrify_rank=33)
+    agree(ref, tri, T=2, B=3, tol=5e-5)

@@ -39,6 +39,7 @@ from moglstm.nn.backends.buffers import Buffers, fresh_grad, round_slots, weight
 from moglstm.nn.backends.torch_loop import RoundGrads, gates_weight, store_state
 from moglstm.nn.direction import Direction, DirectionSpec
 
+STORE, ROUND_FORWARD, ROUND_BACKWARD = 0, 1, 2  # the products' epilogues (triton_kernels)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -80,6 +81,8 @@ class Tiles:
 # blocks: 64 gate rows) of the gates' kernel; 32 of every reduction.
 BATCH_TILES = (16, 64)
 LINEAR_N, GATES_H, REDUCTION = 64, 16, 32
+# a low-rank round's two products run as one launch for ranks up to 128, padded to these
+RANK_TILES = (32, 128)
 POINTWISE = Tiles(16, 64, 1)
 
 
@@ -93,6 +96,11 @@ def linear_tiles(M: int) -> Tiles:
 
 def gates_tiles(B: int) -> Tiles:
     return Tiles(batch_tile(B), GATES_H, REDUCTION)
+
+
+def rank_tile(rank: int) -> int | None:
+    """The padded rank of the one-launch low-rank kernel, or None (two launches)."""
+    return next((k for k in RANK_TILES if rank <= k), None)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -112,6 +120,10 @@ def linear_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Til
         "BN": t.n,
         "BK": t.k,
     }
+
+
+def two_product_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles, kp: int):
+    return {**linear_constexprs(mode, bias, accumulate, prec, t), "KP": kp}
 
 
 def variant_constexprs(spec_or_flags) -> dict:
@@ -157,6 +169,9 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict]]:
     if not widest:
         linear_flags += [(k.STORE, False, False), (k.ROUND_FORWARD, False, False)]
         linear_flags.append((k.ROUND_BACKWARD, False, False))
+    two_product_flags = [(k.ROUND_FORWARD, True, False), (k.STORE, False, True)]
+    if not widest:
+        two_product_flags.append((k.ROUND_FORWARD, False, False))
     gate_inputs = [(True, False)] if widest else [(True, False), (False, False), (False, True)]
     variants = [
         dict(zip(("COUPLED", "CAP", "PEEP"), map(bool, v), strict=True))
@@ -170,6 +185,11 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict]]:
                 out.append(
                     ("linear_kernel", dtype, linear_constexprs(mode, bias, acc, prec, tiles))
                 )
+            for kp in RANK_TILES:
+                for mode, bias, acc in two_product_flags:
+                    tiles = Tiles(m, LINEAR_N, REDUCTION)
+                    cx = two_product_constexprs(mode, bias, acc, prec, tiles, kp)
+                    out.append(("two_product_kernel", dtype, cx))
             for variant in variants:
                 for bias, pre in gate_inputs:
                     tiles = Tiles(m, GATES_H, REDUCTION)
@@ -192,18 +212,18 @@ def _kernels():
 def linear(a: Tensor, w: Tensor, out: Tensor, bias: Tensor | None = None, *, accumulate=False):
     """``out (+)= a @ w.T + bias``: ``a (M, K)``, ``w (N, K)`` (any strides), ``out (M, N)``
     with rows of unit stride."""
-    _launch_linear(a, w, bias, out, None, None, None, _kernels().STORE, accumulate)
+    _launch_linear(a, w, bias, out, None, None, None, STORE, accumulate)
 
 
 def round_forward(v: Tensor, w: Tensor, bias: Tensor | None, old: Tensor, new: Tensor) -> None:
     """``new = 2 sigmoid(v @ w.T + bias) * old``."""
-    _launch_linear(v, w, bias, new, old, None, None, _kernels().ROUND_FORWARD, False)
+    _launch_linear(v, w, bias, new, old, None, None, ROUND_FORWARD, False)
 
 
 def round_backward(v, w, bias, old, d_new, dz, d_old) -> None:
     """With ``s = sigmoid(v @ w.T + bias)``: ``dz = 2 old d_new s (1 - s)``,
     ``d_old = 2 s d_new`` (``d_old`` may be ``d_new`` itself)."""
-    _launch_linear(v, w, bias, dz, old, d_new, d_old, _kernels().ROUND_BACKWARD, False)
+    _launch_linear(v, w, bias, dz, old, d_new, d_old, ROUND_BACKWARD, False)
 
 
 def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None:
@@ -229,6 +249,40 @@ def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None
         w.stride(1),
         *stride0,
         **linear_constexprs(mode, bias is not None, accumulate, precision(a.dtype), t),
+    )
+
+
+def two_products(a, w1, w2, p, out, bias=None, old=None, *, mode: int, accumulate=False):
+    """``p = a @ w1.T`` (written), then ``out (+)= z`` or ``out = 2 sigmoid(z) old`` for
+    ``z = p @ w2.T + bias``, in one launch (``rank_tile(w1.shape[0])`` must not be None).
+    ``a``, ``p``, ``out``, ``old``: rows of unit stride; ``w1``, ``w2`` any strides."""
+    M, K = a.shape
+    rank, N = w1.shape[0], w2.shape[0]
+    t = linear_tiles(M)
+    cx = two_product_constexprs(
+        mode, bias is not None, accumulate, precision(a.dtype), t, rank_tile(rank)
+    )
+    _kernels().two_product_kernel[(-(-M // t.m), -(-N // t.n))](
+        a,
+        w1,
+        w2,
+        p,
+        out if bias is None else bias,
+        out,
+        out if old is None else old,
+        M,
+        N,
+        K,
+        rank,
+        a.stride(0),
+        w1.stride(0),
+        w1.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        p.stride(0),
+        out.stride(0),
+        0 if old is None else old.stride(0),
+        **cx,
     )
 
 
@@ -325,11 +379,14 @@ class TritonLoop(FusedBackend):
             for r, ((tgt, src), (left, right, b)) in enumerate(zip(slots, rounds, strict=True)):
                 odd = r % 2 == 0  # rounds count from 1
                 gated, gating = (buf.xs, buf.hs) if odd else (buf.hs, buf.xs)
-                v = gating[src][t]
+                v, old, new = gating[src][t], gated[tgt][t], gated[tgt + 1][t]
+                if right is not None and rank_tile(right.shape[0]):  # u and z in one launch
+                    two_products(v, right, left, buf.u[r][t], new, b, old, mode=ROUND_FORWARD)
+                    continue
                 if right is not None:
                     linear(v, right, buf.u[r][t])
                     v = buf.u[r][t]
-                round_forward(v, left, b, gated[tgt][t], gated[tgt + 1][t])
+                round_forward(v, left, b, old, new)
             xh = buf.xh[t] if spec.rounds else buf.hs[0][t]
             step_pre = None if pre is None else pre[t]
             gates_cell(
@@ -400,7 +457,11 @@ class TritonLoop(FusedBackend):
         dz = rg.dz[r][slot]
         round_backward(v, rw.left, rw.bias, old, d_new, dz, d_old)
         into = dh if odd else dx  # the gating vector's gradient, accumulated in place
-        if spec.low_rank:
+        if spec.low_rank and rank_tile(rw.right.shape[0]):  # du and dv in one launch
+            two_products(
+                dz, rw.left.t(), rw.right.t(), rg.du[r][slot], into, mode=STORE, accumulate=True
+            )
+        elif spec.low_rank:
             du = rg.du[r][slot]
             linear(dz, rw.left.t(), du)
             linear(du, rw.right.t(), into, accumulate=True)
@@ -420,7 +481,7 @@ def self_check_problem(device: torch.device, dtype: torch.dtype):
     ref = MogrifierLSTM(
         19, 37, num_layers=1, mogrify_rounds=5, mogrify_rank=7, implementation="reference"
     )
-    x = torch.randn(5, 3, 19, generator=g)
+    x = torch.randn(3, 3, 19, generator=g)
     hx = tuple(torch.randn(1, 3, 37, generator=g) for _ in range(2))
     return ref.to(device, dtype), x.to(device, dtype), tuple(h.to(device, dtype) for h in hx)
 

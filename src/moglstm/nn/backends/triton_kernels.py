@@ -1,12 +1,14 @@
 """The Triton kernels of the Triton backend (imported only when triton is installed).
 
-Three kernels make a step, all accumulating in float32 whatever the operand dtype:
+Four kernels make a step, all accumulating in float32 whatever the operand dtype:
 
 * :func:`linear_kernel` -- ``z = a @ w.T (+ bias)`` for a ``(BM, BN)`` tile per program,
   with an epilogue chosen at compile time (``MODE``): store ``z`` (or add it to the
   output), a Mogrifier round's forward ``new = 2 sigmoid(z) old``, or its backward
   (``z`` recomputed: ``d_old = 2 s d_new`` and ``dz = 2 old d_new s (1 - s)``).
   ``w`` is read through its strides, so the transposed products of backward need no copy.
+* :func:`two_product_kernel` -- a low-rank round's two products ``(a @ w1.T) @ w2.T`` in
+  one launch, with the same epilogues (ranks up to 128).
 * :func:`gates_cell_kernel` -- the gates' product on ``[x_m, h_m]`` for a tile of batch
   rows and hidden units (all four gate blocks of those units, so one program owns a
   complete cell update), fused with the cell update and every variant (coupled, capped
@@ -88,6 +90,50 @@ def linear_kernel(
             other=0.0,
         )
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    _epilogue(
+        acc,
+        rm,
+        rn,
+        M,
+        N,
+        bias_ptr,
+        out_ptr,
+        old_ptr,
+        dnew_ptr,
+        dold_ptr,
+        s_om,
+        s_oldm,
+        s_dnm,
+        s_dom,
+        MODE,
+        HAS_BIAS,
+        ACC,
+    )
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    rm,
+    rn,
+    M,
+    N,
+    bias_ptr,
+    out_ptr,
+    old_ptr,
+    dnew_ptr,
+    dold_ptr,
+    s_om,
+    s_oldm,
+    s_dnm,
+    s_dom,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """What a product tile ``acc`` (+ bias) becomes: see :func:`linear_kernel`."""
+    m_ok = rm < M
+    n_ok = rn < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
@@ -113,6 +159,93 @@ def linear_kernel(
             mask=mask,
         )
         tl.store(out_ptrs, dz.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def two_product_kernel(
+    a_ptr,
+    w1_ptr,
+    w2_ptr,
+    p_ptr,
+    bias_ptr,
+    out_ptr,
+    old_ptr,
+    M,
+    N,
+    K,
+    RANK,
+    s_am,
+    s_w1r,
+    s_w1k,
+    s_w2n,
+    s_w2r,
+    s_pm,
+    s_om,
+    s_oldm,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    KP: tl.constexpr,
+):
+    """A low-rank round's two products in one launch: ``p = a @ w1.T`` (``(M, RANK)``, the
+    rank padded to ``KP`` inside; written by the programs of the first column tile), then
+    ``z = p @ w2.T`` with :func:`linear_kernel`'s epilogue (``MODE`` store/accumulate or
+    round forward). Every column program recomputes its rows' ``p`` (``2 BM K RANK``
+    multiply-adds, small beside the launch it saves); ``p`` enters the second product
+    rounded to the operand dtype, exactly as the two-launch path reloads it."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rr = tl.arange(0, KP)
+    rk = tl.arange(0, BK)
+    m_ok = rm < M
+    r_ok = rr < RANK
+    p = tl.zeros((BM, KP), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(
+            a_ptr + rm[:, None] * s_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        w1 = tl.load(
+            w1_ptr + rr[None, :] * s_w1r + kk[:, None] * s_w1k,
+            mask=r_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
+        p = tl.dot(a, w1, p, input_precision=PRECISION)
+    p = p.to(p_ptr.dtype.element_ty)
+    if pid_n == 0:
+        tl.store(p_ptr + rm[:, None] * s_pm + rr[None, :], p, mask=m_ok[:, None] & r_ok[None, :])
+    w2 = tl.load(
+        w2_ptr + rn[None, :] * s_w2n + rr[:, None] * s_w2r,
+        mask=(rn < N)[None, :] & r_ok[:, None],
+        other=0.0,
+    )
+    acc = tl.dot(p, w2, input_precision=PRECISION)
+    _epilogue(
+        acc,
+        rm,
+        rn,
+        M,
+        N,
+        bias_ptr,
+        out_ptr,
+        old_ptr,
+        out_ptr,
+        out_ptr,
+        s_om,
+        s_oldm,
+        s_om,
+        s_om,
+        MODE,
+        HAS_BIAS,
+        ACC,
+    )
 
 
 @triton.jit
