@@ -95,7 +95,7 @@ def _cubin_report(cubin: bytes, workdir: Path) -> dict | None:
     }
 
 
-def compile_config(kernel: str, dtype: str, constexprs: dict, arch: int) -> dict:
+def compile_config(kernel: str, dtype: str, constexprs: dict, warps: int, arch: int) -> dict:
     """Compile one configuration for ``sm_{arch}``; its resource report."""
     os.environ.pop("TRITON_INTERPRET", None)  # this process compiles, never interprets
     import triton
@@ -112,7 +112,8 @@ def compile_config(kernel: str, dtype: str, constexprs: dict, arch: int) -> dict
         for name in fn.arg_names
     }
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs))
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    target = GPUTarget("cuda", arch, 32)
+    compiled = triton.compile(source, target=target, options={"num_warps": warps})
     report = {
         "kernel": kernel,
         "dtype": dtype,
@@ -137,8 +138,8 @@ def compile_all(
     from moglstm.nn.backends.triton import kernel_configs
 
     todo = [
-        (kernel, dtype, cx, arch)
-        for kernel, dtype, cx in kernel_configs(which)
+        (kernel, dtype, cx, warps, arch)
+        for kernel, dtype, cx, warps in kernel_configs(which)
         if only is None or dtype == only
     ]
     jobs = jobs or os.cpu_count() or 1

@@ -98,6 +98,13 @@ def gates_tiles(B: int) -> Tiles:
     return Tiles(batch_tile(B), GATES_H, REDUCTION)
 
 
+def warps(dtype: torch.dtype | str) -> int:
+    """Warps per program of the product kernels: 8 for float32 operands (their IEEE and
+    TF32 tiles need twice the registers: with 4 warps the 64-row and rank-128 tiles
+    spilled to local memory in the ahead-of-time compile check), else Triton's 4."""
+    return 8 if dtype in (torch.float32, "fp32") else 4
+
+
 def rank_tile(rank: int) -> int | None:
     """The padded rank of the one-launch low-rank kernel, or None (two launches)."""
     return next((k for k in RANK_TILES if rank <= k), None)
@@ -157,9 +164,9 @@ VARIANTS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1))
 WIDEST_VARIANTS = ((0, 1, 1), (1, 0, 1))
 
 
-def kernel_configs(which: str = "all") -> list[tuple[str, str, dict]]:
-    """``(kernel name, operand dtype, constexprs)`` of every configuration the launchers
-    above can pick (``"all"``), or of those whose code contains every other's
+def kernel_configs(which: str = "all") -> list[tuple[str, str, dict, int]]:
+    """``(kernel name, operand dtype, constexprs, warps)`` of every configuration the
+    launchers above can pick (``"all"``), or of those whose code contains every other's
     (``"widest"``: the widest variants, every flag that adds code on)."""
     from moglstm.nn.backends import triton_kernels as k
 
@@ -189,17 +196,17 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict]]:
                 for mode, bias, acc in two_product_flags:
                     tiles = Tiles(m, LINEAR_N, REDUCTION)
                     cx = two_product_constexprs(mode, bias, acc, prec, tiles, kp)
-                    out.append(("two_product_kernel", dtype, cx))
+                    out.append(("two_product_kernel", dtype, cx, warps(dtype)))
             for variant in variants:
                 for bias, pre in gate_inputs:
                     tiles = Tiles(m, GATES_H, REDUCTION)
                     cx = gates_constexprs(variant, bias, pre, prec, tiles)
-                    out.append(("gates_cell_kernel", dtype, cx))
+                    out.append(("gates_cell_kernel", dtype, cx, warps(dtype)))
         if prec == "ieee":  # no products: one configuration per dtype
             for variant in variants:
                 for d_out in (True,) if widest else (True, False):
                     cx = cell_backward_constexprs(variant, d_out)
-                    out.append(("cell_backward_kernel", dtype, cx))
+                    out.append(("cell_backward_kernel", dtype, cx, 4))
     return out
 
 
@@ -249,6 +256,7 @@ def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None
         w.stride(1),
         *stride0,
         **linear_constexprs(mode, bias is not None, accumulate, precision(a.dtype), t),
+        num_warps=warps(a.dtype),
     )
 
 
@@ -283,6 +291,7 @@ def two_products(a, w1, w2, p, out, bias=None, old=None, *, mode: int, accumulat
         out.stride(0),
         0 if old is None else old.stride(0),
         **cx,
+        num_warps=warps(a.dtype),
     )
 
 
@@ -326,6 +335,7 @@ def gates_cell(
         **gates_constexprs(
             variant_constexprs(spec), bias is not None, pre is not None, precision(xh.dtype), t
         ),
+        num_warps=warps(xh.dtype),
     )
 
 
@@ -359,7 +369,7 @@ class TritonLoop(FusedBackend):
     name = "triton"
 
     def forward(self, spec, x, h0, c0, mask, flat):
-        d = Direction.from_flat(spec, flat)
+        d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf = Buffers(spec, x)
         T, B, _ = x.shape
         out = x.new_empty(T, B, spec.hidden_size)
@@ -405,7 +415,7 @@ class TritonLoop(FusedBackend):
         return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena,)
 
     def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
-        d = Direction.from_flat(spec, flat)
+        d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf = Buffers(spec, x, *saved)
         T, B, I = x.shape
         dh, dc = fresh_grad(d_hn, buf.c[0]), fresh_grad(d_cn, buf.c[0])
@@ -491,9 +501,15 @@ def self_check(device: str, dtype: torch.dtype) -> bool:
     """Whether the Triton backend matches the reference on a small problem on ``device``
     (outputs and every gradient, relative error under 1e-2 for 16-bit dtypes, 1e-3 for
     float32); warns once on a mismatch or an error. Cached per device and dtype."""
-    try:
-        ref, x, hx = self_check_problem(torch.device(device), dtype)
-        got = _run_both(ref, x, hx)
+    dev = torch.device(device)
+    try:  # whatever the caller's mode (no_grad, inference, autocast): the check's own
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(dev.type, enabled=False),
+        ):
+            ref, x, hx = self_check_problem(dev, dtype)
+            got = _run_both(ref, x, hx)
         tol = 1e-3 if dtype == torch.float32 else 2e-2
         worst = max(_rel(a, b) for a, b in got)
         if worst <= tol and all(torch.isfinite(b).all() for _, b in got):
