@@ -58,7 +58,7 @@ __all__ = [
 
 CORPORA = ("ptb", "ptb-char", "wikitext-2", "enwik8", "text")
 LEVELS = ("word", "char", "byte")
-IMPLEMENTATIONS = ("auto", "fused", "reference")  # as moglstm.nn.MogrifierLSTM takes
+IMPLEMENTATIONS = ("auto", "fused", "reference", "triton")  # as moglstm.nn.MogrifierLSTM takes
 MODEL_KINDS = ("mogrifier", "lstm", "gru", "rnn", "transformer")
 SCHEDULES = ("constant", "plateau")
 DROPOUT_MASKS = ("window", "step")  # model.dropout_mask
@@ -113,7 +113,7 @@ class ModelConfig:
     layer_dropout: float = 0.0  # between recurrent layers
     state_dropout: float = 0.0  # on h fed back (mogrifier core only)
     output_dropout: float = 0.0  # on the last layer's output, before the softmax
-    implementation: str = "auto"  # mogrifier core: auto | fused | reference (moglstm.nn)
+    implementation: str = "auto"  # mogrifier core: auto | fused | reference | triton
     # the paper's regularisation and output layer (recurrent models; docs/reproduce.md)
     dropout_mask: str = "window"  # window: one mask per window (variational) | step: fresh per step
     drop_state_probability: float = 0.0  # zero each stream's carried state w.p. this, per batch

@@ -153,7 +153,7 @@ class RNNLanguageModel(nn.Module):
             (``mogrifier`` only; passed to the layer).
         output_dropout: dropout on the recurrent output, before the softmax layer.
         implementation: for the mogrifier core, ``moglstm.nn.MogrifierLSTM``'s
-            ``implementation`` (``"auto"``, ``"fused"`` or ``"reference"``).
+            ``implementation`` (``"auto"``, ``"fused"``, ``"reference"`` or ``"triton"``).
         dropout_mask: ``"window"``: every dropout above (and the mixture's) draws one
             mask per forward call, shared by all time steps (variational dropout);
             ``"step"``: a fresh mask at every step. With ``"step"`` and state
