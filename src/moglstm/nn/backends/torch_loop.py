@@ -25,6 +25,7 @@ from moglstm.nn.backends.buffers import (
     round_slots,
     rows,
     split_gates,
+    start_window,
     weight_grads,
 )
 from moglstm.nn.direction import Direction, DirectionSpec
@@ -265,10 +266,8 @@ class TorchLoop(FusedBackend):
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)
-        buf = Buffers(spec, x)
+        buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
-        out = x.new_empty(T, B, spec.hidden_size)
-        buf.c[0].copy_(c0)
         ops = StepOps.forward(d, B)
         scratch = (x.new_empty(B, spec.input_size), x.new_empty(B, spec.hidden_size))
         h = h0

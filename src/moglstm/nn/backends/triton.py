@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from moglstm.nn.backends.base import FusedBackend
-from moglstm.nn.backends.buffers import Buffers, fresh_grad, round_slots, weight_grads
+from moglstm.nn.backends.buffers import Buffers, fresh_grad, round_slots, start_window, weight_grads
 from moglstm.nn.backends.torch_loop import RoundGrads, gates_weight, store_state
 from moglstm.nn.direction import Direction, DirectionSpec
 
@@ -374,10 +374,8 @@ class TritonLoop(FusedBackend):
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
-        buf = Buffers(spec, x)
+        buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
-        out = x.new_empty(T, B, spec.hidden_size)
-        buf.c[0].copy_(c0)
         w = gates_weight(d).contiguous()
         pre = None
         if spec.rounds == 0:  # x is never gated: project all steps at once (cuBLAS)
