@@ -2,9 +2,10 @@
 
 The loop runs on ``meta`` tensors (shapes without memory; a CPU build of torch cannot
 take views of FakeTensorMode's ``cuda`` tensors), its Python launchers included, with the
-kernel launches recorded instead of run; every aten op is recorded too. Between the first and the last launch of
-a window there must be no allocation, no copy to the host or read of a value (which
-raise on meta tensors anyway), and no op whose output shape depends on data.
+kernel launches recorded instead of run; every aten op is recorded too. Between the
+first and the last launch of a window there must be no allocation, no copy to the host
+or read of a value (which raise on meta tensors anyway), and no op whose output shape
+depends on data.
 """
 
 from __future__ import annotations
