@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 pytest.importorskip("numpy")  # the interpreter needs it
 
 
-# CPU tensors under the interpreter (tests/nn/conftest.py sets it where there is no GPU);
+# CPU tensors under the interpreter (tests/conftest.py sets it where there is no GPU);
 # on a machine with a GPU and no TRITON_INTERPRET the same tests run the compiled kernels
 DEVICE = "cpu" if triton_backend.interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
