@@ -59,6 +59,7 @@ def test_widest_bf16_kernels_compile_for_sm90(tmp_path):
     reports = compile_reports(tmp_path, "--arch", "90", "--which", "widest", "--only", "bf16")
     assert {r["kernel"] for r in reports} == {
         "linear_kernel",
+        "two_product_kernel",
         "gates_cell_kernel",
         "cell_backward_kernel",
     }
