@@ -29,6 +29,7 @@ from moglstm.lm.config import (
 )
 from moglstm.lm.data import CorpusFetchError
 from moglstm.lm.distributed import env_rank
+from moglstm.lm.report import MissingExtraError
 from moglstm.lm.runlock import RunLockedError
 
 __all__ = ["build_parser", "main"]
@@ -45,6 +46,7 @@ _USER_ERRORS = (
     NotADirectoryError,
     CorpusFetchError,
     RunLockedError,
+    MissingExtraError,
 )
 
 _MAIN_EPILOG = """\
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_presets(sub)
     _add_benchmark(sub)
+    for module in ("report", "tune"):  # their options live beside their code in moglstm.lm
+        _add_tool(sub, module)
     return parser
 
 
@@ -326,6 +330,25 @@ def _add_benchmark(sub: Any) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.set_defaults(func=_cmd_benchmark)
+
+
+def _add_tool(sub: Any, module: str) -> None:
+    """A subcommand defined by ``moglstm.lm.<module>``: its ``COMMAND`` (help, description,
+    epilog), ``add_arguments(parser)`` and ``command(args)``, whose results (a dict) if any
+    are printed like train's."""
+    import importlib
+
+    tool = importlib.import_module(f"moglstm.lm.{module}")
+    p = _subparser(sub, module, *tool.COMMAND)
+    tool.add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        results = tool.command(args)
+        if results is not None:
+            _print_results(results, args.json)
+        return 0
+
+    p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------- commands

@@ -67,7 +67,7 @@ def test_fused_entry_points_are_plain_functions(backend):
 
 
 def test_select_rejects_unknown_and_unsupported():
-    steps = Steps(torch.zeros(3, 2, 5, dtype=torch.bfloat16), None)
+    steps = Steps(torch.zeros(3, 2, 5, dtype=torch.float8_e4m3fn), None)
     with pytest.raises(ValueError, match="implementation must be one of"):
         backends.select("cuda", steps, True)
     with pytest.raises(ValueError, match="does not support dtype"):

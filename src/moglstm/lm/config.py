@@ -56,7 +56,7 @@ __all__ = [
     "validate",
 ]
 
-CORPORA = ("ptb", "ptb-char", "wikitext-2", "enwik8", "text")
+CORPORA = ("shakespeare", "ptb", "ptb-char", "wikitext-2", "enwik8", "text")
 LEVELS = ("word", "char", "byte")
 IMPLEMENTATIONS = ("auto", "fused", "reference", "triton")  # as moglstm.nn.MogrifierLSTM takes
 MODEL_KINDS = ("mogrifier", "lstm", "gru", "rnn", "transformer")
@@ -77,7 +77,7 @@ class DataConfig:
     valid.txt and test.txt) or from ``train_path``/``valid_path``/``test_path``.
     """
 
-    corpus: str = "ptb"  # ptb | ptb-char | wikitext-2 | enwik8 | text
+    corpus: str = "ptb"  # shakespeare (bundled) | ptb | ptb-char | wikitext-2 | enwik8 | text
     data_dir: str | None = None  # folder laid out like shared/data; else $MOGLSTM_DATA
     cache_dir: str | None = None  # where downloads go; else ~/.cache/moglstm
     path: str | None = None  # corpus=text: a folder with train/valid/test.txt

@@ -34,6 +34,7 @@ from moglstm.lm.data import Vocab, batchify, iter_windows, load_corpus
 from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
 from moglstm.lm.models import build_model, detach_state
 from moglstm.lm.regularize import scaled_dropout
+from moglstm.lm.report import record_evaluation
 
 __all__ = [
     "CHECKPOINT_CHOICES",
@@ -447,7 +448,9 @@ def evaluate(
         "checkpoint", "step", "level", "temperature", "mc_samples", "dynamic"}``:
         ``tokens`` is the number scored and ``tokens_dropped`` the number batch size
         1 would score on top (``None`` with ``max_tokens``); ``temperature`` the one
-        applied; ``dynamic`` the settings used (a dict) or ``None``.
+        applied; ``dynamic`` the settings used (a dict) or ``None``. When the
+        checkpoint is in a run folder the results are also appended to its
+        ``evaluations.jsonl`` (shown by ``moglstm report``).
     """
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split={split!r} is not one of: {', '.join(SPLIT_CHOICES)}")
@@ -507,7 +510,7 @@ def evaluate(
             split,
             batch_size,
         )
-    return {
+    results = {
         "split": split,
         **metrics_for(loss, corpus.level),
         "tokens": scored,
@@ -520,6 +523,9 @@ def evaluate(
         "mc_samples": mc_samples,
         "dynamic": None if dynamic is None else dataclasses.asdict(dynamic),
     }
+    if (loaded.checkpoint.parent / "metrics.jsonl").is_file():  # a run folder: keep a record
+        record_evaluation(loaded.checkpoint.parent, results)
+    return results
 
 
 def _check_protocol(temperature: Any, mc_samples: Any, mc_dropout_scale: Any, dynamic: Any) -> None:

@@ -93,6 +93,7 @@ class Direction:
     bias_ih: Tensor | None
     bias_hh: Tensor | None
     peephole: tuple[Tensor | None, Tensor, Tensor] | None
+    weight_hr: Tensor | None = None  # proj_size's projection (P, H): the reference only
 
     @classmethod
     def build(
@@ -106,6 +107,7 @@ class Direction:
         peephole: tuple[Tensor | None, Tensor, Tensor] | None,
         coupled: bool,
         cap_input_gate: bool,
+        weight_hr: Tensor | None = None,
     ) -> Direction:
         rounds = [
             RoundWeights(*(w if isinstance(w, tuple) else (w, None)), b)
@@ -113,7 +115,7 @@ class Direction:
         ]
         spec = DirectionSpec(
             input_size=weight_ih.shape[1],
-            hidden_size=weight_hh.shape[1],
+            hidden_size=weight_hh.shape[0] // (3 if coupled else 4),  # shape[1] is P with proj
             ranks=tuple(None if r.right is None else r.right.shape[0] for r in rounds),
             round_bias=bool(rounds) and rounds[0].bias is not None,
             bias=bias_ih is not None,
@@ -121,7 +123,7 @@ class Direction:
             peephole=peephole is not None,
             cap_input_gate=cap_input_gate,
         )
-        return cls(spec, rounds, weight_ih, weight_hh, bias_ih, bias_hh, peephole)
+        return cls(spec, rounds, weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr)
 
     # -- the functional (reference) view
 

@@ -24,7 +24,9 @@ import torch
 from moglstm.nn import _kernels
 from moglstm.nn.backends.base import Backend, FusedBackend, FusedDirection
 from moglstm.nn.backends.compiled import CompiledLoop
+from moglstm.nn.backends.op import LibraryOp
 from moglstm.nn.backends.reference import Reference
+from moglstm.nn.backends.scan import Scan
 from moglstm.nn.backends.torch_loop import TorchLoop, TorchLoopKernels
 from moglstm.nn.backends.triton import TRITON, self_check, unavailable_reason
 from moglstm.nn.direction import Steps
@@ -43,12 +45,17 @@ __all__ = [
 
 IMPLEMENTATIONS = ("auto", "fused", "reference", "triton")
 INFERENCE_MIN_STEPS = 8  # "auto" runs inference through the compiled loop from this many steps
-LOOP_DTYPES = (torch.float32, torch.float64)  # what the step-loop backends take
+# what the step-loop backends take (the compiled loop: float32/float64; bfloat16 and float16,
+# e.g. under autocast, run the torch-ops loop)
+LOOP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 REFERENCE = Reference()
 TORCH_LOOP = TorchLoop()
 TORCH_LOOP_KERNELS = TorchLoopKernels()
 COMPILED_LOOP = CompiledLoop()
+STEP_LOOPS = (TORCH_LOOP, TORCH_LOOP_KERNELS, COMPILED_LOOP, TRITON)  # named in the custom op
+LIBRARY_OP = LibraryOp()
+SCAN = Scan()
 
 
 def step_loop(x: torch.Tensor) -> FusedBackend:
@@ -60,41 +67,74 @@ def step_loop(x: torch.Tensor) -> FusedBackend:
     return TORCH_LOOP
 
 
-def select(implementation: str, steps: Steps, records_grad: bool) -> Backend:
+def traced_backend(implementation: str) -> Backend | None:
+    """The backend under a tracer, or None when running eagerly.
+
+    ``torch.export`` (and the ONNX exporter, which uses it): ``"auto"`` runs the scan
+    backend, a portable graph with a symbolic window length; ``"fused"`` the custom op
+    (the exported program then needs moglstm to run), except for the ONNX exporter,
+    which gets the scan loop too. ``torch.compile``: the custom op,
+    one graph node whatever the window length. ``torch.func`` transforms: ``"auto"``
+    runs the reference, which every transform supports; ``"fused"`` its step loop
+    (``grad``, ``vjp``, ``jacrev`` work; ``vmap`` and forward-mode AD raise an error).
+    ``torch.jit.trace`` (and the TorchScript-based ONNX exporter): the reference.
+    """
+    if torch.compiler.is_compiling():  # Dynamo, or torch.export
+        # ONNX has no custom op for the step loop: the ONNX exporter gets the scan loop
+        onnx = torch.onnx.is_in_onnx_export()
+        if torch.compiler.is_exporting() and (implementation == "auto" or onnx):
+            return SCAN
+        return LIBRARY_OP
+    if torch.jit.is_tracing():  # torch.jit.trace, the TorchScript ONNX exporter
+        return REFERENCE
+    if torch._C._are_functorch_transforms_active() and implementation == "auto":
+        return REFERENCE  # "fused": its autograd node takes grad/vjp/jacrev, refuses vmap
+    return None
+
+
+def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int = 0) -> Backend:
     """The backend for one call.
 
     ``"reference"`` is the reference. ``"fused"`` is the best step loop for the input
-    (an error for packed sequences or other dtypes). ``"triton"`` is the Triton backend
-    (an error where it cannot run: no triton, not CUDA and not ``TRITON_INTERPRET=1``,
-    packed sequences, dtypes other than float32/float16/bfloat16). ``"auto"`` takes a
-    fused backend when autograd records the call (training): on CUDA the Triton one
-    once it has passed its self-check on that device and dtype (else the torch-ops
-    loop), on CPU the best step loop. Without autograd (inference, generation) it does
-    so only for windows of at least ``INFERENCE_MIN_STEPS`` steps, on CUDA with Triton
-    or on CPU with the compiled loop (measured on CPU: as fast at batch 1, twice as fast
-    at batch 8, B=64 forward x1.2 of torch's LSTM against x1.8); the reference loop is
-    faster for the few steps of a generation call and allocates no buffers. Packed
-    sequences and other dtypes run the reference.
+    (an error for packed sequences, ``proj_size`` or other dtypes). ``"triton"`` is the
+    Triton backend (an error where it cannot run: no triton, not CUDA and not
+    ``TRITON_INTERPRET=1``, packed sequences, ``proj_size``, dtypes other than
+    float32/float16/bfloat16). ``"auto"`` takes a fused backend when autograd records the
+    call (training): on CUDA the Triton one once it has passed its self-check on that
+    device and dtype (else the torch-ops loop), on CPU the best step loop. Without
+    autograd (inference, generation) it does so only for windows of at least
+    ``INFERENCE_MIN_STEPS`` steps, on CUDA with Triton or on CPU with the compiled loop
+    (measured on CPU: as fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of
+    torch's LSTM against x1.8); the reference loop is faster for the few steps of a
+    generation call and allocates no buffers. Packed sequences, other dtypes and
+    ``proj_size`` run the reference; so does an empty batch (nothing to compute), on any
+    implementation. Under a tracer see :func:`traced_backend` (Triton is not routed there).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "reference":
+    if implementation == "reference" or (steps.batch_sizes is None and not steps.x.shape[1]):
         return REFERENCE
     x = steps.x
     if implementation == "triton":
-        reason = "packed sequences" if steps.batch_sizes is not None else unavailable_reason(x)
+        reason = "packed sequences" if steps.batch_sizes is not None else None
+        reason = reason or ("proj_size" if proj_size else unavailable_reason(x))
         if reason:
             raise ValueError(f"implementation='triton' does not support {reason}")
         return TRITON
     reason = None
     if steps.batch_sizes is not None:
         reason = "packed sequences"
-    elif x.dtype not in LOOP_DTYPES and not _triton_ready(x):
+    elif proj_size:
+        reason = "proj_size"
+    elif x.dtype not in LOOP_DTYPES:
         reason = f"dtype {x.dtype}"
     if reason and implementation == "fused":
         raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
     if reason:
         return REFERENCE
+    traced = traced_backend(implementation)
+    if traced is not None:
+        return traced
     backend = TRITON if _triton_ready(x) else step_loop(x)
     if implementation == "auto" and not records_grad:
         # inference: a fused backend pays for its setup (weights concatenated and packed,

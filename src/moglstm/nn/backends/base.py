@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from moglstm.nn.backends.recompute import differentiable_backward
 from moglstm.nn.direction import Direction, DirectionSpec, Steps
 
 Saved = tuple[Tensor, ...]
@@ -63,6 +63,11 @@ class FusedBackend(Backend):
     ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         raise NotImplementedError
 
+    def saved_shapes(self, spec: DirectionSpec, x: Tensor) -> list[tuple[int, ...]]:
+        """The shapes of what :meth:`forward` saves for input ``x`` (``saved``, in order,
+        dtype and device of ``x``); sizes may be symbolic (a custom op's fake kernel)."""
+        raise NotImplementedError
+
     def backward(
         self,
         spec: DirectionSpec,
@@ -80,35 +85,66 @@ class FusedBackend(Backend):
         if steps.batch_sizes is not None:
             raise ValueError(f"the {self.name} backend does not take packed sequences")
         x = steps.x.flip(0) if reverse else steps.x
-        out, h_n, c_n = FusedDirection.apply(
+        out, h_n, c_n, *_saved = FusedDirection.apply(
             self, d.spec, x.contiguous(), h.contiguous(), c.contiguous(), mask, *d.flat()
         )
         return (out.flip(0) if reverse else out), h_n, c_n
 
 
 class FusedDirection(torch.autograd.Function):
-    """``(backend, spec, x, h0, c0, mask, *flat) -> (out, h_n, c_n)`` as one node."""
+    """``(backend, spec, x, h0, c0, mask, *flat) -> (out, h_n, c_n, *saved)`` as one node.
+
+    ``saved`` (the backend's buffers, not differentiable) are outputs so that the
+    forward takes no ``ctx``: with a separate ``setup_context`` the node works under
+    ``torch.func.grad``/``vjp``/``jacrev`` too. ``vmap`` and forward-mode AD are refused.
+    """
 
     @staticmethod
-    def forward(ctx, backend: FusedBackend, spec: DirectionSpec, x, h0, c0, mask, *flat):
-        out, h_n, c_n, saved = backend.forward(spec, x, h0, c0, mask, flat)
+    def forward(backend: FusedBackend, spec: DirectionSpec, x, h0, c0, mask, *flat):
+        with torch.autocast(x.device.type, enabled=False):  # it runs in x's dtype
+            out, h_n, c_n, saved = backend.forward(spec, x, h0, c0, mask, flat)
+        return out, h_n, c_n, *saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, spec, x, h0, c0, mask, *flat = inputs
+        saved = output[3:]
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # None for unused outputs: no zero-filled buffers
         ctx.backend, ctx.spec, ctx.n_flat, ctx.spent = backend, spec, len(flat), False
-        ctx.save_for_backward(x, mask, *flat, *saved)
-        return out, h_n, c_n
+        ctx.save_for_backward(x, h0, c0, mask, *flat, *saved)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_hn, d_cn):
-        if ctx.spent:  # backward overwrites the saved buffers
-            raise RuntimeError(
-                "the fused Mogrifier LSTM path frees its buffers in its first backward, so "
-                "it cannot run backward twice (retain_graph=True, gradcheck); build the "
-                "module with implementation='reference' for that"
-            )
-        ctx.spent = True
-        x, mask, *rest = ctx.saved_tensors
+    def backward(ctx, d_out, d_hn, d_cn, *_d_saved):
+        x, h0, c0, mask, *rest = ctx.saved_tensors
         flat, saved = tuple(rest[: ctx.n_flat]), tuple(rest[ctx.n_flat :])
-        dx, dh, dc, grads = ctx.backend.backward(ctx.spec, x, mask, flat, saved, d_out, d_hn, d_cn)
+        if torch.is_grad_enabled() or ctx.spent:
+            # create_graph=True (second derivatives), or a second backward after the first
+            # overwrote the buffers: recompute with the reference, which autograd records
+            grads = differentiable_backward(
+                ctx.spec, (x, h0, c0, mask, *flat), (d_out, d_hn, d_cn), ctx.needs_input_grad[2:]
+            )
+            return None, None, *grads[:3], None, *grads[4:]
+        ctx.spent = True
+        with torch.autocast(x.device.type, enabled=False):  # as its forward (custom_bwd)
+            dx, dh, dc, grads = ctx.backend.backward(
+                ctx.spec, x, mask, flat, saved, d_out, d_hn, d_cn
+            )
         needs = ctx.needs_input_grad
         grads = [g if need else None for g, need in zip(grads, needs[6:], strict=True)]
         return None, None, dx, dh, dc, None, *grads
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(_REFUSED.format("torch.func.vmap"))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_REFUSED.format("Forward-mode AD (torch.func.jvp)"))
+
+
+_REFUSED = (
+    "{} over the fused Mogrifier LSTM path is not supported (its step loops take whole "
+    "batches and have a reverse-mode backward only): build the module with "
+    "implementation='auto' (the reference under torch.func transforms) or 'reference'"
+)

@@ -51,6 +51,19 @@ def layout(spec: DirectionSpec, T: int, B: int) -> dict[str, list[tuple[int, ...
     }
 
 
+def arena_size(shapes: dict[str, list[tuple[int, ...]]], element_size: int) -> int:
+    """Elements of the arena that holds ``shapes`` with each buffer 64-byte aligned (sizes
+    may be symbolic: the custom op's fake kernel calls this while tracing)."""
+    align = 64 // element_size
+    return sum(-(-math.prod(s) // align) * align for group in shapes.values() for s in group)
+
+
+def arena_shape(spec: DirectionSpec, x: Tensor) -> tuple[int]:
+    """The shape of the arena for input ``x`` ``(T, B, I)``: what the step loops save."""
+    T, B, _ = x.shape
+    return (arena_size(layout(spec, T, B), x.element_size()),)
+
+
 def carve(
     like: Tensor, shapes: dict[str, list[tuple[int, ...]]], arena: Tensor | None = None
 ) -> tuple[Tensor, dict[str, list[Tensor]]]:
@@ -63,7 +76,7 @@ def carve(
     """
     align = 64 // like.element_size()
     sizes = {name: [math.prod(s) for s in group] for name, group in shapes.items()}
-    total = sum(-(-n // align) * align for group in sizes.values() for n in group)
+    total = arena_size(shapes, like.element_size())
     if arena is None:
         arena = like.new_empty(total)
         if like.device.type == "cpu":

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from moglstm.nn import _kernels
 from moglstm.nn.backends.base import FusedBackend
-from moglstm.nn.backends.buffers import Buffers, fresh_grad, rows, start_window, weight_grads
+from moglstm.nn.backends.buffers import (
+    Buffers,
+    arena_shape,
+    fresh_grad,
+    rows,
+    start_window,
+    weight_grads,
+)
 from moglstm.nn.backends.torch_loop import gates_weight
 from moglstm.nn.direction import Direction, DirectionSpec
 
@@ -75,6 +82,10 @@ class CompiledLoop(FusedBackend):
     """The C step loop (CPU, float32/float64, a C compiler and torch's BLAS found)."""
 
     name = "compiled-loop"
+
+    def saved_shapes(self, spec, x):
+        gates_in = spec.input_size + spec.hidden_size if spec.rounds else spec.hidden_size
+        return [arena_shape(spec, x), (spec.gate_rows, gates_in)]  # the arena, [W_ih W_hh]
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)

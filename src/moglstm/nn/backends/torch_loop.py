@@ -21,6 +21,7 @@ from moglstm.nn import _kernels
 from moglstm.nn.backends.base import FusedBackend
 from moglstm.nn.backends.buffers import (
     Buffers,
+    arena_shape,
     fresh_grad,
     round_slots,
     rows,
@@ -263,6 +264,9 @@ class TorchLoop(FusedBackend):
         return dc_prev
 
     # -- forward
+
+    def saved_shapes(self, spec, x):
+        return [arena_shape(spec, x)]
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)

@@ -35,7 +35,14 @@ import torch
 from torch import Tensor
 
 from moglstm.nn.backends.base import FusedBackend
-from moglstm.nn.backends.buffers import Buffers, fresh_grad, round_slots, start_window, weight_grads
+from moglstm.nn.backends.buffers import (
+    Buffers,
+    arena_shape,
+    fresh_grad,
+    round_slots,
+    start_window,
+    weight_grads,
+)
 from moglstm.nn.backends.torch_loop import RoundGrads, gates_weight, store_state
 from moglstm.nn.direction import Direction, DirectionSpec
 
@@ -371,6 +378,9 @@ class TritonLoop(FusedBackend):
     """The step loop in Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)."""
 
     name = "triton"
+
+    def saved_shapes(self, spec, x):
+        return [arena_shape(spec, x)]
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
