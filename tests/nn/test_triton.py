@@ -169,3 +169,15 @@ def test_low_rank_rounds_in_one_or_two_launches(monkeypatch, one_launch):
         monkeypatch.setattr(triton_backend, "RANK_TILES", ())
     ref, tri = twins(input_size=40, hidden_size=37, mogrify_rounds=3, mogrify_rank=33)
     agree(ref, tri, T=2, B=3, tol=5e-5)
+
+
+@pytest.mark.slow
+def test_triton_under_torch_compile_is_the_custom_op():
+    """torch.compile(fullgraph=True) keeps the Triton backend as one custom-op node."""
+    ref, tri = twins(input_size=5, hidden_size=6, mogrify_rounds=2, mogrify_rank=3)
+    x = torch.randn(3, 2, 5, device=DEVICE)
+    compiled = torch.compile(tri, fullgraph=True, dynamic=False)
+    out, (h, c) = compiled(x)
+    want, (h2, c2) = ref(x)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(c, c2, rtol=2e-5, atol=2e-5)

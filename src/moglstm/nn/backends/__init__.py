@@ -55,6 +55,7 @@ TORCH_LOOP_KERNELS = TorchLoopKernels()
 COMPILED_LOOP = CompiledLoop()
 STEP_LOOPS = (TORCH_LOOP, TORCH_LOOP_KERNELS, COMPILED_LOOP, TRITON)  # named in the custom op
 LIBRARY_OP = LibraryOp()
+TRITON_OP = LibraryOp("triton")  # "triton" under torch.compile and torch.export
 SCAN = Scan()
 
 
@@ -108,7 +109,8 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
     torch's LSTM against x1.8); the reference loop is faster for the few steps of a
     generation call and allocates no buffers. Packed sequences, other dtypes and
     ``proj_size`` run the reference; so does an empty batch (nothing to compute), on any
-    implementation. Under a tracer see :func:`traced_backend` (Triton is not routed there).
+    implementation. Under a tracer see :func:`traced_backend`; ``"triton"`` runs there as
+    the custom op around the Triton backend.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -120,7 +122,7 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
         reason = reason or ("proj_size" if proj_size else unavailable_reason(x))
         if reason:
             raise ValueError(f"implementation='triton' does not support {reason}")
-        return TRITON
+        return TRITON_OP if torch.compiler.is_compiling() else TRITON
     reason = None
     if steps.batch_sizes is not None:
         reason = "packed sequences"
