@@ -84,8 +84,11 @@ examples:
   torchrun --nproc_per_node=4 -m moglstm train --preset ptb-small   # 4 GPUs, data-parallel
 
 Under torchrun each process takes data.batch_size / N of the streams (the batch
-size must divide by N) and only rank 0 writes files. train.nonfinite=skip or
-rollback keeps a run going through a NaN/inf loss (default: stop).
+size must divide by N) and only rank 0 writes files; a dead or stalled process
+stops the others after train.dist_timeout seconds (300). train.nonfinite=skip or
+rollback keeps a run going through a NaN/inf loss (default: stop). A model whose
+training cannot fit in memory is refused before it is built, with the numbers
+(train.check_memory=false tries anyway). See docs/reliability.md.
 """
 
 _EVALUATE_EPILOG = """\
@@ -362,7 +365,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.resume)
         args.resume = True
     if args.resume:
-        cfg = resume_config(_resume_dir(args), _without_location(args.overrides))
+        overrides = _without_location(args.overrides)
+        # a preset named with --resume must describe the run being resumed
+        preset = None if args.preset is None else load_config(args.preset, overrides)
+        cfg = resume_config(_resume_dir(args), overrides, preset)
     else:
         cfg = load_config(args.preset, [*args.overrides, *_location_overrides(args)])
     if args.print_config:
@@ -575,6 +581,8 @@ def _is_rank0() -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from moglstm.lm.budget import allocation_failure
+    from moglstm.lm.distributed import PeerLostError
     from moglstm.lm.train import NonFiniteLossError
 
     try:
@@ -590,11 +598,20 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"moglstm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, torch.OutOfMemoryError, OSError) as exc:
+    except (NonFiniteLossError, PeerLostError, OSError) as exc:
         if args.debug:
             raise
         print(f"moglstm {args.command}: failed: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        message = allocation_failure(exc)
+        if message is None or args.debug:
+            raise  # not an allocation: an internal error shows its traceback
+        print(f"moglstm {args.command}: failed: {message}", file=sys.stderr)
+        return 1
+
+
+_MAX_MESSAGE = 2000  # characters of an error shown: messages never grow with the input
 
 
 def _one_line(exc: BaseException) -> str:
@@ -603,6 +620,7 @@ def _one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     head, rest = lines[0], lines[1:]
-    if head.endswith(":") and rest:
-        return f"{head} {'; '.join(rest)}"
-    return "; ".join(lines)
+    text = f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(lines)
+    if len(text) > _MAX_MESSAGE:
+        text = f"{text[: _MAX_MESSAGE - 40]}... ({len(text) - _MAX_MESSAGE + 40:,} more characters)"
+    return text

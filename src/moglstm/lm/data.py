@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from moglstm.lm.config import CORPORA, DataConfig
-from moglstm.lm.safety import decode_utf8, utf8_bytes
+from moglstm.lm.safety import decode_utf8, describe_path, short_repr, utf8_bytes
 
 __all__ = [
     "CORPORA",
@@ -277,9 +277,9 @@ def download(url: str, dest: str | os.PathLike[str], sha256: str, *, timeout: fl
         ChecksumError: the downloaded bytes do not match ``sha256``.
     """
     if not isinstance(url, str) or not url:
-        raise ValueError(f"url must be a non-empty string, got {url!r}")
+        raise ValueError(f"url must be a non-empty string, got {short_repr(url)}")
     if not isinstance(sha256, str) or len(sha256) != 64:
-        raise ValueError(f"sha256 must be a 64-character hex digest, got {sha256!r}")
+        raise ValueError(f"sha256 must be a 64-character hex digest, got {short_repr(sha256)}")
     dest = Path(dest)
     sha256 = sha256.lower()
     if dest.is_file() and sha256_file(dest) == sha256:
@@ -468,16 +468,16 @@ class Vocab:
         if not all(isinstance(t, str) for t in self._itos):
             raise TypeError("tokens must be a sequence of str")
         if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+            raise ValueError(f"level must be one of {LEVELS}, got {short_repr(level)}")
         self._stoi: dict[str, int] = {t: i for i, t in enumerate(self._itos)}
         if len(self._stoi) != len(self._itos):
             dup = next(t for t, n in Counter(self._itos).items() if n > 1)
-            raise ValueError(f"tokens must be distinct; {dup!r} occurs more than once")
+            raise ValueError(f"tokens must be distinct; {short_repr(dup)} occurs more than once")
         for arg, tok in (("unk", unk), ("eos", eos), ("space", space)):
             if tok is not None and tok not in self._stoi:
-                raise ValueError(f"{arg} token {tok!r} is not in the vocabulary")
+                raise ValueError(f"{arg} token {short_repr(tok)} is not in the vocabulary")
         if space is not None and level != "char":
-            raise ValueError(f"space is only used at char level, got level={level!r}")
+            raise ValueError(f"space is only used at char level, got level={short_repr(level)}")
         self.level, self.unk, self.eos, self.space = level, unk, eos, space
 
     @classmethod
@@ -544,7 +544,7 @@ class Vocab:
         ids = list(map(self._stoi.get, tokens, repeat(self.unk_id)))  # C-speed lookup
         if self.unk is None and None in ids:
             bad = next(t for t in tokens if t not in self._stoi)
-            raise ValueError(f"token {bad!r} is not in the vocabulary (which has no unk)")
+            raise ValueError(f"token {short_repr(bad)} is not in the vocabulary (which has no unk)")
         return ids
 
     def decode(self, ids: Iterable[int] | Tensor) -> list[str]:
@@ -654,7 +654,7 @@ class Corpus:
     def split(self, name: str) -> Tensor:
         """Return the split called ``name`` (``train``, ``valid`` or ``test``)."""
         if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+            raise ValueError(f"split must be one of {SPLITS}, got {short_repr(name)}")
         return getattr(self, name)
 
     def __repr__(self) -> str:
@@ -672,8 +672,7 @@ def _lines(text: str) -> list[str]:
 
 def _read_text(path: Path) -> str:
     """The file's text; it must be UTF-8 (a ValueError says where it is not)."""
-    if not path.is_file():
-        raise ValueError(f"missing corpus file: {path} does not exist")
+    _check_corpus_file(path)
     text = decode_utf8(path.read_bytes(), f"corpus file {path}")
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # as open()'s universal newlines
     if not text.strip():
@@ -697,9 +696,17 @@ def _text_tokens(text: str, split_chars: bool) -> list[str]:
     return tokens
 
 
-def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
+def _check_corpus_file(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a regular file; say what it is instead."""
+    problem = describe_path(path)  # never opens it: a FIFO would block the read
+    if problem == "does not exist":
         raise ValueError(f"missing corpus file: {path} does not exist")
+    if problem is not None:
+        raise ValueError(f"corpus file {path} {problem}: give a text file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _check_corpus_file(path)
     raw = path.read_bytes()
     if not raw:
         raise ValueError(f"corpus file {path} is empty")
@@ -822,7 +829,7 @@ def load_corpus(
     name = cfg.corpus
     if name == "text":
         if cfg.level not in LEVELS:
-            raise ValueError(f"data.level must be one of {LEVELS}, got {cfg.level!r}")
+            raise ValueError(f"data.level must be one of {LEVELS}, got {short_repr(cfg.level)}")
         level = cfg.level
     elif name in BUNDLED:
         level = BUNDLED[name]
