@@ -553,17 +553,14 @@ def _train_step(run: _Run, inputs: Tensor, targets: Tensor) -> float:
         group["lr"] = lr
     if run.cfg.model.drop_state_probability > 0:  # some streams start from a zero state
         run.state = drop_state(run.state, run.cfg.model.drop_state_probability)
-    with autocast(run.device, run.amp_dtype):
-        logits, state = (run.net or run.model)(inputs, run.state)  # (T, B, V)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-    value = distributed.mean_over_ranks(loss.item(), run.dist)  # the global batch's loss
+    run.optimizer.zero_grad(set_to_none=True)
+    scaler = run.scaler
+    value, state = _accumulate_gradients(run, inputs, targets)
     if not math.isfinite(value):
         return value  # the caller applies train.nonfinite; nothing is updated
     if t.l2 > 0:  # part of the loss (clipped, Adam-normalised); `value` stays the data loss
-        loss = loss + l2_penalty(run.model, t.l2)
-    run.optimizer.zero_grad(set_to_none=True)
-    scaler = run.scaler
-    (loss if scaler is None else scaler.scale(loss)).backward()
+        penalty = l2_penalty(run.model, t.l2)
+        (penalty if scaler is None else scaler.scale(penalty)).backward()
     if t.clip > 0:
         if scaler is not None:
             scaler.unscale_(run.optimizer)
@@ -576,6 +573,62 @@ def _train_step(run: _Run, inputs: Tensor, targets: Tensor) -> float:
     _average_weights(run)
     run.state = detach_state(state)  # carry the state, cut its history
     return value
+
+
+def _accumulate_gradients(run: _Run, inputs: Tensor, targets: Tensor) -> tuple[float, Any]:
+    """Backward of the window's mean token loss, in sub-batches of ``train.accum_batch_size``
+    streams (all at once when unset); returns the loss and the new (undetached) state.
+
+    Each sub-batch's mean loss is weighted by its share of the tokens, so the summed
+    gradients are those of the whole batch's mean loss: the update does not depend on
+    the split (up to rounding), only the memory does.
+    """
+    batch = inputs.size(1)
+    sizes = _sub_batches(batch, run.cfg.train.accum_batch_size)
+    states = _split_state(run.state, sizes)
+    value, new_states = 0.0, []
+    for x, y, state in zip(inputs.split(sizes, 1), targets.split(sizes, 1), states, strict=True):
+        with autocast(run.device, run.amp_dtype):
+            logits, state = (run.net or run.model)(x, state)  # (T, b, V)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = loss * (x.size(1) / batch)
+        # the global batch's loss; checked before any backward, so every rank skips alike
+        value += distributed.mean_over_ranks(loss.item(), run.dist)
+        if not math.isfinite(value):
+            return value, None
+        (loss if run.scaler is None else run.scaler.scale(loss)).backward()
+        new_states.append(state)
+    return value, _cat_states(new_states)
+
+
+def _sub_batches(batch: int, accum: int | None) -> list[int]:
+    # this process's streams in pieces of at most `accum` (a rank may hold a share of the
+    # global batch that `accum` does not divide: the last piece is smaller)
+    if accum is None or accum >= batch:
+        return [batch]
+    return [accum] * (batch // accum) + ([batch % accum] if batch % accum else [])
+
+
+def _split_state(state: Any, sizes: list[int]) -> list[Any]:
+    """One state per sub-batch: every tensor split along its batch dimension (1)."""
+    if state is None:
+        return [None] * len(sizes)
+    if len(sizes) == 1:
+        return [state]
+    if isinstance(state, Tensor):
+        return list(state.split(sizes, 1))
+    parts = [_split_state(s, sizes) for s in state]  # a list/tuple of states
+    return [type(state)(p[i] for p in parts) for i in range(len(sizes))]
+
+
+def _cat_states(states: list[Any]) -> Any:
+    """Inverse of :func:`_split_state`."""
+    first = states[0]
+    if len(states) == 1 or first is None:
+        return first
+    if isinstance(first, Tensor):
+        return torch.cat(states, 1)
+    return type(first)(_cat_states(list(group)) for group in zip(*states, strict=True))
 
 
 def _average_weights(run: _Run) -> None:
