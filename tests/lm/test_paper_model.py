@@ -3,8 +3,6 @@ softmaxes, embedding ratio, and the paper presets."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
