@@ -507,3 +507,30 @@ def test_averaging_at_the_latest_turn_starts_with_the_turns_first_step(
     valid = [r for r in map(json.loads, lines) if r["split"] == "valid"]
     # validation of turn 1 (step 2) scores raw weights; turn 2 (step 4) the mean of 2 samples
     assert [r.get("averaged_steps") for r in valid] == [None, turn, 2 * turn]
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def test_configs_and_weights_of_the_previous_release_still_load():
+    from moglstm.lm.config import from_dict, to_dict, validate
+    from moglstm.lm.models import build_model
+
+    new_keys = {
+        "model": ["state_dropout_mask", "projection_dropout", "init", "embedding_init_factor",
+                  "cell_init_factor", "output_init_factor"],
+        "train": ["accum_batch_size"],
+    }  # fmt: skip
+    model_cfg = ModelConfig(hidden_size=8, dropout_mask="step", state_dropout=0.1)
+    old = to_dict(RunConfig(model=model_cfg))
+    for section, keys in new_keys.items():
+        for key in keys:
+            del old[section][key]
+    cfg = validate(from_dict(old))  # a checkpoint's config without the new keys
+    assert cfg.model.init == "default" and cfg.train.accum_batch_size is None
+    model = build_model(cfg.model, 30)
+    assert model.state_dropout_mask == "step"  # state dropout per step, as before
+    torch.manual_seed(0)
+    before = build_model(cfg.model, 30).state_dict()  # the same names and shapes as before
+    model.load_state_dict(before)
+    assert all(p.requires_grad for p in model.parameters())
