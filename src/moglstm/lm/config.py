@@ -37,6 +37,7 @@ __all__ = [
     "DEVICE_HELP",
     "DROPOUT_MASKS",
     "INITS",
+    "INIT_FACTORS",
     "LEVELS",
     "MODEL_KINDS",
     "NONFINITE_POLICIES",
@@ -529,7 +530,7 @@ _RECURRENT_ONLY = {  # field: its default; other values need a recurrent model k
     "projection_dropout": 0.0,
     "init": "default",
 }
-_INIT_FACTORS = ("embedding_init_factor", "cell_init_factor", "output_init_factor")
+INIT_FACTORS = ("embedding_init_factor", "cell_init_factor", "output_init_factor")
 
 
 def _check_paper_model(m: ModelConfig) -> list[str]:
@@ -540,7 +541,7 @@ def _check_paper_model(m: ModelConfig) -> list[str]:
     if m.state_dropout_mask is not None:
         problems += _choice("model.state_dropout_mask", m.state_dropout_mask, DROPOUT_MASKS)
     problems += _choice("model.init", m.init, INITS)
-    problems += _positive(m, "model.", _INIT_FACTORS)
+    problems += _positive(m, "model.", INIT_FACTORS)
     problems += _fraction("model.drop_state_probability", m.drop_state_probability)
     problems += _fraction("model.mos_dropout", m.mos_dropout)
     problems += _fraction("model.projection_dropout", m.projection_dropout)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from moglstm.lm.budget import largest_fitting, parse_count
-from moglstm.lm.config import INITS, ModelConfig
+from moglstm.lm.config import INIT_FACTORS, INITS, ModelConfig
 from moglstm.lm.regularize import DROPOUT_MASKS, LockedDropout
 from moglstm.lm.softmax import MixtureOfSoftmaxes
 from moglstm.nn import MogrifierLSTM
@@ -267,6 +267,10 @@ class RNNLanguageModel(nn.Module):
             )
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        factors = (embedding_init_factor, cell_init_factor, output_init_factor)
+        for name, factor in zip(INIT_FACTORS, factors, strict=True):
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise ValueError(f"{name} must be a positive number, got {factor!r}")
         self.kind = kind
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -317,7 +321,6 @@ class RNNLanguageModel(nn.Module):
         self.tie_weights = tie_weights
         self.init = init
         if init == "official":
-            factors = (embedding_init_factor, cell_init_factor, output_init_factor)
             init_official(self, *factors, forget_bias=float(forget_bias))
         else:
             self._init_weights()
