@@ -5,6 +5,7 @@ accumulation and the averaging triggers."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +16,25 @@ from torch.nn import functional as F
 
 from moglstm.lm import train as train_module
 from moglstm.lm.checkpoint import load_checkpoint
-from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_preset
+from moglstm.lm.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    load_preset,
+    to_dict,
+    validate,
+)
 from moglstm.lm.distributed import DistContext
 from moglstm.lm.evaluate import score_split
-from moglstm.lm.models import RNNLanguageModel, count_parameters, softmax_temperature
+from moglstm.lm.models import (
+    RNNLanguageModel,
+    build_model,
+    count_parameters,
+    softmax_temperature,
+)
 from moglstm.lm.regularize import l2_penalty
 from moglstm.lm.train import train
 
@@ -314,8 +330,6 @@ def test_official_init_full_rank_rounds_mixture_and_projection():
 
 
 def test_official_init_is_a_config_setting_and_checked():
-    from moglstm.lm.config import load_config
-
     with pytest.raises(ValueError, match="model.init='official' is defined"):
         load_config(None, ["model.kind=gru", "model.init=official"])
     with pytest.raises(ValueError, match="model.init='sometimes'"):
@@ -370,8 +384,6 @@ def test_projection_dropout_drops_the_down_projected_output_afresh_each_step():
     assert torch.equal(seen[-1], m.projection(m.output_drop(_last_output(m, x))))
     with pytest.raises(ValueError, match="projection_dropout"):
         _tiny_model(projection_dropout=0.5)  # no projection: embedding = hidden
-    from moglstm.lm.config import load_config
-
     with pytest.raises(ValueError, match="model.mos_dropout"):
         load_config(None, ["model.projection_dropout=0.3", "model.mos_components=2"])
 
@@ -480,8 +492,6 @@ def test_training_with_accumulation_ends_like_training_on_the_large_batch(
 
 
 def test_accum_batch_size_must_divide_the_batch():
-    from moglstm.lm.config import load_config
-
     with pytest.raises(ValueError, match="train.accum_batch_size=3 must be a positive divisor"):
         load_config(None, ["data.batch_size=8", "train.accum_batch_size=3"])
     assert load_config(None, ["data.batch_size=8", "train.accum_batch_size=4"])
@@ -502,8 +512,6 @@ def test_averaging_at_the_latest_turn_starts_with_the_turns_first_step(
     ckpt = load_checkpoint(Path(result["run_dir"]) / "last.pt")
     assert ckpt["averaging"] == {"count": 3 * turn - latest * turn}  # steps 3..6
     lines = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    import json
-
     valid = [r for r in map(json.loads, lines) if r["split"] == "valid"]
     # validation of turn 1 (step 2) scores raw weights; turn 2 (step 4) the mean of 2 samples
     assert [r.get("averaged_steps") for r in valid] == [None, turn, 2 * turn]
@@ -513,9 +521,6 @@ def test_averaging_at_the_latest_turn_starts_with_the_turns_first_step(
 
 
 def test_configs_and_weights_of_the_previous_release_still_load():
-    from moglstm.lm.config import from_dict, to_dict, validate
-    from moglstm.lm.models import build_model
-
     new_keys = {
         "model": ["state_dropout_mask", "projection_dropout", "init", "embedding_init_factor",
                   "cell_init_factor", "output_init_factor"],
