@@ -28,7 +28,7 @@ from moglstm.lm.config import (
     validate,
 )
 from moglstm.lm.distributed import DistContext
-from moglstm.lm.evaluate import score_split
+from moglstm.lm.evaluate import OFFICIAL_TEMPERATURES, score_split
 from moglstm.lm.models import (
     RNNLanguageModel,
     build_model,
@@ -60,6 +60,8 @@ _COMMON = dict(  # the same in every trial
     early_stopping_turns=-1,
     learning_rate_decay=1.0,
     embedding_dropout=0.0,
+    eval_softmax_temperature=-0.8,  # negative: searched, down to a multiplier of 0.8
+    eval_softmax_temperature_estimation_num_tokens=50000,  # (lamb's default where absent)
     seed=1,
 )
 _WORD = dict(batch_size=64, accum_batch_size=-1, max_time_steps=70, steps_per_turn=200)
@@ -193,6 +195,11 @@ def expected(corpus: str, official: dict) -> dict[str, object]:
         "train.schedule": "constant" if o["learning_rate_decay"] == 1.0 else "?",
         "train.max_steps": o["turns"] * turn,
         "train.eval_every": turn,
+        "train.eval_temperature_tokens": (
+            o["eval_softmax_temperature_estimation_num_tokens"]
+            if o["eval_softmax_temperature"] < 0
+            else 0
+        ),
         "train.eval_max_tokens": None,
         "train.log_every": o["print_training_stats_every_num_steps"],
         "train.average_after_bad_evals": o["trigger_averaging_turns"],
@@ -511,8 +518,7 @@ def test_averaging_at_the_latest_turn_starts_with_the_turns_first_step(
     result = train(cfg, quiet=True)
     ckpt = load_checkpoint(Path(result["run_dir"]) / "last.pt")
     assert ckpt["averaging"] == {"count": 3 * turn - latest * turn}  # steps 3..6
-    lines = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    valid = [r for r in map(json.loads, lines) if r["split"] == "valid"]
+    valid = [r for r in _records(result) if r["split"] == "valid"]
     # validation of turn 1 (step 2) scores raw weights; turn 2 (step 4) the mean of 2 samples
     assert [r.get("averaged_steps") for r in valid] == [None, turn, 2 * turn]
 
@@ -539,3 +545,31 @@ def test_configs_and_weights_of_the_previous_release_still_load():
     before = build_model(cfg.model, 30).state_dict()  # the same names and shapes as before
     model.load_state_dict(before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_validation_searches_the_temperature_as_the_official_code(
+    word_data_config, tmp_path, monkeypatch
+):
+    calls = []
+    original = train_module.score_split
+
+    def spy(model, data, bptt, **kwargs):
+        calls.append((tuple(kwargs["temperatures"]), kwargs["max_tokens"]))
+        return original(model, data, bptt, **kwargs)
+
+    monkeypatch.setattr(train_module, "score_split", spy)
+    cfg = _run(word_data_config, tmp_path, "temperature", eval_temperature_tokens=60)
+    result = train(cfg, quiet=True)
+    valid = [r for r in _records(result) if r["split"] == "valid"]
+    assert len(valid) == 2 and all(r["temperature"] in OFFICIAL_TEMPERATURES for r in valid)
+    searches = [c for c in calls if len(c[0]) > 1]
+    assert searches == [(OFFICIAL_TEMPERATURES, 60)] * 2  # before each validation
+    assert min(OFFICIAL_TEMPERATURES) == pytest.approx(1 / 1.06)
+    assert max(OFFICIAL_TEMPERATURES) == pytest.approx(1 / 0.8)
+    plain = train(_run(word_data_config, tmp_path, "plain"), quiet=True)
+    assert all("temperature" not in r for r in _records(plain))
+
+
+def _records(result: dict) -> list[dict]:
+    lines = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]

@@ -163,6 +163,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # mixed precision on CUDA; ignored elsewhere
     eval_max_tokens: int | None = None  # cap on validation tokens per check; None = all
+    eval_temperature_tokens: int = 0  # >0: each validation searches the temperature on these
     l2: float = 0.0  # L2 penalty: loss += l2 * (sum of squares of all parameters)
     average_after_bad_evals: int = 0  # average weights after N non-improving validations; 0: off
     average_from_step: int = 0  # average weights from this step at the latest; 0: off
@@ -609,6 +610,7 @@ def _check_train(t: TrainConfig) -> list[str]:
         t, "train.", ["weight_decay", "clip", "lr_patience", "early_stop_patience", "seed"]
     )
     problems += _at_least_zero(t, "train.", ["l2", "average_after_bad_evals", "average_from_step"])
+    problems += _at_least_zero(t, "train.", ["eval_temperature_tokens"])
     problems += [p for i, b in enumerate(t.betas) for p in _fraction(f"train.betas[{i}]", b)]
     if not 0.0 < t.lr_decay <= 1.0:
         problems.append(f"train.lr_decay={t.lr_decay!r} must be in (0, 1]")

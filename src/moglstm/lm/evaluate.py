@@ -38,6 +38,7 @@ from moglstm.lm.regularize import scaled_dropout
 __all__ = [
     "CHECKPOINT_CHOICES",
     "SPLIT_CHOICES",
+    "OFFICIAL_TEMPERATURES",
     "TEMPERATURE_GRID",
     "LoadedRun",
     "autocast",
@@ -59,6 +60,9 @@ CHECKPOINT_CHOICES = ("best", "last")
 SPLIT_CHOICES = ("train", "valid", "test")
 #: Temperatures tried by ``--temperature auto``: 0.75 to 1.25 in steps of 0.01 (1.0 included).
 TEMPERATURE_GRID = tuple(round(0.75 + 0.01 * i, 2) for i in range(51))
+#: The official code's candidates: logits multiplied by 1.06, 1.04, ..., 0.80, that is
+#: divided by their inverses (0.943 to 1.25); ``train.eval_temperature_tokens`` uses them.
+OFFICIAL_TEMPERATURES = tuple(1.0 / round(1.06 - 0.02 * i, 2) for i in range(14))
 
 
 # --------------------------------------------------------------------------- devices

@@ -74,12 +74,14 @@ from moglstm.lm.config import (
 from moglstm.lm.data import BatchStream, Corpus, Vocab, batchify, load_corpus
 from moglstm.lm.distributed import DistContext
 from moglstm.lm.evaluate import (
+    OFFICIAL_TEMPERATURES,
     autocast,
     autocast_dtype,
     evaluate_loss,
     metric_name,
     metrics_for,
     resolve_device,
+    score_split,
 )
 from moglstm.lm.models import build_model, count_parameters, detach_state
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
@@ -434,6 +436,7 @@ class _Run:
     dist: DistContext = dataclasses.field(default_factory=DistContext)  # rank, world size
     net: nn.Module | None = None  # `model` wrapped for data-parallel training (or None)
     averager: WeightAverager | None = None  # running weight average (train.average_*)
+    valid_temperature: float = 1.0  # the latest validation's (train.eval_temperature_tokens)
 
 
 def _setup(
@@ -670,11 +673,16 @@ def _validate(run: _Run) -> tuple[float, int]:
         run.cfg.train.eval_max_tokens, run.cfg.data.eval_batch_size, data.size(1)
     )
     loss, count = 0.0, 0
-    if data.size(1) and cap != 0:  # more ranks than streams leaves some with nothing
-        with run.averager.swapped_in():  # the averaged weights, once averaging started
-            loss, count = evaluate_loss(
-                run.model, data, run.cfg.data.bptt, max_tokens=cap, amp_dtype=run.amp_dtype
-            )
+    with run.averager.swapped_in():  # the averaged weights, once averaging started
+        run.valid_temperature = t = _search_temperature(run, data)
+        if data.size(1) and cap != 0:  # more ranks than streams leaves some with nothing
+            bptt, amp = run.cfg.data.bptt, run.amp_dtype
+            if t == 1.0:
+                loss, count = evaluate_loss(run.model, data, bptt, max_tokens=cap, amp_dtype=amp)
+            else:
+                (loss,), count = score_split(
+                    run.model, data, bptt, temperatures=[t], max_tokens=cap, amp_dtype=amp
+                )
     loss, count = distributed.average_loss(loss, count, run.dist)
     run.model.train()
     if not math.isfinite(loss):
@@ -683,6 +691,28 @@ def _validate(run: _Run) -> tuple[float, int]:
             + _checkpoint_note(run)
         )
     return loss, count
+
+
+def _search_temperature(run: _Run, data: Tensor) -> float:
+    """The softmax temperature validation scores with: 1, or with
+    ``train.eval_temperature_tokens`` the best of the official code's candidates on that
+    many validation tokens (the official code searches before every validation)."""
+    tokens = run.cfg.train.eval_temperature_tokens
+    if not tokens:
+        return 1.0
+    cap = distributed.local_token_cap(tokens, run.cfg.data.eval_batch_size, data.size(1))
+    losses, count = [0.0] * len(OFFICIAL_TEMPERATURES), 0
+    if data.size(1) and cap != 0:
+        losses, count = score_split(
+            run.model,
+            data,
+            run.cfg.data.bptt,
+            temperatures=OFFICIAL_TEMPERATURES,
+            max_tokens=cap,
+            amp_dtype=run.amp_dtype,
+        )
+    losses = [distributed.average_loss(loss, count, run.dist)[0] for loss in losses]
+    return OFFICIAL_TEMPERATURES[losses.index(min(losses))]  # ties: the first, as official
 
 
 def _checkpoint_note(run: _Run) -> str:
@@ -892,6 +922,8 @@ def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None
     record = metrics_for(c.valid_loss, run.corpus.level)
     if run.averager.active:
         record["averaged_steps"] = run.averager.count  # scored with the averaged weights
+    if run.cfg.train.eval_temperature_tokens:
+        record["temperature"] = run.valid_temperature
     bad_evals = run.cfg.train.average_after_bad_evals
     if on_schedule and bad_evals and not run.averager.active and run.schedule.bad >= bad_evals:
         _start_averaging(run, f"{run.schedule.bad} validations without improvement")
