@@ -164,7 +164,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA; ignored elsewhere
     eval_max_tokens: int | None = None  # cap on validation tokens per check; None = all
     eval_temperature_tokens: int = 0  # >0: each validation searches the temperature on these
-    l2: float = 0.0  # L2 penalty: loss += l2 * (sum of squares of all parameters)
+    l2: float = 0.0  # L2 penalty: loss += l2 * (sum of squares of the trainable parameters)
     average_after_bad_evals: int = 0  # average weights after N non-improving validations; 0: off
     average_from_step: int = 0  # average weights from this step at the latest; 0: off
     accum_batch_size: int | None = None  # split each batch into sub-batches of this many streams
