@@ -29,6 +29,7 @@ from moglstm.lm.config import (
 )
 from moglstm.lm.data import CorpusFetchError
 from moglstm.lm.distributed import env_rank
+from moglstm.lm.report import MissingExtraError
 from moglstm.lm.runlock import RunLockedError
 
 __all__ = ["build_parser", "main"]
@@ -45,6 +46,7 @@ _USER_ERRORS = (
     NotADirectoryError,
     CorpusFetchError,
     RunLockedError,
+    MissingExtraError,
 )
 
 _MAIN_EPILOG = """\
@@ -82,8 +84,11 @@ examples:
   torchrun --nproc_per_node=4 -m moglstm train --preset ptb-small   # 4 GPUs, data-parallel
 
 Under torchrun each process takes data.batch_size / N of the streams (the batch
-size must divide by N) and only rank 0 writes files. train.nonfinite=skip or
-rollback keeps a run going through a NaN/inf loss (default: stop).
+size must divide by N) and only rank 0 writes files; a dead or stalled process
+stops the others after train.dist_timeout seconds (300). train.nonfinite=skip or
+rollback keeps a run going through a NaN/inf loss (default: stop). A model whose
+training cannot fit in memory is refused before it is built, with the numbers
+(train.check_memory=false tries anyway). See docs/reliability.md.
 """
 
 _EVALUATE_EPILOG = """\
@@ -137,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_presets(sub)
     _add_benchmark(sub)
+    for module in ("report", "tune"):  # their options live beside their code in moglstm.lm
+        _add_tool(sub, module)
     return parser
 
 
@@ -322,6 +329,25 @@ def _add_benchmark(sub: Any) -> None:
     p.set_defaults(func=_cmd_benchmark)
 
 
+def _add_tool(sub: Any, module: str) -> None:
+    """A subcommand defined by ``moglstm.lm.<module>``: its ``COMMAND`` (help, description,
+    epilog), ``add_arguments(parser)`` and ``command(args)``, whose results (a dict) if any
+    are printed like train's."""
+    import importlib
+
+    tool = importlib.import_module(f"moglstm.lm.{module}")
+    p = _subparser(sub, module, *tool.COMMAND)
+    tool.add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        results = tool.command(args)
+        if results is not None:
+            _print_results(results, args.json)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -333,7 +359,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.resume)
         args.resume = True
     if args.resume:
-        cfg = resume_config(_resume_dir(args), _without_location(args.overrides))
+        overrides = _without_location(args.overrides)
+        # a preset named with --resume must describe the run being resumed
+        preset = None if args.preset is None else load_config(args.preset, overrides)
+        cfg = resume_config(_resume_dir(args), overrides, preset)
     else:
         cfg = load_config(args.preset, [*args.overrides, *_location_overrides(args)])
     if args.print_config:
@@ -546,6 +575,8 @@ def _is_rank0() -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from moglstm.lm.budget import allocation_failure
+    from moglstm.lm.distributed import PeerLostError
     from moglstm.lm.train import NonFiniteLossError
 
     try:
@@ -561,11 +592,20 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"moglstm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, torch.OutOfMemoryError, OSError) as exc:
+    except (NonFiniteLossError, PeerLostError, OSError) as exc:
         if args.debug:
             raise
         print(f"moglstm {args.command}: failed: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        message = allocation_failure(exc)
+        if message is None or args.debug:
+            raise  # not an allocation: an internal error shows its traceback
+        print(f"moglstm {args.command}: failed: {message}", file=sys.stderr)
+        return 1
+
+
+_MAX_MESSAGE = 2000  # characters of an error shown: messages never grow with the input
 
 
 def _one_line(exc: BaseException) -> str:
@@ -574,6 +614,7 @@ def _one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     head, rest = lines[0], lines[1:]
-    if head.endswith(":") and rest:
-        return f"{head} {'; '.join(rest)}"
-    return "; ".join(lines)
+    text = f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(lines)
+    if len(text) > _MAX_MESSAGE:
+        text = f"{text[: _MAX_MESSAGE - 40]}... ({len(text) - _MAX_MESSAGE + 40:,} more characters)"
+    return text

@@ -418,3 +418,44 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(data).failed == 0
+
+
+# --------------------------------------------------------------------------- bundled corpus
+
+
+def test_bundled_shakespeare_loads_offline_with_its_documented_sizes():
+    corpus = load_corpus(DataConfig(corpus="shakespeare"))
+    assert (corpus.name, corpus.level) == ("shakespeare", "word")
+    # the figures corpora/shakespeare/README.md gives
+    assert [corpus.split(s).numel() for s in ("train", "valid", "test")] == [
+        372_424,
+        26_661,
+        25_424,
+    ]
+    assert len(corpus.vocab) == 17_842  # the training split's words, <eos> and <unk>
+    text = corpus.vocab.detokenize(corpus.vocab.decode(corpus.valid[:40]))
+    # Macbeth's names never occur in the ten training plays: <unk>
+    assert text.startswith("<unk>\nby William Shakespeare\n")
+    assert data.bundled_text("shakespeare", "valid").startswith("MACBETH\nby William")
+    assert data.bundled_text("shakespeare", "test").startswith("THE TEMPEST")
+
+
+def test_bundled_corpus_files_ship_with_their_licence_and_stay_small():
+    from importlib import resources
+
+    folder = resources.files("moglstm.lm") / "corpora" / "shakespeare"
+    notice = (folder / "README.md").read_text("utf-8")
+    assert "public domain" in notice and "Creative Commons Attribution 2.5" in notice
+    sizes = [(folder / f"{s}.txt.xz").read_bytes().__len__() for s in ("train", "valid", "test")]
+    assert sum(sizes) < 1 << 20  # compressed, well under 1 MiB
+
+
+def test_bundled_corpus_that_does_not_verify_is_an_error(monkeypatch):
+    monkeypatch.setattr(data, "_expected_sha256", lambda key: "0" * 64)
+    with pytest.raises(ChecksumError, match="bundled shakespeare train split"):
+        load_corpus(DataConfig(corpus="shakespeare"))
+
+
+def test_bundled_corpus_is_not_downloaded():
+    with pytest.raises(ValueError, match="bundled with the package"):
+        data.fetch_corpus("shakespeare")

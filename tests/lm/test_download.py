@@ -191,7 +191,7 @@ def test_moglstm_data_without_the_corpus_falls_back_to_download(
 def test_explicit_data_dir_without_the_corpus_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"train\.txt does not exist"):
         fetch_corpus("ptb", data_dir=tmp_path)
-    with pytest.raises(ValueError, match="valid names: ptb, ptb-char"):
+    with pytest.raises(ValueError, match="valid names: shakespeare, ptb, ptb-char"):
         fetch_corpus("ptb3")
 
 

@@ -141,6 +141,7 @@ def test_checkpoint_choice_and_paths(word_run):
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_checkpoint(word_run / "missing")
     (word_run / "best.pt").unlink()
+    (word_run / "best.prev.pt").unlink(missing_ok=True)  # else it stands in for best.pt
     with pytest.raises(FileNotFoundError, match="has no best.pt"):
         resolve_checkpoint(word_run)
 

@@ -356,12 +356,17 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_save_writes_syncs_verifies_then_renames(tmp_path, monkeypatch):
     """The order that makes a save atomic and durable: write and fsync a temporary file,
-    check it, keep the old checkpoint as .prev, rename the new one in, fsync the folder."""
+    check it, link the old checkpoint to .prev (last.pt stays in place), rename the new
+    one over it, fsync the folder."""
     path = tmp_path / "last.pt"
     save_checkpoint(path, _payload(1))
     steps: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
     real_verify = checkpoint_module.verify_archive
+
+    def link(src: Any, dst: Any, **kwargs: Any) -> None:
+        steps.append(f"link {Path(src).name} -> {Path(dst).name[:8]}")
+        real_link(src, dst, **kwargs)
 
     def fsync(fd: int) -> None:
         steps.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
@@ -371,20 +376,22 @@ def test_save_writes_syncs_verifies_then_renames(tmp_path, monkeypatch):
         steps.append(f"rename {Path(src).name[:8]} -> {Path(dst).name}")
         real_replace(src, dst)
 
-    def verify(p: Any) -> None:
+    def verify(p: Any, *file: Any) -> None:
         steps.append(f"verify {Path(p).name[:8]}")
-        real_verify(p)
+        real_verify(p, *file)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(checkpoint_module, "verify_archive", verify)
     save_checkpoint(path, _payload(2), keep_previous=True)
     assert steps == [
         "fsync file",
         "verify .last.pt",  # the temporary file, .last.pt.<pid>.<hex>.tmp
         "verify last.pt",  # the old checkpoint, before it is kept
-        "rename last.pt -> last.prev.pt",
-        "rename .last.pt -> last.pt",
+        "link last.pt -> .last.pr",  # a second name for it: .last.prev.pt.<pid>.<hex>.tmp
+        "rename .last.pr -> last.prev.pt",
+        "rename .last.pt -> last.pt",  # last.pt was never missing
         "fsync folder",
     ]
 

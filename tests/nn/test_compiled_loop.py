@@ -121,3 +121,32 @@ def test_compiled_loop_survives_a_thread_that_cannot_start(monkeypatch):
     x, hx = inputs(5, 1)
     with pytest.raises(RuntimeError, match="start new thread"):
         fused(x, hx)
+
+
+def test_struct_layout_matches_the_c_side(compiled_loop):
+    lib = _kernels.load()
+    for which, mirror in enumerate((_kernels.Layer, _kernels.Blas)):
+        size, fields = _kernels.struct_layout(lib, which)
+        assert size == ctypes.sizeof(mirror)
+        assert [name for name, _ in fields] == [name for name, *_ in mirror._fields_]
+    assert lib.mog_forward_f32.restype is ctypes.c_int
+    assert lib.lstm_fwd_f64.argtypes is not None
+
+
+def test_loader_refuses_a_mismatched_struct(compiled_loop, monkeypatch):
+    class Shifted(ctypes.Structure):  # one field missing: every later offset moves
+        _fields_ = _kernels.Layer._fields_[:-2] + _kernels.Layer._fields_[-1:]
+
+    monkeypatch.setattr(_kernels, "Layer", Shifted)
+    with pytest.raises(RuntimeError, match="does not match its ctypes mirror"):
+        _kernels.check_layout(_kernels.load())
+
+
+def test_layer_refuses_non_contiguous_buffers():
+    gates = torch.zeros(4, 3, 8).transpose(0, 1)
+    with pytest.raises(ValueError, match="gates must be contiguous"):
+        _kernels.Layer.make({"gates": gates}, {}, {})
+    with pytest.raises(ValueError, match="xs: the C loop needs"):
+        _kernels.Layer.make({}, {}, {"xs": [torch.zeros(4, 3, 8).transpose(0, 1)]})
+    with pytest.raises(ValueError, match="rows of unit stride"):
+        _kernels.round_forward(torch.zeros(3, 4), torch.zeros(4, 3).t(), torch.zeros(3, 4))

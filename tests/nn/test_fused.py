@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from moglstm.nn import MogrifierLSTM, _kernels
+from moglstm.nn import MogrifierLSTM, _kernels, backends
+from moglstm.nn.direction import Steps
 
 D = torch.double
 VARIANTS = [
@@ -102,9 +103,9 @@ def test_fused_directions_and_layouts(bidirectional, batch_first):
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 7])
 def test_round_gradients_accumulated_over_chunks(monkeypatch, chunk_rows):
-    from moglstm.nn import fused
+    from moglstm.nn.backends import torch_loop
 
-    monkeypatch.setattr(fused.RoundGrads, "CHUNK_ROWS", chunk_rows)  # B=3: chunks of 1, 2, 3
+    monkeypatch.setattr(torch_loop.RoundGrads, "CHUNK_ROWS", chunk_rows)  # B=3: chunks of 1, 2, 3
     ref, fused_rnn = twins(
         input_size=5, hidden_size=4, num_layers=2, mogrify_rounds=5, mogrify_rank=2, peephole=True
     )
@@ -166,36 +167,46 @@ def test_state_carried_across_windows():
     torch.testing.assert_close(h2, h, rtol=1e-12, atol=1e-12)
 
 
-def test_auto_picks_fused_for_tensors_and_reference_for_packed(monkeypatch):
+def test_auto_picks_fused_for_tensors_and_reference_for_packed():
     rnn = MogrifierLSTM(5, 4, mogrify_rounds=2)
+    loop = backends.step_loop(torch.zeros(1))
+
+    def picked(x, grad=True):
+        steps = Steps(x, None) if isinstance(x, torch.Tensor) else Steps(x.data, x.batch_sizes)
+        with torch.set_grad_enabled(grad):
+            return rnn.backend_for(steps).name
+
+    assert picked(torch.randn(3, 2, 5)) == loop.name
+    # inference, a few steps: the reference loop is faster
+    assert picked(torch.randn(3, 2, 5), grad=False) == "reference"
+    # inference over a window: the compiled loop, where there is one
+    compiled = _kernels.loop_available(torch.zeros(1))
+    assert picked(torch.randn(8, 2, 5), grad=False) == (
+        "compiled-loop" if compiled else "reference"
+    )
+    packed = pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 1]))
+    assert picked(packed) == "reference"
+    rnn.to(torch.bfloat16)  # no compiled loop in bfloat16: the torch-ops loop
+    assert picked(torch.randn(3, 2, 5, dtype=torch.bfloat16)) == "torch-loop"
+    assert picked(torch.randn(9, 2, 5, dtype=torch.bfloat16), grad=False) == "reference"
+
+
+def test_one_backend_runs_every_layer_direction(monkeypatch):
+    rnn = MogrifierLSTM(5, 4, num_layers=2, bidirectional=True, mogrify_rounds=2)
     calls = []
-    import moglstm.nn.rnn as rnn_module
+    for backend in (backends.REFERENCE, backends.step_loop(torch.zeros(1))):
+        original = backend.run
 
-    for name in ("run_direction_fused", "run_direction_reference"):
-        original = getattr(rnn_module, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
+        def spy(*args, _name=backend.name, _original=original, **kwargs):
             calls.append(_name)
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(rnn_module, name, spy)
+        monkeypatch.setattr(backend, "run", spy)
     rnn(torch.randn(3, 2, 5))
-    assert calls == ["run_direction_fused"]
-    calls.clear()
-    with torch.no_grad():  # inference, a few steps: the reference loop is faster
-        rnn(torch.randn(3, 2, 5))
-    assert calls == ["run_direction_reference"]
-    calls.clear()
-    with torch.no_grad():  # inference over a window: the compiled loop, where there is one
-        rnn(torch.randn(8, 2, 5))
-    compiled = _kernels.loop_available(torch.zeros(1))
-    assert calls == ["run_direction_fused" if compiled else "run_direction_reference"]
+    assert calls == [backends.step_loop(torch.zeros(1)).name] * 4
     calls.clear()
     rnn(pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 1])))
-    assert calls == ["run_direction_reference"]
-    calls.clear()
-    rnn.to(torch.bfloat16)(torch.randn(3, 2, 5, dtype=torch.bfloat16))
-    assert calls == ["run_direction_reference"]
+    assert calls == ["reference"] * 4
 
 
 def test_fused_refuses_what_it_cannot_do():
@@ -204,11 +215,6 @@ def test_fused_refuses_what_it_cannot_do():
         rnn(pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 1])))
     with pytest.raises(ValueError, match="implementation"):
         MogrifierLSTM(5, 4, implementation="cuda")
-    out, _ = rnn(torch.randn(3, 2, 5))
-    loss = out.sum()
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward twice"):
-        loss.backward()
 
 
 def test_kernels_are_used_when_built(pointwise):

@@ -272,3 +272,30 @@ def test_bad_inputs():
         rnn(torch.randn(3, 2, 5, dtype=D))
     with pytest.raises(TypeError, match="floating"):
         rnn(torch.ones(3, 2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("implementation", ["auto", "fused", "reference"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_empty_batch_as_torch(implementation, grad):
+    ref = torch.nn.LSTM(3, 4, 2, bidirectional=True)
+    mine = MogrifierLSTM(3, 4, 2, bidirectional=True, implementation=implementation)
+    x = torch.randn(5, 0, 3, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        a, (ha, ca) = ref(x)
+        b, (hb, cb) = mine(x)
+    assert (b.shape, hb.shape, cb.shape) == (a.shape, ha.shape, ca.shape)
+    if grad:
+        (b.sum() + hb.sum()).backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("implementation", ["auto", "fused", "reference"])
+@pytest.mark.parametrize(
+    "shape, batch_first", [((0, 2, 3), False), ((2, 0, 3), True), ((0, 3), False)]
+)
+def test_empty_sequence_is_an_error_as_in_torch(implementation, shape, batch_first):
+    with pytest.raises(RuntimeError, match="sequence length"):
+        torch.nn.LSTM(3, 4, batch_first=batch_first)(torch.randn(*shape))
+    rnn = MogrifierLSTM(3, 4, batch_first=batch_first, implementation=implementation)
+    with pytest.raises(ValueError, match=r"sequence length > 0, got shape \(" + str(shape[0])):
+        rnn(torch.randn(*shape))

@@ -1,4 +1,4 @@
-"""Parameter budgets: compare models at equal size, as the Mogrifier paper does.
+"""Budgets: parameters (compare models at equal size) and memory (refuse what cannot fit).
 
 ``model.num_params=24M`` asks for the largest hidden size whose model has at most
 24 million parameters. This module holds the two model-independent pieces:
@@ -12,15 +12,44 @@
 :func:`moglstm.lm.models.build_model` counts a candidate by building it on the
 ``meta`` device (no memory is allocated), so every architecture option is counted
 exactly as it will be built.
+
+Memory: before a run builds its model, :func:`check_training_fits` counts the
+parameters on the ``meta`` device, estimates what training needs
+(:func:`training_memory`: weights, gradients and Adam's moments, plus the
+activations one window keeps for the backward pass) and compares it with the
+memory available (:func:`available_memory`: the GPU's free memory, or the
+machine's available RAM within any container limit). A run that cannot fit is
+refused with the numbers (:class:`MemoryBudgetError`); ``train.check_memory=false``
+skips the check. An allocation that fails anyway becomes one line
+(:func:`allocation_failure`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["largest_fitting", "parse_count"]
+from moglstm.lm.safety import short_repr
+
+__all__ = [
+    "MAX_SEARCHED_SIZE",
+    "MemoryBudgetError",
+    "MemoryEstimate",
+    "allocation_failure",
+    "available_memory",
+    "check_training_fits",
+    "largest_fitting",
+    "parse_count",
+    "training_memory",
+]
+
+#: The largest size :func:`largest_fitting` considers by default.
+MAX_SEARCHED_SIZE = 1 << 16
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 _COUNT_RE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgb]?)\s*", re.IGNORECASE)
@@ -47,22 +76,25 @@ def parse_count(value: str | int | float) -> int:
         (24000000, 24000000, 24000000)
     """
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise TypeError(f"count: expected text like '24M' or a number, got {value!r}")
+        raise TypeError(f"count: expected text like '24M' or a number, got {short_repr(value)}")
     if isinstance(value, str):
         match = _COUNT_RE.fullmatch(value)
         if match is None:
             raise ValueError(
-                f"{value!r} is not a parameter count (write e.g. 24M, 1.5k, 24e6 or 24000000)"
+                f"{short_repr(value)} is not a parameter count (write e.g. 24M, 1.5k, 24e6 or "
+                "24000000)"
             )
         number = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
     else:
         number = float(value)
     if not math.isfinite(number) or number < 1 or abs(number - round(number)) > 1e-6 * number:
-        raise ValueError(f"{value!r} must be a positive whole number of parameters")
+        raise ValueError(f"{short_repr(value)} must be a positive whole number of parameters")
     return int(round(number))
 
 
-def largest_fitting(count: Callable[[int], int | None], budget: int, *, high: int = 1 << 16) -> int:
+def largest_fitting(
+    count: Callable[[int], int | None], budget: int, *, high: int = MAX_SEARCHED_SIZE
+) -> int:
     """The largest ``size`` in ``[1, high]`` with ``count(size) <= budget``.
 
     ``count`` must grow with ``size``, and return ``None`` for sizes too small to be
@@ -80,9 +112,9 @@ def largest_fitting(count: Callable[[int], int | None], budget: int, *, high: in
             no size up to ``high`` can be built.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive int, got {budget!r}")
+        raise ValueError(f"budget must be a positive int, got {short_repr(budget)}")
     if isinstance(high, bool) or not isinstance(high, int) or high < 1:
-        raise ValueError(f"high must be a positive int, got {high!r}")
+        raise ValueError(f"high must be a positive int, got {short_repr(high)}")
     smallest = _first(lambda n: count(n) is not None, 1, high)
     if smallest is None:
         raise ValueError(f"no size up to {high} can be built")
@@ -107,3 +139,206 @@ def _first(pred: Callable[[int], bool], low: int, high: int) -> int | None:
         else:
             low = mid + 1
     return low
+
+
+# --------------------------------------------------------------------------- memory
+
+_FLOAT_BYTES = 4  # parameters, gradients, moments and activations are float32
+_STATE_COPIES = 4  # weights, gradients, Adam's exp_avg and exp_avg_sq
+
+
+class MemoryBudgetError(ValueError):
+    """Training the configured model would need more memory than the device has."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What training a model needs, in bytes (an estimate, not a measurement).
+
+    Attributes:
+        parameters: the number of parameters (exact: counted on the ``meta`` device).
+        state: weights, gradients and the optimizer's two moments (and a running
+            average of the weights when ``train.average_*`` may start one).
+        activations: what the forward pass of one training window keeps for the
+            backward pass, for this process's share of the batch.
+        tokens: the tokens of that window (streams x ``data.bptt``).
+    """
+
+    parameters: int
+    state: int
+    activations: int
+    tokens: int
+
+    @property
+    def total(self) -> int:
+        """``state + activations``."""
+        return self.state + self.activations
+
+
+def training_memory(
+    cfg: Any, vocab_size: int, parameters: int, world_size: int = 1
+) -> MemoryEstimate:
+    """Estimate the memory of training ``cfg``'s model (a :class:`RunConfig`).
+
+    The activation term counts, per token and layer, the tensors a step keeps for
+    the backward pass: for a recurrent layer of width ``H`` its four gates before and
+    after their nonlinearities, ``c``, ``tanh(c)`` and ``h`` (``11 H``), each mogrifier
+    round's gate and gated vector (``2 H`` per round) and dropout's input (``2 H``); for
+    a Transformer block ``16 d`` plus ``2 heads x bptt`` attention weights; for the
+    output layer the logits, their log-softmax and its gradient (``3 V``, times the
+    mixture's components with ``model.mos_components``). Meant to catch sizes that
+    cannot fit at all, it errs low: 0.6 to 0.8 of the peak memory measured on CPU by
+    ``experiments/memory_estimate.py`` (see docs/reliability.md).
+
+    Args:
+        cfg: the run's config.
+        vocab_size: the vocabulary size.
+        parameters: the model's parameter count.
+        world_size: processes sharing the batch (each keeps activations for its share).
+    """
+    m, d = cfg.model, cfg.data
+    tokens = max(1, d.batch_size // world_size) * d.bptt
+    if m.kind == "transformer":
+        per_layer = 16 * m.d_model + 2 * m.heads * d.bptt
+        layers, width = m.depth, m.d_model
+    else:
+        rounds = m.mogrify_rounds if m.kind == "mogrifier" else 0
+        width = max(m.hidden_size, m.embedding_size or 0)
+        per_layer = (13 + 2 * rounds) * width
+        layers = m.num_layers
+    output = 3 * vocab_size * max(1, m.mos_components)
+    per_token = layers * per_layer + 2 * width + output
+    averaging = cfg.train.average_after_bad_evals or cfg.train.average_from_step
+    copies = _STATE_COPIES + (1 if averaging else 0)
+    return MemoryEstimate(
+        parameters=parameters,
+        state=parameters * copies * _FLOAT_BYTES,
+        activations=tokens * per_token * _FLOAT_BYTES,
+        tokens=tokens,
+    )
+
+
+def available_memory(device: Any) -> tuple[int, str] | None:
+    """``(bytes available, where)`` on ``device`` (a :class:`torch.device`), or ``None``.
+
+    CUDA: the GPU's free memory (:func:`torch.cuda.mem_get_info`). CPU: the
+    machine's available memory (``MemAvailable``), or a container's limit less its
+    use when that is smaller. ``None`` where it cannot be told (e.g. MPS).
+    """
+    import torch
+
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"GPU {device} has"
+    if device.type != "cpu":
+        return None
+    found = [x for x in (_meminfo_available(), _cgroup_room()) if x is not None]
+    if not found:
+        return None
+    return min(found), "this machine has"
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """A container's memory limit less its current use (cgroup v2, then v1)."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+            return max(0, int(limit) - usage)
+    return None
+
+
+def check_training_fits(
+    cfg: Any, vocab_size: int, device: Any, world_size: int = 1
+) -> MemoryEstimate:
+    """Refuse a run whose training cannot fit in ``device``'s memory, before building it.
+
+    The parameters are counted on the ``meta`` device (nothing allocated) and
+    :func:`training_memory` estimates the rest. With ``cfg.train.check_memory`` off,
+    or where the available memory cannot be told, only the count is checked (a model
+    too large to describe at all is still refused).
+
+    Returns:
+        The estimate.
+
+    Raises:
+        MemoryBudgetError: the estimate exceeds the memory available (the message
+            gives both, what makes up the estimate, and the keys to change).
+    """
+    from moglstm.lm.models import build_on_meta, count_parameters
+
+    try:
+        parameters = count_parameters(build_on_meta(cfg.model, vocab_size))
+    except (RuntimeError, OverflowError) as exc:  # a size whose element count overflows
+        raise MemoryBudgetError(
+            f"the model of this config is too large to build at all ({_first_line(exc)}); "
+            "lower model.hidden_size (or model.d_model) or model.num_layers"
+        ) from None
+    estimate = training_memory(cfg, vocab_size, parameters, world_size)
+    room = available_memory(device) if cfg.train.check_memory else None
+    if room is not None and estimate.total > room[0]:
+        available, where = room
+        raise MemoryBudgetError(
+            f"training this model needs about {_size(estimate.total)} but {where} "
+            f"{_size(available)} available: {parameters:,} parameters take "
+            f"{_size(estimate.state)} (weights, gradients, Adam's moments) and a window of "
+            f"{estimate.tokens:,} tokens (data.batch_size x data.bptt) about "
+            f"{_size(estimate.activations)} of activations. Lower model.hidden_size, "
+            "model.num_layers, data.batch_size or data.bptt, or set train.check_memory=false "
+            "to try anyway"
+        )
+    return estimate
+
+
+def allocation_failure(exc: BaseException) -> str | None:
+    """One line for an allocation that failed (CPU or GPU); ``None`` for other errors."""
+    import torch
+
+    text = str(exc)
+    if not (
+        isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+        or (isinstance(exc, RuntimeError) and _ALLOCATION_FAILED.search(text))
+    ):
+        return None
+    return (
+        f"out of memory ({_first_line(exc)}); lower model.hidden_size, data.batch_size or "
+        "data.bptt"
+    )
+
+
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|out of memory|DefaultCPUAllocator", re.I)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    first = lines[0].strip() if lines else type(exc).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"

@@ -21,13 +21,21 @@ flushes and fsyncs it, reads it back to check every member's CRC-32, renames it
 over the destination with :func:`os.replace` and fsyncs the folder, so a crash or
 a full disk never leaves a partial file at the destination and never damages the
 checkpoint already there. With ``keep_previous=True`` the checkpoint it replaces
-(if it verifies) is kept as ``NAME.prev.pt`` (:func:`previous_path`), and
-:func:`load_newest_checkpoint` falls back to that one when the newest is missing,
-truncated or corrupt, so a run always has a good checkpoint to resume from.
+(if it verifies) is kept as ``NAME.prev.pt`` (:func:`previous_path`): it is
+hard-linked (copied where links are not supported) to that name *before* the new
+file is renamed over it, so ``NAME.pt`` exists at every moment. And
+:func:`load_newest_checkpoint` falls back to the previous one when the newest is
+missing, truncated, corrupt or inconsistent, so a run always has a good checkpoint
+to resume from.
 
-:func:`load_checkpoint` checks the CRC-32 of every member before unpickling (a
-flipped bit in tensor data would otherwise load silently) and unpickles with
-``weights_only=True``, so a crafted file cannot run code.
+:func:`load_checkpoint` opens the file without following a symbolic link, checks
+the CRC-32 of every member before unpickling (a flipped bit in tensor data would
+otherwise load silently) and unpickles with ``weights_only=True``, so a crafted
+file cannot run code. :func:`check_training_checkpoint` then checks the parts
+against each other before anything is built from them: the config is plain data
+of a config's size, valid; every weight has the name, shape and finite values
+that the config's model (built on the ``meta`` device, which allocates nothing)
+gives it; the optimizer's moments match the parameters.
 """
 
 from __future__ import annotations
@@ -38,20 +46,30 @@ import os
 import pickle
 import random
 import re
-import secrets
+import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moglstm.lm.safety import ArchiveError, verify_archive
+from moglstm.lm.safety import (
+    ArchiveError,
+    UnsafePathError,
+    check_tree_size,
+    fsync_folder,
+    open_regular,
+    short_repr,
+    temp_name,
+    verify_archive,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "capture_rng_state",
+    "check_training_checkpoint",
     "load_checkpoint",
     "load_newest_checkpoint",
     "previous_path",
@@ -115,9 +133,11 @@ def save_checkpoint(
         path: destination file; parent folders are created.
         payload: tensors and plain data only (see the module docstring).
             ``format_version`` is added when absent.
-        keep_previous: first move the checkpoint at ``path`` to
+        keep_previous: first link the checkpoint at ``path`` to
             :func:`previous_path` (replacing the one there), unless it fails its
-            own check, in which case the older one there is kept instead.
+            own check (or is a symbolic link), in which case the older one there
+            is kept instead. ``path`` itself is replaced only after that, so it
+            never goes missing.
         verify: check the CRC-32 of every member of the written file before it
             replaces anything.
 
@@ -142,7 +162,7 @@ def save_checkpoint(
         )
     payload = {**payload, "format_version": FORMAT_VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_name(path)
     try:
         _write_synced(tmp, payload)
         if verify:
@@ -160,7 +180,7 @@ def save_checkpoint(
                 "(any checkpoint already there is unchanged)",
             ) from exc
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
@@ -222,15 +242,29 @@ def _verify_written(tmp: Path, path: Path) -> None:
 
 
 def _keep_as_previous(path: Path) -> None:
-    """Move a good checkpoint at ``path`` to its ``.prev`` name before it is replaced."""
-    if not path.is_file():
+    """Link a good checkpoint at ``path`` to its ``.prev`` name before it is replaced.
+
+    A link, not a rename: ``path`` stays in place until the new file replaces it.
+    """
+    if not os.path.lexists(path):
         return
     try:
-        verify_archive(path)
-    except ArchiveError as exc:  # never let a damaged file push out the good .prev one
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+            verify_archive(path, f)
+    except (ArchiveError, UnsafePathError) as exc:  # never push out the good .prev one
         logger.warning("not keeping %s as the previous checkpoint: %s", path, exc)
         return
-    os.replace(path, previous_path(path))
+    previous = previous_path(path)
+    tmp = temp_name(previous)
+    try:
+        try:
+            os.link(path, tmp, follow_symlinks=False)
+        except OSError:  # a file system without hard links: a copy does as well
+            shutil.copyfile(path, tmp, follow_symlinks=False)
+        os.replace(tmp, previous)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
 
 
 def _remove_quietly(path: Path) -> None:
@@ -238,19 +272,6 @@ def _remove_quietly(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _fsync_folder(folder: Path) -> None:
-    # Makes the rename itself durable. Not possible on Windows, nor on every file system.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- loading
@@ -261,8 +282,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
-    Checks the CRC-32 of every member first, then loads with ``weights_only=True``:
-    no pickled code runs.
+    Opens the file without following a symbolic link (resolve a link you mean to
+    follow first), checks the CRC-32 of every member, then loads the same open file
+    with ``weights_only=True``: no pickled code runs.
 
     Args:
         path: the checkpoint file.
@@ -274,16 +296,21 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: the file is truncated, corrupt, holds more than plain
-            data, is not a moglstm checkpoint or comes from a newer format.
+            data, is not a moglstm checkpoint, comes from a newer format, or is a
+            symbolic link or not a regular file.
     """
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"checkpoint file {str(path)!r} not found")
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(f"checkpoint path {str(path)!r} is a folder, not a file")
     try:
-        verify_archive(path)
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+            verify_archive(path, f)
+            f.seek(0)
+            payload = torch.load(f, map_location=map_location, weights_only=True)
+    except UnsafePathError as exc:
+        raise CheckpointError(f"cannot read checkpoint: {exc}") from None
     except ArchiveError as exc:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
     except PermissionError as exc:
@@ -302,18 +329,27 @@ def load_checkpoint(
     return _check_payload(payload, path)
 
 
+Check = Callable[[dict[str, Any], Path], None]
+
+
 def load_newest_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+    path: str | os.PathLike,
+    map_location: str | torch.device | None = "cpu",
+    check: Check | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Read ``path``, or the previous checkpoint kept beside it when ``path`` is bad.
 
     Tries ``path`` and then :func:`previous_path` (written by :func:`save_checkpoint`
-    with ``keep_previous=True``); a missing, truncated or corrupt file is skipped
-    with a warning that names it and says why.
+    with ``keep_previous=True``); a missing, truncated, corrupt or (by ``check``)
+    inconsistent file is skipped with a warning that names it and says why. Each
+    warning is given once per process for the same file, however often it is read.
 
     Args:
         path: the newest checkpoint, e.g. ``<run>/last.pt``.
         map_location: as in :func:`load_checkpoint`.
+        check: called as ``check(payload, path)``; a :class:`CheckpointError` it
+            raises rejects the file like damage does (e.g.
+            :func:`check_training_checkpoint`).
 
     Returns:
         ``(payload, the path it was read from)``.
@@ -324,22 +360,40 @@ def load_newest_checkpoint(
     """
     path = Path(path)
     candidates = [path, previous_path(path)]
-    if not any(c.exists() for c in candidates):
+    if not any(os.path.lexists(c) for c in candidates):
         raise FileNotFoundError(f"checkpoint file {str(path)!r} not found")
-    failures = []
+    failures: list[tuple[Path, CheckpointError]] = []
     for candidate in candidates:
-        if not candidate.exists():
+        if not os.path.lexists(candidate):
             continue
         try:
             payload = load_checkpoint(candidate, map_location)
+            if check is not None:
+                check(payload, candidate)
         except CheckpointError as exc:
-            logger.warning("skipping checkpoint %s: %s", candidate, exc)
-            failures.append(str(exc))
+            failures.append((candidate, exc))
             continue
+        for bad, exc in failures:  # warned only when there is a fallback: else the error says it
+            _warn_once(bad, "skipping checkpoint %s: %s", bad, exc)
         if failures:
-            logger.warning("falling back to the previous checkpoint %s", candidate)
+            _warn_once(candidate, "falling back to the previous checkpoint %s", candidate)
         return payload, candidate
-    raise CheckpointError("no readable checkpoint: " + "; ".join(failures))
+    raise CheckpointError("no readable checkpoint: " + "; ".join(str(e) for _, e in failures))
+
+
+_warned: set[tuple] = set()
+
+
+def _warn_once(path: Path, message: str, *args: Any) -> None:
+    """Log a warning about ``path`` unless this process gave it already for that file."""
+    try:
+        st = os.lstat(path)
+        key = (message, str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = (message, str(path))
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
 
 
 #: Temporary files this package writes next to their destination (see save_checkpoint).
@@ -364,13 +418,24 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+_GLOBAL = re.compile(r"(?:GLOBAL|global)\s+([\w.]+)")
+
+
 def _reason(exc: BaseException) -> str:
-    """The useful part of torch.load's (often long, multi-line) error message."""
+    """Why torch.load refused, in our words (its message ends in advice to turn the
+    protection off, which is never the right fix for a checkpoint)."""
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
+    found = _GLOBAL.search(text)
+    if found:
+        return (
+            f"it asks to import and call {short_repr(found.group(1), 80)[1:-1]} while loading, "
+            "which a checkpoint never needs; refused before anything ran"
+        )
     lines = text.strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    first = lines[0].strip() if lines else ""
+    return f"{type(exc).__name__}: {short_repr(first, 160)[1:-1]}" if first else type(exc).__name__
 
 
 def _check_payload(payload: Any, path: Path) -> dict[str, Any]:
@@ -380,13 +445,207 @@ def _check_payload(payload: Any, path: Path) -> dict[str, Any]:
         )
     version = payload["format_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{str(path)!r} has an invalid format_version {version!r}")
+        raise CheckpointError(
+            f"{str(path)!r} has an invalid format_version {short_repr(version)}"
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{str(path)!r} uses checkpoint format {version}; this moglstm reads formats up "
             f"to {FORMAT_VERSION}: upgrade moglstm"
         )
     return payload
+
+
+# --------------------------------------------------------------------------- consistency
+
+#: Entries a checkpoint needs to rebuild a model, and to resume its training.
+MODEL_ENTRIES = ("model", "config", "vocab")
+TRAINING_ENTRIES = (*MODEL_ENTRIES, "optimizer", "scheduler", "counters", "data", "rng")
+_MAX_PLAIN_VALUES = 1_000_000  # plain values outside the vocabulary (a payload has ~1000)
+_SHOWN = 3  # names listed in an error, at most
+
+
+def check_training_checkpoint(
+    payload: Mapping[str, Any], path: Path, *, resume: bool = False
+) -> Any:
+    """Check a loaded checkpoint against its own config before anything is built from it.
+
+    The checks, in order, each cheap and none allocating the model:
+
+    * the entries a model needs (and with ``resume`` those training needs) are there,
+      and no entry is plain data of more than a million values (shared references
+      counted each time), so a small crafted file cannot expand into a huge config;
+    * the config is valid (:func:`~moglstm.lm.config.validate`), the vocabulary is a
+      list of distinct strings;
+    * the model the config describes is built on the ``meta`` device (no memory)
+      and every weight (``model`` and ``train_model``) has its name and shape, with
+      finite values;
+    * with ``resume``: the counters are numbers, and the optimizer's groups and
+      moments match the model's parameters.
+
+    Args:
+        payload: from :func:`load_checkpoint`.
+        path: the file it came from (named in errors).
+        resume: also check what resuming training needs.
+
+    Returns:
+        The validated :class:`~moglstm.lm.config.RunConfig`.
+
+    Raises:
+        CheckpointError: one line naming the file and the first inconsistency.
+    """
+    where = f"checkpoint {str(path)!r}"
+    needed = TRAINING_ENTRIES if resume else MODEL_ENTRIES
+    missing = [k for k in needed if k not in payload]
+    if missing:
+        raise CheckpointError(f"{where} lacks {', '.join(missing)}: not a training checkpoint")
+    try:
+        for key, value in payload.items():
+            if key not in ("vocab", "config"):
+                check_tree_size(value, f"its {short_repr(key)}", max_values=_MAX_PLAIN_VALUES)
+        check_tree_size(payload["config"], "its config")
+        cfg = _checked_config(payload["config"])
+        vocab_size = _checked_vocab(payload["vocab"])
+        model = _meta_model(cfg, vocab_size)
+        for key in ("model", "train_model"):
+            if key in payload:
+                _check_weights(payload[key], model, key, cfg)
+        if resume:
+            _check_counters(payload["counters"])
+            _check_optimizer(payload["optimizer"], model, cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    return cfg
+
+
+def _checked_config(config: Any) -> Any:
+    from moglstm.lm.config import from_dict, validate
+
+    try:
+        return validate(from_dict(config))
+    except (TypeError, ValueError) as exc:
+        lines = str(exc).splitlines()
+        shown = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[1].strip()}"
+        raise ValueError(f"its config is not valid ({shown})") from None
+
+
+def _checked_vocab(vocab: Any) -> int:
+    from moglstm.lm.data import Vocab
+
+    if not isinstance(vocab, Mapping) or not isinstance(vocab.get("tokens"), (list, tuple)):
+        raise ValueError("its vocab is not a mapping with a list of tokens")
+    check_tree_size(
+        {k: v for k, v in vocab.items() if k != "tokens"}, "its vocab", max_values=100
+    )
+    if not all(isinstance(t, str) for t in vocab["tokens"]):
+        raise ValueError("its vocab holds tokens that are not strings")
+    try:
+        return len(Vocab.from_dict(vocab))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"its vocab is malformed ({short_repr(str(exc), 160)[1:-1]})") from None
+
+
+def _meta_model(cfg: Any, vocab_size: int) -> torch.nn.Module:
+    from moglstm.lm.models import build_on_meta
+
+    try:
+        return build_on_meta(cfg.model, vocab_size)
+    except (RuntimeError, ValueError, OverflowError) as exc:
+        raise ValueError(
+            f"its config describes a model that cannot be built ({short_repr(str(exc), 160)})"
+        ) from None
+
+
+def _check_weights(state: Any, model: torch.nn.Module, key: str, cfg: Any) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"its {key!r} entry is not a mapping of weights")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        parts = [f"lacks {_names(missing)}"] if missing else []
+        parts += [f"has extra {_names(extra)}"] if extra else []
+        raise ValueError(
+            f"its {key!r} weights do not fit its config ({_model_summary(cfg)}): "
+            + " and ".join(parts)
+        )
+    for name, want in expected.items():
+        have = state[name]
+        if not isinstance(have, torch.Tensor):
+            raise TypeError(f"its weight {key}[{name!r}] is a {type(have).__name__}, not a tensor")
+        if have.shape != want.shape:
+            raise ValueError(
+                f"its weight {key}[{name!r}] has shape {tuple(have.shape)} but its config "
+                f"({_model_summary(cfg)}) gives {tuple(want.shape)}"
+            )
+        _check_finite(have, f"its weight {key}[{name!r}]")
+
+
+def _check_finite(t: torch.Tensor, label: str) -> None:
+    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{label} holds NaN or infinite values")
+
+
+def _check_counters(counters: Any) -> None:
+    if not isinstance(counters, Mapping):
+        raise TypeError("its counters are not a mapping")
+    step = counters.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"its counters have step={short_repr(step)}: expected an int >= 0")
+    for name, value in counters.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"its counter {short_repr(name)} is {short_repr(value)}, not a number")
+
+
+def _check_optimizer(state: Any, model: torch.nn.Module, cfg: Any) -> None:
+    from moglstm.lm.train import make_optimizer
+
+    if not isinstance(state, Mapping) or not isinstance(state.get("param_groups"), list):
+        raise TypeError("its optimizer entry is not an optimizer state")
+    fresh = make_optimizer(model, cfg.train)  # on the meta parameters: allocates nothing
+    params = [p for group in fresh.param_groups for p in group["params"]]
+    sizes = [len(g["params"]) for g in fresh.param_groups]
+    saved = state["param_groups"]
+    if [len(g.get("params", ())) if isinstance(g, Mapping) else None for g in saved] != sizes:
+        raise ValueError(
+            f"its optimizer state has groups of {short_repr([_count(g) for g in saved])} "
+            f"parameters but its config's model has {sizes}"
+        )
+    moments = state.get("state", {})
+    if not isinstance(moments, Mapping):
+        raise TypeError("its optimizer's state is not a mapping")
+    for index, entry in moments.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(
+                f"its optimizer state names parameter {short_repr(index)}, not one of its model's"
+            )
+        for name, value in (entry.items() if isinstance(entry, Mapping) else ()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.shape != params[index].shape:
+                    raise ValueError(
+                        f"its optimizer's {short_repr(name)} of parameter {index} has shape "
+                        f"{tuple(value.shape)}, but the parameter has {tuple(params[index].shape)}"
+                    )
+                _check_finite(value, f"its optimizer's {short_repr(name)} of parameter {index}")
+
+
+def _count(group: Any) -> Any:
+    return len(group["params"]) if isinstance(group, Mapping) and "params" in group else "?"
+
+
+def _names(names: list) -> str:
+    shown = ", ".join(short_repr(n, 60) for n in names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _model_summary(cfg: Any) -> str:
+    m = cfg.model
+    if m.kind == "transformer":
+        return f"model.kind='transformer', model.d_model={m.d_model}, model.depth={m.depth}"
+    return (
+        f"model.kind={m.kind!r}, model.hidden_size={m.hidden_size}, "
+        f"model.num_layers={m.num_layers}"
+    )
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -428,7 +687,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         raise TypeError(f"state: expected a mapping, got {type(state).__name__}")
     for key in ("torch", "python"):
         if key not in state:
-            raise ValueError(f"rng state: missing key {key!r} (have {sorted(state)})")
+            raise ValueError(f"rng state: missing key {key!r} (have {short_repr(list(state))})")
     torch.set_rng_state(_byte_tensor(state["torch"], "torch"))
     _restore_cuda(state.get("cuda") or [])
     if state.get("mps") is not None and _mps_available():
@@ -444,7 +703,7 @@ def _mps_available() -> bool:
 
 def _byte_tensor(value: Any, key: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        raise ValueError(f"rng state[{key!r}]: expected a uint8 tensor, got {value!r:.80}")
+        raise ValueError(f"rng state[{key!r}]: expected a uint8 tensor, got {short_repr(value)}")
     return value.cpu()  # the setters want CPU byte tensors, whatever map_location did
 
 
@@ -469,7 +728,7 @@ def _restore_python(d: Any) -> None:
     try:
         random.setstate((d["version"], tuple(d["state"]), d["gauss_next"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"rng state['python'] is malformed: {exc!r}") from exc
+        raise ValueError(f"rng state['python'] is malformed: {short_repr(exc)}") from exc
 
 
 def _numpy_state() -> dict[str, Any] | None:
@@ -497,4 +756,4 @@ def _restore_numpy(d: Any) -> None:
         key = np.asarray(d["key"], dtype=np.uint32)
         np.random.set_state((d["kind"], key, d["pos"], d["has_gauss"], d["cached_gaussian"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"rng state['numpy'] is malformed: {exc!r}") from exc
+        raise ValueError(f"rng state['numpy'] is malformed: {short_repr(exc)}") from exc

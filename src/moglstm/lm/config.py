@@ -32,6 +32,15 @@ from typing import Any, Union
 
 import yaml
 
+from moglstm.lm.safety import (
+    MAX_YAML_BYTES,
+    NONFINITE_POLICIES,
+    describe_path,
+    load_yaml,
+    short_repr,
+    write_atomic,
+)
+
 __all__ = [
     "CORPORA",
     "DEVICE_HELP",
@@ -58,14 +67,13 @@ __all__ = [
     "validate",
 ]
 
-CORPORA = ("ptb", "ptb-char", "wikitext-2", "enwik8", "text")
+CORPORA = ("shakespeare", "ptb", "ptb-char", "wikitext-2", "enwik8", "text")
 LEVELS = ("word", "char", "byte")
 IMPLEMENTATIONS = ("auto", "fused", "reference")  # as moglstm.nn.MogrifierLSTM takes
 MODEL_KINDS = ("mogrifier", "lstm", "gru", "rnn", "transformer")
 SCHEDULES = ("constant", "plateau")
 DROPOUT_MASKS = ("window", "step")  # model.dropout_mask, model.state_dropout_mask
 INITS = ("default", "official")  # model.init
-NONFINITE_POLICIES = ("stop", "skip", "rollback")  # on a NaN/inf training loss
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _PRESET_SUFFIXES = (".yaml", ".yml")
@@ -80,7 +88,7 @@ class DataConfig:
     valid.txt and test.txt) or from ``train_path``/``valid_path``/``test_path``.
     """
 
-    corpus: str = "ptb"  # ptb | ptb-char | wikitext-2 | enwik8 | text
+    corpus: str = "ptb"  # shakespeare (bundled) | ptb | ptb-char | wikitext-2 | enwik8 | text
     data_dir: str | None = None  # folder laid out like shared/data; else $MOGLSTM_DATA
     cache_dir: str | None = None  # where downloads go; else ~/.cache/moglstm
     path: str | None = None  # corpus=text: a folder with train/valid/test.txt
@@ -171,6 +179,8 @@ class TrainConfig:
     nonfinite: str = "stop"  # on a NaN/inf training loss: stop | skip | rollback
     rollback_lr_factor: float = 0.5  # nonfinite=rollback: lr multiplied by this
     max_nonfinite: int = 5  # more non-finite losses than this between checkpoints: stop
+    check_memory: bool = True  # refuse a model whose training cannot fit in memory (lm/budget.py)
+    dist_timeout: float = 300.0  # torchrun: seconds a rank waits for a stalled or dead peer
 
 
 @dataclass
@@ -229,12 +239,13 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
 def _build(cls: type, d: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(d, Mapping):
-        raise TypeError(f"{where}: expected a mapping, got {d!r} ({type(d).__name__})")
+        raise TypeError(f"{where}: expected a mapping, got {short_repr(d)} ({type(d).__name__})")
     hints = _hints(cls)
     kwargs = {}
     for key, value in d.items():
         if not isinstance(key, str) or key not in hints:
-            raise ValueError(_unknown_key_message(f"{prefix}{key}", cls, prefix))
+            shown = key if isinstance(key, str) and len(key) <= 60 else short_repr(key, 60)
+            raise ValueError(_unknown_key_message(f"{prefix}{shown}", cls, prefix))
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -271,18 +282,37 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in _SCALAR_COERCERS:
         converted = _SCALAR_COERCERS[tp](value)
         if converted is not _INVALID:
-            return converted
-        raise TypeError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            return _check_size(converted, key)
+        raise TypeError(
+            f"{key}: expected {_type_name(tp)}, got {short_repr(value)} ({type(value).__name__})"
+        )
     raise TypeError(f"{key}: unsupported field type {tp!r}")
+
+
+_MAX_INT = 2**63  # ints must fit in int64, as torch's seeds and sizes do
+_MAX_STR = 4096  # characters in a string value (PATH_MAX)
+
+
+def _check_size(value: Any, key: str) -> Any:
+    """Refuse an int beyond int64 or an absurdly long string, naming the key."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -_MAX_INT <= value < _MAX_INT:
+        raise ValueError(f"{key}={short_repr(value)} is out of range: it must fit in 64 bits")
+    if isinstance(value, str) and len(value) > _MAX_STR:
+        raise ValueError(f"{key}: a text of {len(value):,} characters is too long")
+    return value
 
 
 def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{key}: expected a list, got {short_repr(value)} ({type(value).__name__})"
+        )
     if len(args) == 2 and args[1] is Ellipsis:
         args = (args[0],) * len(value)
     if len(value) != len(args):
-        raise TypeError(f"{key}: expected a list of {len(args)} values, got {list(value)!r}")
+        raise TypeError(
+            f"{key}: expected a list of {len(args)} values, got {len(value)}: {short_repr(value)}"
+        )
     pairs = enumerate(zip(value, args, strict=True))
     return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
 
@@ -381,7 +411,7 @@ def _section_type_problems(section: Any, prefix: str) -> list[str]:
     for name, tp in _hints(type(section)).items():
         value = getattr(section, name)
         if not _matches(value, tp):
-            problems.append(f"{prefix}{name}: expected {_describe(tp)}, got {value!r}")
+            problems.append(f"{prefix}{name}: expected {_describe(tp)}, got {short_repr(value)}")
     return problems
 
 
@@ -418,7 +448,7 @@ def _describe(tp: Any) -> str:
 def _choice(key: str, value: str, choices: Sequence[str]) -> list[str]:
     if value in choices:
         return []
-    return [f"{key}={value!r} is not one of: {', '.join(choices)}"]
+    return [f"{key}={short_repr(value)} is not one of: {', '.join(choices)}"]
 
 
 def _positive(section: Any, prefix: str, names: Sequence[str], optional: bool = False) -> list[str]:
@@ -604,7 +634,7 @@ def _check_train(t: TrainConfig) -> list[str]:
     problems = _choice("train.schedule", t.schedule, SCHEDULES)
     problems += _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
     problems += _positive(t, "train.", ["lr", "eps", "max_steps", "eval_every", "log_every"])
-    problems += _positive(t, "train.", ["max_nonfinite"])
+    problems += _positive(t, "train.", ["max_nonfinite", "dist_timeout"])
     problems += _positive(t, "train.", ["eval_max_tokens"], optional=True)
     problems += _at_least_zero(
         t, "train.", ["weight_decay", "clip", "lr_patience", "early_stop_patience", "seed"]
@@ -649,10 +679,11 @@ def _finite(section: Any, prefix: str) -> list[str]:
 def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
     """Return a copy of ``cfg`` with dotted ``key=value`` overrides applied.
 
-    Each value is parsed with ``yaml.safe_load`` (so ``null``, ``true``, ``[0, 0.999]``
-    and numbers work) and then checked against the field's type as in
-    :func:`from_dict`. For string fields the raw text is kept when YAML would
-    read it as something else (``name=2024`` gives ``"2024"``). A key naming a
+    Each value is parsed as YAML by :func:`~moglstm.lm.safety.load_yaml` (safe_load's
+    rules without aliases, so ``null``, ``true``, ``[0, 0.999]`` and numbers work) and
+    then checked against the field's type as in :func:`from_dict`. For string fields
+    the raw text is kept when YAML would read it as something else (``name=2024``
+    gives ``"2024"``). A key naming a
     whole section takes a mapping (``model={kind: lstm, hidden_size: 650}``).
     The result is not validated: call :func:`validate` (as :func:`load_config` does).
 
@@ -667,7 +698,9 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
         (650, (0.0, 0.999))
     """
     if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
-        raise TypeError(f"overrides: expected a sequence of 'key=value' strings, got {overrides!r}")
+        raise TypeError(
+            f"overrides: expected a sequence of 'key=value' strings, got {short_repr(overrides)}"
+        )
     d = to_dict(cfg)
     for item in overrides:
         key, value = _parse_override(item)
@@ -677,16 +710,15 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
 
 def _parse_override(item: Any) -> tuple[str, Any]:
     if not isinstance(item, str):
-        raise TypeError(f"override {item!r}: expected a 'key=value' string")
+        raise TypeError(f"override {short_repr(item)}: expected a 'key=value' string")
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"malformed override {item!r}: expected 'key=value', e.g. model.bptt=35")
+        raise ValueError(
+            f"malformed override {short_repr(item)}: expected 'key=value', e.g. model.bptt=35"
+        )
     tp = _field_type(key)
-    try:
-        value = yaml.safe_load(raw)
-    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise ValueError(f"override {item!r}: cannot parse the value {raw!r}: {exc}") from exc
+    value = load_yaml(raw, f"override {short_repr(item)}: cannot parse the value, which")
     if _is_str_field(tp) and not isinstance(value, str) and not _takes_none(tp, value):
         value = raw.strip()  # e.g. name=2024 or name=2024-01-01 stay text
     if dataclasses.is_dataclass(tp):  # a whole section: merge only the keys given
@@ -760,8 +792,7 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg), encoding="utf-8")
-    return path
+    return write_atomic(path, to_yaml(cfg).encode("utf-8"))  # replaces a planted link
 
 
 def read_config(path: str | Path) -> RunConfig:
@@ -778,6 +809,11 @@ def read_config(path: str | Path) -> RunConfig:
 
 def _from_yaml_file(path: Path, label: str, default_name: str | None = None) -> RunConfig:
     data = _read_yaml_mapping(path, label)
+    if data and not any(_config_like(k) for k in data):
+        raise ValueError(  # say so without quoting a file that is not a config at all
+            f"{label} is not a moglstm config: none of its {len(data)} top-level keys is one "
+            f"of {', '.join(_hints(RunConfig))}"
+        )
     if default_name is not None:
         data.setdefault("name", default_name)
     try:
@@ -786,13 +822,27 @@ def _from_yaml_file(path: Path, label: str, default_name: str | None = None) -> 
         raise type(exc)(f"{label}: {exc}") from exc
 
 
+def _config_like(key: Any) -> bool:
+    """A top-level key that is a config key, or a near miss worth naming (``modle``)."""
+    valid = list(_hints(RunConfig))
+    return isinstance(key, str) and bool(difflib.get_close_matches(key, valid, n=1, cutoff=0.75))
+
+
 def _read_yaml_mapping(path: Path, label: str) -> dict[str, Any]:
-    if not path.is_file():
+    problem = describe_path(path)
+    if problem == "does not exist":
         raise FileNotFoundError(f"{label} not found")
+    if problem is not None:
+        raise ValueError(f"{label} {problem}")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise ValueError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-        raise ValueError(f"{label} is not valid YAML: {exc}") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
+    data = load_yaml(text, label)
     if data is None:  # an empty file: all defaults
         return {}
     if not isinstance(data, dict):
@@ -830,10 +880,10 @@ def load_preset(name_or_path: str | Path) -> RunConfig:
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith(_PRESET_SUFFIXES) or _has_sep(text):
         path = Path(name_or_path)
-        return _from_yaml_file(path, f"preset file {text!r}", default_name=path.stem)
+        return _from_yaml_file(path, f"preset file {short_repr(text, 300)}", default_name=path.stem)
     if text not in list_presets():
         raise ValueError(
-            f"unknown preset {text!r}; shipped presets: {', '.join(list_presets())} "
+            f"unknown preset {short_repr(text, 300)}; shipped presets: {', '.join(list_presets())} "
             "(or give the path of a .yaml file)"
         )
     resource = _preset_folder() / f"{text}.yaml"

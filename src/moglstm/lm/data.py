@@ -1,6 +1,11 @@
 """Corpora, downloads, vocabularies and truncated-BPTT batching.
 
-Named corpora (``ptb``, ``ptb-char``, ``wikitext-2``, ``enwik8``) are looked up in
+``shakespeare`` is bundled with the package (ten plays to train on, *Macbeth* to
+validate, *The Tempest* to test; public domain, see ``corpora/shakespeare/README.md``):
+it needs no download and is read from the installed package.
+
+The downloadable named corpora (``ptb``, ``ptb-char``, ``wikitext-2``, ``enwik8``) are
+looked up in
 
 1. ``DataConfig.data_dir`` (given explicitly: it must hold the corpus),
 2. the folder named by ``$MOGLSTM_DATA`` (used when it holds the corpus),
@@ -16,7 +21,8 @@ Token conventions:
 
 * word and char levels: every line of a file ends with one ``<eos>`` token (empty lines
   included, a trailing whitespace-only piece after the last newline excluded);
-* ``ptb``, ``ptb-char`` and ``wikitext-2`` files are whitespace-separated tokens
+* ``shakespeare``, ``ptb``, ``ptb-char`` and ``wikitext-2`` files are whitespace-separated
+  tokens
   (``ptb-char`` spells words as space-separated characters joined by ``_``);
 * user text (``corpus="text"``) at ``level="char"`` uses every character of a line,
   spaces included, as a token;
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import os
 import urllib.error
 import urllib.request
@@ -43,6 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
+from importlib import resources
 from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
@@ -51,11 +59,12 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from moglstm.lm.config import DataConfig
-from moglstm.lm.safety import decode_utf8, utf8_bytes
+from moglstm.lm.config import CORPORA, DataConfig
+from moglstm.lm.safety import decode_utf8, describe_path, short_repr, utf8_bytes
 
 __all__ = [
     "CORPORA",
+    "BUNDLED",
     "ENWIK8_SPLIT",
     "EOS",
     "LEVELS",
@@ -68,6 +77,7 @@ __all__ = [
     "DownloadError",
     "Vocab",
     "batchify",
+    "bundled_text",
     "default_cache_dir",
     "download",
     "fetch_corpus",
@@ -78,7 +88,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CORPORA: tuple[str, ...] = ("ptb", "ptb-char", "wikitext-2", "enwik8", "text")
+#: Corpora shipped inside the package (``moglstm/lm/corpora/<name>/<split>.txt.xz``):
+#: name -> level.
+BUNDLED: Mapping[str, str] = MappingProxyType({"shakespeare": "word"})
 LEVELS: tuple[str, ...] = ("word", "char", "byte")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 EOS = "<eos>"
@@ -104,6 +116,10 @@ SHA256: Mapping[str, str] = MappingProxyType(
         ),
         "enwik8/enwik8.zip": "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
         "enwik8/enwik8": "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8",
+        # bundled: the decompressed text of <split>.txt.xz
+        "shakespeare/train.txt": "f5e6978656aaa249a05e5333aa947b9873ee0fb54b1604e51c6b68a064cc4038",
+        "shakespeare/valid.txt": "ecca1ef3b42c99e5d5b5f113bae756ebcf4fcc84e3d04f88b0609e84378c40a6",
+        "shakespeare/test.txt": "05262ee2fc4d8eed3f4f2275e1d213e157d5b1b322191fb90159c663c6b7aa98",
     }
 )
 
@@ -172,7 +188,7 @@ def _local_copy_hint(name: str) -> str:
     else:
         layout = f"{name}/train.txt, {name}/valid.txt and {name}/test.txt"
     return (
-        f"To use a local copy instead, set DataConfig.data_dir (data.data_dir) or the "
+        f"To use a local copy instead, set data.data_dir (e.g. data.data_dir=~/corpora) or the "
         f"MOGLSTM_DATA environment variable to a folder holding {layout}."
     )
 
@@ -261,9 +277,9 @@ def download(url: str, dest: str | os.PathLike[str], sha256: str, *, timeout: fl
         ChecksumError: the downloaded bytes do not match ``sha256``.
     """
     if not isinstance(url, str) or not url:
-        raise ValueError(f"url must be a non-empty string, got {url!r}")
+        raise ValueError(f"url must be a non-empty string, got {short_repr(url)}")
     if not isinstance(sha256, str) or len(sha256) != 64:
-        raise ValueError(f"sha256 must be a 64-character hex digest, got {sha256!r}")
+        raise ValueError(f"sha256 must be a 64-character hex digest, got {short_repr(sha256)}")
     dest = Path(dest)
     sha256 = sha256.lower()
     if dest.is_file() and sha256_file(dest) == sha256:
@@ -288,10 +304,12 @@ def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _source(name: str) -> _Source:
+    if name in BUNDLED:
+        raise ValueError(f"corpus {name!r} is bundled with the package, not downloaded")
     if name not in _SOURCES:
         raise ValueError(
             f"unknown corpus {name!r}; valid names: {', '.join(CORPORA)}"
-            " ('text' is read from DataConfig.path or train_path/valid_path/test_path)"
+            " ('text' is read from data.path or data.train_path/valid_path/test_path)"
         )
     return _SOURCES[name]
 
@@ -450,16 +468,16 @@ class Vocab:
         if not all(isinstance(t, str) for t in self._itos):
             raise TypeError("tokens must be a sequence of str")
         if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+            raise ValueError(f"level must be one of {LEVELS}, got {short_repr(level)}")
         self._stoi: dict[str, int] = {t: i for i, t in enumerate(self._itos)}
         if len(self._stoi) != len(self._itos):
             dup = next(t for t, n in Counter(self._itos).items() if n > 1)
-            raise ValueError(f"tokens must be distinct; {dup!r} occurs more than once")
+            raise ValueError(f"tokens must be distinct; {short_repr(dup)} occurs more than once")
         for arg, tok in (("unk", unk), ("eos", eos), ("space", space)):
             if tok is not None and tok not in self._stoi:
-                raise ValueError(f"{arg} token {tok!r} is not in the vocabulary")
+                raise ValueError(f"{arg} token {short_repr(tok)} is not in the vocabulary")
         if space is not None and level != "char":
-            raise ValueError(f"space is only used at char level, got level={level!r}")
+            raise ValueError(f"space is only used at char level, got level={short_repr(level)}")
         self.level, self.unk, self.eos, self.space = level, unk, eos, space
 
     @classmethod
@@ -526,7 +544,7 @@ class Vocab:
         ids = list(map(self._stoi.get, tokens, repeat(self.unk_id)))  # C-speed lookup
         if self.unk is None and None in ids:
             bad = next(t for t in tokens if t not in self._stoi)
-            raise ValueError(f"token {bad!r} is not in the vocabulary (which has no unk)")
+            raise ValueError(f"token {short_repr(bad)} is not in the vocabulary (which has no unk)")
         return ids
 
     def decode(self, ids: Iterable[int] | Tensor) -> list[str]:
@@ -636,7 +654,7 @@ class Corpus:
     def split(self, name: str) -> Tensor:
         """Return the split called ``name`` (``train``, ``valid`` or ``test``)."""
         if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+            raise ValueError(f"split must be one of {SPLITS}, got {short_repr(name)}")
         return getattr(self, name)
 
     def __repr__(self) -> str:
@@ -654,8 +672,7 @@ def _lines(text: str) -> list[str]:
 
 def _read_text(path: Path) -> str:
     """The file's text; it must be UTF-8 (a ValueError says where it is not)."""
-    if not path.is_file():
-        raise ValueError(f"missing corpus file: {path} does not exist")
+    _check_corpus_file(path)
     text = decode_utf8(path.read_bytes(), f"corpus file {path}")
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # as open()'s universal newlines
     if not text.strip():
@@ -668,16 +685,28 @@ def _read_tokens(path: Path, split_chars: bool) -> list[str]:
 
     ``split_chars``: each character is a token; otherwise whitespace-separated tokens.
     """
+    return _text_tokens(_read_text(path), split_chars)
+
+
+def _text_tokens(text: str, split_chars: bool) -> list[str]:
     tokens: list[str] = []
-    for line in _lines(_read_text(path)):
+    for line in _lines(text):
         tokens.extend(line if split_chars else line.split())
         tokens.append(EOS)
     return tokens
 
 
-def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
+def _check_corpus_file(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a regular file; say what it is instead."""
+    problem = describe_path(path)  # never opens it: a FIFO would block the read
+    if problem == "does not exist":
         raise ValueError(f"missing corpus file: {path} does not exist")
+    if problem is not None:
+        raise ValueError(f"corpus file {path} {problem}: give a text file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _check_corpus_file(path)
     raw = path.read_bytes()
     if not raw:
         raise ValueError(f"corpus file {path} is empty")
@@ -703,8 +732,8 @@ def _text_paths(cfg: DataConfig) -> dict[str, Path]:
             paths[s] = Path(cfg.path).expanduser() / f"{s}.txt"
         else:
             raise ValueError(
-                f"corpus='text' needs DataConfig.path (a folder with train.txt valid.txt "
-                f"test.txt) or DataConfig.{s}_path; neither is set for the {s} split"
+                f"data.corpus=text needs data.path (a folder with train.txt valid.txt "
+                f"test.txt) or data.{s}_path; neither is set for the {s} split"
             )
     return paths
 
@@ -714,6 +743,38 @@ def _load_word_files(
 ) -> Corpus:
     split_chars = level == "char" and space is None  # ptb-char files are space-separated
     tokens = {s: _read_tokens(paths[s], split_chars) for s in SPLITS}
+    return _word_corpus(name, tokens, level, vocab, space)
+
+
+def bundled_text(name: str, split: str) -> str:
+    """The text of one split of a corpus shipped in the package, checked against its SHA-256.
+
+    Args:
+        name: a key of :data:`BUNDLED` (``shakespeare``).
+        split: ``train``, ``valid`` or ``test``.
+    """
+    if name not in BUNDLED:
+        raise ValueError(f"no bundled corpus {name!r}; bundled: {', '.join(BUNDLED)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    resource = resources.files("moglstm.lm") / "corpora" / name / f"{split}.txt.xz"
+    raw = lzma.decompress(resource.read_bytes())
+    if hashlib.sha256(raw).hexdigest() != _expected_sha256(f"{name}/{split}.txt"):
+        raise ChecksumError(
+            f"the bundled {name} {split} split does not match its SHA-256: the installed "
+            "package is damaged; reinstall moglstm"
+        )
+    return raw.decode("utf-8")
+
+
+def _load_bundled(name: str, vocab: Vocab | None) -> Corpus:
+    tokens = {s: _text_tokens(bundled_text(name, s), split_chars=False) for s in SPLITS}
+    return _word_corpus(name, tokens, BUNDLED[name], vocab, None)
+
+
+def _word_corpus(
+    name: str, tokens: Mapping[str, list[str]], level: str, vocab: Vocab | None, space: str | None
+) -> Corpus:
     if vocab is None:
         vocab = Vocab.from_tokens(tokens["train"], level=level, space=space)
     ids = {s: _encoded(vocab, tokens[s]) for s in SPLITS}
@@ -768,12 +829,16 @@ def load_corpus(
     name = cfg.corpus
     if name == "text":
         if cfg.level not in LEVELS:
-            raise ValueError(f"DataConfig.level must be one of {LEVELS}, got {cfg.level!r}")
+            raise ValueError(f"data.level must be one of {LEVELS}, got {short_repr(cfg.level)}")
         level = cfg.level
+    elif name in BUNDLED:
+        level = BUNDLED[name]
     else:
         level = _source(name).level
     if vocab is not None and vocab.level != level:
         raise ValueError(f"vocab is {vocab.level}-level but corpus {name!r} is {level}-level")
+    if name in BUNDLED:
+        return _load_bundled(name, vocab)
     if name == "text":
         paths = _text_paths(cfg)
         if level == "byte":

@@ -41,17 +41,23 @@ How the work is split among ``N`` ranks with a global batch of ``B`` streams:
   the state (:func:`scatter_state`) and restores rank ``r``'s generators when the
   checkpoint has them; ranks beyond those saved seed theirs from
   ``(seed, step, r)`` (:func:`restore_rng`).
+* **Peers that stop.** Every collective waits at most ``train.dist_timeout``
+  seconds (default 300, instead of torch's 30 minutes) for a stalled rank; a
+  rank that died or stalled is then reported as one line on each survivor
+  (:class:`PeerLostError`, raised by :func:`peer_failures`).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import hashlib
 import inspect
 import os
 import pickle
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -62,9 +68,11 @@ from torch import distributed as dist
 
 from moglstm.lm.checkpoint import capture_rng_state, restore_rng_state
 from moglstm.lm.evaluate import resolve_device
+from moglstm.lm.safety import short_repr
 
 __all__ = [
     "DistContext",
+    "PeerLostError",
     "average_loss",
     "barrier",
     "broadcast_object",
@@ -76,6 +84,7 @@ __all__ = [
     "local_token_cap",
     "main_first",
     "mean_over_ranks",
+    "peer_failures",
     "rank_seed",
     "restore_rng",
     "run_on_main",
@@ -128,7 +137,7 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(
-            f"environment variable {name}={raw!r} is not an integer (torchrun sets it)"
+            f"environment variable {name}={short_repr(raw)} is not an integer (torchrun sets it)"
         ) from None
 
 
@@ -156,7 +165,7 @@ def _context_from_env(device: str) -> DistContext:
 def _rank_device(spec: str, local_rank: int, local_world: int) -> torch.device:
     """The device of one rank: ``cuda``/``auto`` mean the GPU numbered ``local_rank``."""
     if not isinstance(spec, str):
-        raise TypeError(f"train.device: expected a string, got {spec!r}")
+        raise TypeError(f"train.device: expected a string, got {short_repr(spec)}")
     if spec == "mps":
         raise ValueError("train.device='mps' does not support several processes; use cpu")
     if spec == "auto":
@@ -187,8 +196,12 @@ def _context_of_group(device: str) -> DistContext:
     return DistContext(rank, world, local_rank, _rank_device(device, local_rank, local_world))
 
 
+class PeerLostError(RuntimeError):
+    """Another process of the training job died or stopped answering."""
+
+
 @contextlib.contextmanager
-def session(device: str = "auto") -> Iterator[DistContext]:
+def session(device: str = "auto", timeout: float | None = None) -> Iterator[DistContext]:
     """Join the training job this process belongs to, for the duration of a ``with``.
 
     * An initialised default process group (the caller's, or one an earlier call
@@ -204,6 +217,8 @@ def session(device: str = "auto") -> Iterator[DistContext]:
         device: the ``train.device`` setting. With several processes ``auto`` and
             ``cuda`` mean ``cuda:LOCAL_RANK`` (or CPU without CUDA); ``cuda:N`` is
             accepted only with one process per machine; ``mps`` is refused.
+        timeout: seconds a collective waits for the other ranks before failing
+            (``train.dist_timeout``); ``None`` keeps torch's default (30 minutes).
 
     Yields:
         The :class:`DistContext` of this process.
@@ -219,9 +234,49 @@ def session(device: str = "auto") -> Iterator[DistContext]:
     ctx = _context_from_env(device)
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
-    dist.init_process_group(backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    dist.init_process_group(backend="nccl" if ctx.device.type == "cuda" else "gloo", **kwargs)
     atexit.register(_destroy_group)
     yield ctx
+
+
+_PEER_FAILURE = re.compile(
+    r"connection (closed|reset|refused)|broken pipe|timed out|timeout|socket|peer|"
+    r"NCCL (error|communicator)|Gloo|abort",
+    re.IGNORECASE,
+)
+
+
+@contextlib.contextmanager
+def peer_failures(ctx: DistContext) -> Iterator[None]:
+    """Turn a collective that failed because a peer died or stalled into one clear line.
+
+    Inside the ``with``, an error of :mod:`torch.distributed` (a broken connection,
+    a collective past the process group's timeout) becomes a :class:`PeerLostError`
+    that says so; any other error passes unchanged. A no-op for one process.
+    """
+    try:
+        yield
+    except (PeerLostError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if not ctx.distributed or not _is_peer_failure(exc):
+            raise
+        lines = str(exc).strip().splitlines()
+        detail = lines[0].strip() if lines else type(exc).__name__
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", detail)[:160]  # gloo's source location
+        raise PeerLostError(
+            f"rank {ctx.rank} of {ctx.world_size}: another process of this job died or "
+            f"stopped answering within train.dist_timeout; the run stops ({detail}). "
+            "Resume it with --resume from the last checkpoint"
+        ) from exc
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    dist_error = getattr(dist, "DistError", ())
+    return isinstance(exc, dist_error) or (
+        isinstance(exc, RuntimeError) and bool(_PEER_FAILURE.search(str(exc)))
+    )
 
 
 def _destroy_group() -> None:

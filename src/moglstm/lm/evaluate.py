@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from moglstm.lm.checkpoint import load_checkpoint
-from moglstm.lm.config import RunConfig, from_dict
+from moglstm.lm.checkpoint import (
+    CheckpointError,
+    check_training_checkpoint,
+    load_checkpoint,
+    load_newest_checkpoint,
+    previous_path,
+)
+from moglstm.lm.config import RunConfig
 from moglstm.lm.data import Vocab, batchify, iter_windows, load_corpus
 from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
 from moglstm.lm.models import build_model, detach_state, softmax_temperature
 from moglstm.lm.regularize import scaled_dropout
+from moglstm.lm.report import record_evaluation
 
 __all__ = [
     "CHECKPOINT_CHOICES",
@@ -364,8 +372,14 @@ def resolve_checkpoint(run: str | Path, which: str = "best") -> Path:
     """Find the checkpoint file for ``run``.
 
     Args:
-        run: a run folder (holding ``best.pt``/``last.pt``) or a checkpoint file.
+        run: a run folder (holding ``best.pt``/``last.pt``) or a checkpoint file. A
+            file given directly may be a symbolic link (it is resolved); inside a run
+            folder links are not followed (see :func:`load_run`).
         which: ``"best"`` or ``"last"``; used when ``run`` is a folder.
+
+    Returns:
+        The file given, or ``<run>/<which>.pt`` (which may be missing when its
+        previous copy ``<which>.prev.pt`` is there).
 
     Raises:
         ValueError: ``which`` is not one of the choices.
@@ -375,16 +389,24 @@ def resolve_checkpoint(run: str | Path, which: str = "best") -> Path:
         raise ValueError(f"checkpoint={which!r} is not one of: {', '.join(CHECKPOINT_CHOICES)}")
     path = Path(run).expanduser()
     if path.is_file():
-        return path
+        return path.resolve()  # the user named this file: follow a link they gave
     if not path.exists():
         raise FileNotFoundError(f"run {str(path)!r} not found (give a run folder or a .pt file)")
     candidate = path / f"{which}.pt"
-    if not candidate.is_file():
+    if not _has_checkpoint(candidate):
         raise FileNotFoundError(
-            f"run folder {str(path)!r} has no {which}.pt (no checkpoint was saved yet: a run "
-            "saves one every train.eval_every steps)"
+            f"run folder {str(path)!r} has no {which}.pt"
+            + (_TRY_LAST if which == "best" and _has_checkpoint(path / "last.pt") else "")
+            + " (a run saves one every train.eval_every steps)"
         )
     return candidate
+
+
+_TRY_LAST = "; use its last checkpoint with --checkpoint last (checkpoint='last')"
+
+
+def _has_checkpoint(path: Path) -> bool:
+    return os.path.lexists(path) or os.path.lexists(previous_path(path))
 
 
 def load_run(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
@@ -396,16 +418,37 @@ def load_run(run: str | Path, which: str = "best", device: str | torch.device = 
         device: where to put the model (a :class:`torch.device` or a setting for
             :func:`resolve_device`).
 
+    The checkpoint is checked against its own config before the model is built
+    (:func:`~moglstm.lm.checkpoint.check_training_checkpoint`: names, shapes, finite
+    values). In a run folder, a damaged or inconsistent ``<which>.pt`` falls back to
+    ``<which>.prev.pt`` with a warning; when neither reads, the error says so and, for
+    ``best``, suggests ``--checkpoint last``.
+
     Returns:
         A :class:`LoadedRun` whose model is in eval mode.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``run``.
+        CheckpointError: no checkpoint there is readable and consistent (one line,
+            naming the files).
     """
     path = resolve_checkpoint(run, which)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    payload = load_checkpoint(path)
-    for key in ("model", "config", "vocab"):
-        if key not in payload:
-            raise ValueError(f"checkpoint {str(path)!r} lacks {key!r}: not a training checkpoint")
-    cfg = from_dict(payload["config"])
+    configs: dict[Path, RunConfig] = {}
+
+    def check(payload: dict[str, Any], where: Path) -> None:
+        configs[where] = check_training_checkpoint(payload, where)
+
+    if Path(run).expanduser().is_file():
+        payload = load_checkpoint(path)
+        check(payload, path)
+    else:
+        try:
+            payload, path = load_newest_checkpoint(path, check=check)
+        except CheckpointError as exc:
+            has_last = which == "best" and _has_checkpoint(path.with_name("last.pt"))
+            raise CheckpointError(f"{exc}{_TRY_LAST if has_last else ''}") from None
+    cfg = configs[path]
     vocab = Vocab.from_dict(payload["vocab"])
     model = build_model(cfg.model, len(vocab))
     model.load_state_dict(payload["model"])
@@ -464,7 +507,9 @@ def evaluate(
         "checkpoint", "step", "level", "temperature", "mc_samples", "dynamic"}``:
         ``tokens`` is the number scored and ``tokens_dropped`` the number batch size
         1 would score on top (``None`` with ``max_tokens``); ``temperature`` the one
-        applied; ``dynamic`` the settings used (a dict) or ``None``.
+        applied; ``dynamic`` the settings used (a dict) or ``None``. When the
+        checkpoint is in a run folder the results are also appended to its
+        ``evaluations.jsonl`` (shown by ``moglstm report``).
     """
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split={split!r} is not one of: {', '.join(SPLIT_CHOICES)}")
@@ -524,7 +569,7 @@ def evaluate(
             split,
             batch_size,
         )
-    return {
+    results = {
         "split": split,
         **metrics_for(loss, corpus.level),
         "tokens": scored,
@@ -537,6 +582,9 @@ def evaluate(
         "mc_samples": mc_samples,
         "dynamic": None if dynamic is None else dataclasses.asdict(dynamic),
     }
+    if (loaded.checkpoint.parent / "metrics.jsonl").is_file():  # a run folder: keep a record
+        record_evaluation(loaded.checkpoint.parent, results)
+    return results
 
 
 def _check_protocol(temperature: Any, mc_samples: Any, mc_dropout_scale: Any, dynamic: Any) -> None:

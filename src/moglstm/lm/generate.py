@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from moglstm.lm.data import Vocab
 from moglstm.lm.evaluate import load_run
+from moglstm.lm.safety import short_repr
 
 __all__ = ["check_sampling", "generate", "sample_ids", "sample_next"]
 
@@ -35,15 +36,15 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}: expected a number, got {value!r}")
+            raise TypeError(f"{name}: expected a number, got {short_repr(value)}")
     if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k: expected an int, got {top_k!r}")
+        raise TypeError(f"top_k: expected an int, got {short_repr(top_k)}")
     if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
+        raise ValueError(f"temperature={short_repr(temperature)} must be a finite number >= 0")
     if top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be >= 0 (0 keeps every token)")
+        raise ValueError(f"top_k={short_repr(top_k)} must be >= 0 (0 keeps every token)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
+        raise ValueError(f"top_p={short_repr(top_p)} must be in (0, 1] (1 keeps every token)")
 
 
 def sample_next(
@@ -67,10 +68,14 @@ def sample_next(
     check_sampling(temperature, top_k, top_p)
     if logits.dim() != 1:
         raise ValueError(f"logits must have shape (V,), got {tuple(logits.shape)}")
-    logits = logits.detach().float().cpu()
+    logits = logits.detach().double().cpu()
+    if bool(torch.isnan(logits).any()):
+        raise ValueError("the model's next-token scores hold NaN: its weights are damaged")
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # shift the largest logit to 0 first: a tiny temperature then sends the others to
+    # -inf (probability 0) instead of overflowing every logit to inf (NaN probabilities)
+    logits = (logits - logits.max()) / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -110,7 +115,7 @@ def sample_ids(
     if not prompt:
         raise ValueError("prompt: need at least one token to start from")
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"num_tokens={num_tokens!r} must be an int >= 1")
+        raise ValueError(f"num_tokens={short_repr(num_tokens)} must be an int >= 1")
     model.eval()
     device = next(model.parameters()).device
     stateful = getattr(model, "stateful", True)
@@ -169,7 +174,7 @@ def generate(
         raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
     check_sampling(temperature, top_k, top_p)
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"tokens={num_tokens!r} must be an int >= 1")
+        raise ValueError(f"tokens={short_repr(num_tokens)} must be an int >= 1")
     loaded = load_run(run, checkpoint, device)
     vocab = loaded.vocab
     tokens = vocab.tokenize(prompt)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from moglstm.lm.budget import largest_fitting, parse_count
+from moglstm.lm.budget import MAX_SEARCHED_SIZE, largest_fitting, parse_count
 from moglstm.lm.config import INIT_FACTORS, INITS, ModelConfig
 from moglstm.lm.regularize import DROPOUT_MASKS, LockedDropout
 from moglstm.lm.softmax import MixtureOfSoftmaxes
@@ -855,6 +855,12 @@ def resolve_sizes(cfg: ModelConfig, vocab_size: int) -> tuple[int, int | None]:
         hidden = largest_fitting(lambda h: _count_on_meta(cfg, vocab_size, h), budget)
     except ValueError as exc:
         raise ValueError(f"model.num_params={cfg.num_params!r}: {exc}") from exc
+    if hidden == MAX_SEARCHED_SIZE:  # the budget allows more than any size searched
+        most = _count_on_meta(cfg, vocab_size, hidden)
+        raise ValueError(
+            f"model.num_params={cfg.num_params!r} is more than the largest model considered "
+            f"(hidden size {hidden:,}: {most:,} parameters); give a smaller budget"
+        )
     logger.info("model.num_params=%s: hidden size %d", cfg.num_params, hidden)
     return hidden, _embedding_size(cfg, hidden)
 
@@ -871,6 +877,16 @@ def _count_on_meta(cfg: ModelConfig, vocab_size: int, hidden_size: int) -> int |
         return count_parameters(RNNLanguageModel(vocab_size, **args), trainable_only=True)
 
 
+def build_on_meta(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """:func:`build_model` on the ``meta`` device: every parameter's shape, no memory.
+
+    For checks before the real model is built: its parameter count, the shapes a
+    checkpoint's weights must have.
+    """
+    with torch.device("meta"), _SkipMetaInPlace():
+        return build_model(cfg, vocab_size)
+
+
 class _SkipMetaInPlace(TorchFunctionMode):
     """Skip in-place ops (``normal_``, ``uniform_``, ...) on meta tensors.
 
@@ -881,7 +897,8 @@ class _SkipMetaInPlace(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         name = getattr(func, "__name__", "")
-        first = args[0] if args else None
+        # torch.nn.init passes the tensor by keyword (``tensor=``)
+        first = args[0] if args else (kwargs or {}).get("tensor")
         if name.endswith("_") and not name.startswith("_") and _is_meta(first):
             return first
         return func(*args, **(kwargs or {}))

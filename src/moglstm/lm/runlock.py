@@ -8,7 +8,9 @@ that holds it.
 
 The kernel drops the lock when the holder exits, however it exits (``SIGKILL``
 included), so a crashed run never leaves a stale lock behind; the ``.lock`` file
-itself stays (it is empty of meaning once unlocked). On platforms without
+itself stays (it is empty of meaning once unlocked). It is opened without
+following a symbolic link (:func:`~moglstm.lm.safety.open_regular`): a run folder
+from elsewhere cannot make the lock truncate a file outside it. On platforms without
 :mod:`fcntl` (Windows) the lock is not taken and a warning says so. ``flock`` is
 reliable on local file systems; on network file systems it may only exclude
 processes of the same machine.
@@ -27,6 +29,8 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
+
+from moglstm.lm.safety import open_regular
 
 __all__ = ["LOCK_FILE", "RunLock", "RunLockedError"]
 
@@ -70,6 +74,7 @@ class RunLock:
 
         Raises:
             RunLockedError: another process holds it; the message names the holder.
+            UnsafePathError: ``.lock`` is a symbolic link or not a regular file.
         """
         if self._fd is not None:
             return self
@@ -81,7 +86,7 @@ class RunLock:
             )
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)  # never a planted link or FIFO
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

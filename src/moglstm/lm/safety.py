@@ -1,6 +1,6 @@
-"""Defences against damaged and hostile input: checkpoints, text and non-finite losses.
+"""Defences against damaged and hostile input: checkpoints, configs, run folders, text.
 
-Three kinds of input reach a run from outside, and each has one rule here:
+Several kinds of input reach a run from outside, and each has one rule here:
 
 * **Checkpoint files** are zip archives written by :func:`torch.save`. Before a file is
   unpickled, :func:`verify_archive` reads every member back and checks its CRC-32, so a
@@ -15,6 +15,21 @@ Three kinds of input reach a run from outside, and each has one rule here:
   from undecodable command-line bytes (Python's ``surrogateescape``) give back exactly
   those bytes (:func:`utf8_bytes`); at word and character level such characters are
   simply unknown and read as ``<unk>``.
+* **Values quoted in errors** go through :func:`short_repr`: a bounded repr that
+  never walks more than a few dozen elements of a container nor shows more than
+  :data:`REPR_LIMIT` characters, so no message grows with its input.
+* **YAML** (presets, config files, command-line overrides) is read by
+  :func:`load_yaml`: ``yaml.safe_load`` rules (no Python objects) and, in addition,
+  no aliases (``*name``, which let a few hundred bytes expand into billions of
+  elements), at most :data:`MAX_YAML_BYTES`, and errors that give the line and
+  column but never echo the file's text. Plain data from a checkpoint (its config)
+  is checked by :func:`check_tree_size`, which counts shared references as often as
+  they are reached.
+* **Run folders** may come from elsewhere (a shared tarball), so nothing in one is
+  followed out of it: files there are opened with ``O_NOFOLLOW`` and must be
+  regular files (:func:`open_regular`), and whole files are written to a fresh
+  temporary file renamed into place (:func:`write_atomic`), which replaces a planted
+  link instead of writing through it.
 * **Non-finite losses** are handled by the policy ``train.nonfinite``
   (:data:`NONFINITE_POLICIES`): ``stop`` the run, ``skip`` the step (no update), or
   ``rollback`` to the last checkpoint with the learning rate multiplied by
@@ -23,40 +38,312 @@ Three kinds of input reach a run from outside, and each has one rule here:
 
 from __future__ import annotations
 
+import errno
 import os
+import reprlib
+import secrets
+import stat
 import struct
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
-from moglstm.lm.config import NONFINITE_POLICIES
+import yaml
 
 __all__ = [
+    "MAX_YAML_BYTES",
     "NONFINITE_POLICIES",
+    "REPR_LIMIT",
     "ArchiveError",
+    "UnsafePathError",
+    "check_tree_size",
     "decode_utf8",
+    "describe_path",
+    "fsync_folder",
+    "load_yaml",
+    "open_regular",
+    "read_regular",
+    "short_repr",
+    "temp_name",
     "utf8_bytes",
     "verify_archive",
+    "write_atomic",
 ]
 
 _CONTEXT_BYTES = 8  # bytes shown either side of an undecodable byte
+#: The most characters :func:`short_repr` returns.
+REPR_LIMIT = 120
+#: The largest YAML text read as a config (presets are a few hundred bytes).
+MAX_YAML_BYTES = 1 << 20
+#: The most values (containers and leaves, shared ones counted each time) and the
+#: deepest nesting :func:`check_tree_size` accepts by default: a config has ~100.
+MAX_TREE_VALUES = 100_000
+MAX_TREE_DEPTH = 32
+#: What to do on a NaN/inf training loss (``train.nonfinite``).
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
 
 
 class ArchiveError(ValueError):
     """A checkpoint archive is truncated, corrupt or not a zip archive at all."""
 
 
+class UnsafePathError(ValueError):
+    """A file in a run folder is a symbolic link or not a regular file: not followed."""
+
+
+# --------------------------------------------------------------------------- bounded values
+
+
+class _ShortRepr(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 60, 60, 40
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 5
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # repr() of a huge int is slow, and refused past 4300 digits
+            return f"<an int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+
+
+def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
+    """``repr(value)``, bounded: at most ``limit`` characters, whatever ``value`` is.
+
+    Containers show their first few elements and nesting levels (``[[[...], ...], ...]``)
+    and are never walked in full, so a value built from shared references with
+    billions of elements costs microseconds. Every error message that quotes a value
+    from outside (a config, an override, a checkpoint) uses this.
+    """
+    text = repr(value[:limit]) if isinstance(value, str) else _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_tree_size(
+    value: Any, label: str, *, max_values: int = MAX_TREE_VALUES, max_depth: int = MAX_TREE_DEPTH
+) -> None:
+    """Raise ``ValueError`` if plain data ``value`` is too large or too deep to be a config.
+
+    Every container and leaf counts, a shared one as often as it is reached, so
+    data built from shared references (a pickled checkpoint's, YAML aliases') is
+    measured by the size it would unfold to; the walk stops as soon as a limit is
+    passed, so checking costs at most ``max_values`` steps.
+
+    Args:
+        value: dicts, lists and tuples of leaves.
+        label: what to call ``value`` in the error, e.g. ``"the config of 'last.pt'"``.
+    """
+    stack, seen = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > max_depth:
+            raise ValueError(f"{label} nests deeper than {max_depth} levels: not a config")
+        if seen > max_values:
+            raise ValueError(
+                f"{label} holds more than {max_values:,} values (shared ones counted each time "
+                "they occur): too large to be a config"
+            )
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for kv in item.items() for v in kv)
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases: a config never needs to repeat a node."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "YAML aliases (*name) are not accepted in a config: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, label: str) -> Any:
+    """Parse ``text`` as YAML with :func:`yaml.safe_load`'s rules, minus aliases.
+
+    Args:
+        text: the YAML text (a file's or a command-line value's).
+        label: what to call it in errors, e.g. ``"preset file 'x.yaml'"``.
+
+    Raises:
+        ValueError: the text is longer than :data:`MAX_YAML_BYTES`, is not valid YAML,
+            uses an alias or a Python tag, or nests absurdly deep. The message gives
+            the line and column and the parser's reason, never the text itself.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise ValueError(
+            f"{label} is too long for a config ({len(text):,} characters; at most "
+            f"{MAX_YAML_BYTES:,})"
+        )
+    loader = None
+    try:
+        loader = _ConfigLoader(text)  # its reader already refuses control characters
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{label} is not valid YAML: {_yaml_reason(exc)}") from None
+    except RecursionError:
+        raise ValueError(f"{label} is not valid YAML: it nests too deep") from None
+    except ValueError as exc:  # int() of a number with more than 4300 digits
+        raise ValueError(f"{label} is not valid YAML: {short_repr(str(exc), 80)[1:-1]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """The parser's reason and position, without the snippet of text PyYAML quotes."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    reason = " ".join(part for part in (exc.context, exc.problem) if part)
+    return where + (reason[:160] + "..." if len(reason) > 160 else reason)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def describe_path(path: str | os.PathLike) -> str | None:
+    """``None`` if ``path`` is (or links to) a regular file, else what it is instead.
+
+    Returns phrases like ``"does not exist"``, ``"is a folder"`` or ``"is a FIFO
+    (named pipe)"``, to complete a sentence naming the path. Never opens it (opening
+    a FIFO would wait for a writer).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return _kind_of(mode)
+
+
+def _kind_of(mode: int) -> str | None:
+    kinds = (
+        (stat.S_ISREG, None),
+        (stat.S_ISDIR, "is a folder, not a file"),
+        (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
+        (stat.S_ISSOCK, "is a socket, not a regular file"),
+        (stat.S_ISCHR, "is a character device, not a regular file"),
+        (stat.S_ISBLK, "is a block device, not a regular file"),
+    )
+    return next((what for test, what in kinds if test(mode)), "is not a regular file")
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` a file in a run folder without following a link; returns the descriptor.
+
+    ``O_NOFOLLOW`` refuses a symbolic link in the last component; ``O_NONBLOCK`` keeps
+    a planted FIFO from blocking the open, and anything but a regular file is then
+    refused.
+
+    Raises:
+        UnsafePathError: ``path`` is a symbolic link or not a regular file.
+        OSError: any other failure to open it (e.g. ``FileNotFoundError``).
+    """
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and os.path.islink(path)):
+            raise UnsafePathError(
+                f"{str(path)!r} is a symbolic link: moglstm never follows links inside a "
+                "run folder (remove the link, or copy the file it points to in its place)"
+            ) from None
+        raise
+    try:
+        kind = _kind_of(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise UnsafePathError(f"{str(path)!r} {kind}: remove it from the run folder")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file in a run folder, read without following a link."""
+    with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+        return f.read()
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """A fresh temporary name beside ``path``: ``.NAME.PID.HEX.tmp``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file renamed into place.
+
+    The temporary file is created exclusively (never an existing file or link),
+    fsynced, and renamed over ``path`` with :func:`os.replace`, which replaces a
+    link at ``path`` rather than writing through it. Readers see the old or the new
+    file, never a part.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        with os.fdopen(os.open(tmp, flags | _NOFOLLOW, 0o666), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_folder(path.parent)
+    return path
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make renames in ``folder`` durable (a no-op where folders cannot be fsynced)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- archives
 
 
-def verify_archive(path: str | os.PathLike) -> None:
+def verify_archive(path: str | os.PathLike, file: Any = None) -> None:
     """Check that ``path`` is a complete zip archive whose members match their CRC-32.
 
     ``torch.save`` writes such an archive (uncompressed members, each with a CRC-32).
     Every member is read back in full, so this costs one read of the file.
 
     Args:
-        path: the file to check.
+        path: the file to check (named in errors).
+        file: an open binary file of ``path`` to read instead of opening ``path``
+            (so that the caller goes on to read the very file checked).
 
     Raises:
         ArchiveError: the file is not a zip archive, is cut short, or a member's bytes
@@ -65,7 +352,7 @@ def verify_archive(path: str | os.PathLike) -> None:
     """
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(path if file is None else file) as archive:
             bad = archive.testzip()  # reads every member, checking its CRC-32
     except zipfile.BadZipFile as exc:
         raise ArchiveError(f"{str(path)!r} is not a complete zip archive ({exc})") from exc
@@ -75,7 +362,9 @@ def verify_archive(path: str | os.PathLike) -> None:
             f"{str(path)!r} is a damaged zip archive ({type(exc).__name__}: {exc})"
         ) from exc
     if bad is not None:
-        raise ArchiveError(f"{str(path)!r} is corrupt: member {bad!r} fails its CRC-32 check")
+        raise ArchiveError(
+            f"{str(path)!r} is corrupt: member {short_repr(bad)} fails its CRC-32 check"
+        )
 
 
 # --------------------------------------------------------------------------- text

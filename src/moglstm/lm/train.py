@@ -23,7 +23,12 @@ ends with bit-identical weights to one that never stopped. Only the settings in
 Surviving faults: checkpoints are written atomically and read back before they
 replace anything; the previous ``last.pt`` is kept as ``last.prev.pt`` and
 resuming falls back to it (with a warning naming the bad file) when ``last.pt`` is
-missing, truncated or corrupt. A run holds an exclusive lock on its folder
+missing, truncated, corrupt or inconsistent with its own config (checked before
+the model is built: :func:`~moglstm.lm.checkpoint.check_training_checkpoint`);
+``best.pt`` keeps ``best.prev.pt`` the same way. Nothing in the run folder is
+followed out of it (see :mod:`moglstm.lm.safety`). Before the model is built its
+training memory is estimated and a run that cannot fit is refused
+(:mod:`moglstm.lm.budget`). A run holds an exclusive lock on its folder
 (``.lock``, see :mod:`moglstm.lm.runlock`), so a second run on the same folder
 refuses to start. A NaN or infinite training loss stops the run, skips the step or
 rolls back to ``last.pt`` with a lower learning rate (``train.nonfinite``).
@@ -55,8 +60,10 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moglstm.lm import distributed
+from moglstm.lm.budget import check_training_fits
 from moglstm.lm.checkpoint import (
     capture_rng_state,
+    check_training_checkpoint,
     load_newest_checkpoint,
     previous_path,
     remove_stale_temp_files,
@@ -86,6 +93,7 @@ from moglstm.lm.evaluate import (
 from moglstm.lm.models import build_model, count_parameters, detach_state
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import RunLock
+from moglstm.lm.safety import open_regular, read_regular, write_atomic
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -124,11 +132,15 @@ RESUMABLE_KEYS = frozenset(
         "train.nonfinite",
         "train.rollback_lr_factor",
         "train.max_nonfinite",
+        "train.check_memory",
+        "train.dist_timeout",
     }
 )
 
+#: The checkpoints of a run folder: a folder without any holds a run that can only start over.
+CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt")
 #: Files whose presence marks a folder as holding a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "last.prev.pt", "best.pt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", *CHECKPOINT_FILES)
 
 OnStep = Callable[[int, dict[str, float]], None]
 
@@ -226,7 +238,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None:
             _truncate_metrics(self.path, resume_step)
-        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self._file = _append(self.path)  # closed in close()
         self._writer = _tensorboard_writer(Path(run_dir), resume_step) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -248,7 +260,7 @@ class MetricsLog:
         """Forget the records of steps after ``step`` (the run went back to it)."""
         self._file.close()
         _truncate_metrics(self.path, step)
-        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self._file = _append(self.path)  # closed in close()
         if self._writer is not None:
             self._writer.close()
             self._writer = _tensorboard_writer(self.path.parent, step)
@@ -267,21 +279,25 @@ class _NullLog:
         pass
 
 
+def _append(path: Path) -> Any:
+    """``path`` opened for appending text, never through a link planted in the run folder."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    return os.fdopen(open_regular(path, flags), "a", encoding="utf-8")
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the complete lines of ``path`` with ``step <= step``; atomic rewrite."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_regular(path).decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut off by the crash
             continue
         if isinstance(record, dict) and record.get("step", math.inf) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept).encode("utf-8"))
 
 
 def _tensorboard_writer(run_dir: Path, purge_step: int | None) -> Any:
@@ -334,7 +350,9 @@ def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
         )
 
 
-def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+def resume_config(
+    run_dir: str | Path, overrides: Sequence[str] = (), preset: RunConfig | None = None
+) -> RunConfig:
     """The config to resume the run in ``run_dir`` with: its checkpoint's, plus overrides.
 
     The config comes from ``last.pt`` (not ``config.yaml``); ``name`` and ``out_dir`` are
@@ -345,10 +363,13 @@ def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConf
         overrides: dotted ``key=value`` items; only keys in :data:`RESUMABLE_KEYS` may
             change. Others may repeat the checkpoint's value, so a run restarts with its
             original command line plus ``--resume``.
+        preset: the config a preset (with the overrides) gives, when one was named
+            too: it must agree with the checkpoint's on every key that cannot change.
 
     Raises:
         FileNotFoundError: there is no ``last.pt`` to resume from.
-        ValueError: an override changes a key that cannot change on resume.
+        ValueError: an override (or the preset) changes a key that cannot change on
+            resume.
     """
     run_dir = Path(run_dir).expanduser()
     payload = _load_last(run_dir)
@@ -363,6 +384,11 @@ def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConf
                 f"override {item!r}: {key} cannot change when resuming; only these may: "
                 f"{', '.join(sorted(RESUMABLE_KEYS))}"
             )
+    if preset is not None:
+        try:
+            _check_resumable(cfg, preset)
+        except ValueError as exc:
+            raise ValueError(f"--preset disagrees with the run being resumed: {exc}") from None
     return validate(apply_overrides(cfg, overrides))
 
 
@@ -374,14 +400,18 @@ def _keeps_value(cfg: RunConfig, item: str) -> bool:
 def _load_last(run_dir: Path) -> dict[str, Any]:
     """The newest readable of ``last.pt`` and ``last.prev.pt`` (with a warning on a bad one)."""
     path = run_dir / "last.pt"
-    if path.is_file() or previous_path(path).is_file():
-        return load_newest_checkpoint(path)[0]
+    if os.path.lexists(path) or os.path.lexists(previous_path(path)):
+        return load_newest_checkpoint(path, check=_resumable_checkpoint)[0]
     _check_run_folder(run_dir)
     raise FileNotFoundError(
         f"nothing to resume: {str(run_dir)!r} has no last.pt (the run stopped before its "
-        "first checkpoint, saved every train.eval_every steps); delete the folder or use a "
-        "new name"
+        "first checkpoint, saved every train.eval_every steps); run the same command "
+        "without --resume to start it over"
     )
+
+
+def _resumable_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    check_training_checkpoint(payload, path, resume=True)
 
 
 def _check_run_folder(run_dir: Path) -> None:
@@ -390,12 +420,29 @@ def _check_run_folder(run_dir: Path) -> None:
 
 
 def _check_fresh(run_dir: Path) -> None:
-    found = [f for f in RUN_FILES if (run_dir / f).exists()]
+    found = [f for f in RUN_FILES if os.path.lexists(run_dir / f)]
+    if found and not any(f in CHECKPOINT_FILES for f in found):
+        _clear_unstarted(run_dir, found)
+        return
     if found:
         raise FileExistsError(
             f"run folder {str(run_dir)!r} already holds a run ({', '.join(found)}); continue "
             "it with --resume (resume=True), or choose a new name (--name / name=...)"
         )
+
+
+def _clear_unstarted(run_dir: Path, found: list[str]) -> None:
+    """Remove the files of a run that stopped before its first checkpoint (rank 0, locked).
+
+    Nothing there can be resumed, so a new run starts over in the same folder.
+    """
+    logger.warning(
+        "run folder %s holds a run stopped before its first checkpoint (%s): starting it over",
+        run_dir,
+        ", ".join(found),
+    )
+    for entry in [run_dir / f for f in found] + list(run_dir.glob("events.out.tfevents.*")):
+        entry.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- run state
@@ -453,6 +500,12 @@ def _setup(
     vocab = Vocab.from_dict(checkpoint["vocab"]) if checkpoint else None
     # rank 0 first: it alone downloads a missing corpus into the cache
     corpus = distributed.main_first(lambda: load_corpus(cfg.data, vocab=vocab), ctx)
+    # before anything is allocated: refuse a model whose training cannot fit
+    estimate = distributed.run_on_main(
+        lambda: check_training_fits(cfg, len(corpus.vocab), device, ctx.world_size), ctx
+    )
+    if estimate is not None:
+        logger.info("training needs about %.2f GB (an estimate)", estimate.total / 1e9)
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
     distributed.seed_rank_generators(cfg.train.seed, ctx)  # same weights, own dropout masks
     amp_dtype = autocast_dtype(device, cfg.train.amp)
@@ -769,7 +822,8 @@ def train(
     """
     cfg = validate(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
-    with distributed.session(cfg.train.device) as ctx:
+    session = distributed.session(cfg.train.device, cfg.train.dist_timeout)
+    with session as ctx, distributed.peer_failures(ctx):
         distributed.check_batch_size(cfg.data.batch_size, ctx)
         lock = RunLock(run_dir)
         try:
@@ -952,7 +1006,7 @@ def _save_checkpoints(run: _Run, *, best: bool) -> None:
 
     def save() -> None:
         if best:
-            save_checkpoint(run.run_dir / "best.pt", payload)
+            save_checkpoint(run.run_dir / "best.pt", payload, keep_previous=True)
         save_checkpoint(run.run_dir / "last.pt", payload, keep_previous=True)
 
     distributed.run_on_main(save, run.dist)

@@ -36,6 +36,17 @@ def check_rank(name: str, rank: object, input_size: int, hidden_size: int) -> in
     return rank
 
 
+def check_proj_size(proj_size: object, hidden_size: int) -> int:
+    """torch.nn.LSTM's ``proj_size``: 0 (no projection) up to ``hidden_size - 1``."""
+    if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+        raise TypeError(f"proj_size must be an int, got {proj_size!r}")
+    if not 0 <= proj_size < hidden_size:
+        raise ValueError(
+            f"proj_size must be in [0, hidden_size) = [0, {hidden_size}), got {proj_size!r}"
+        )
+    return proj_size
+
+
 def check_probability(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")

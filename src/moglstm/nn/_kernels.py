@@ -6,7 +6,7 @@ window about thirty of them plus their Python; on CPU that is most of the
 fused path's time beyond the matrix products. ``csrc/`` holds plain C for both:
 
 * pointwise kernels (LSTM cell forward/backward, Mogrifier round forward/backward),
-  one pass each, which the Python step loop of :mod:`moglstm.nn.fused` calls;
+  one pass each, which the Python step loop of :mod:`moglstm.nn.backends.torch_loop` calls;
 * the step loop itself (``mog_forward`` / ``mog_backward``): every step of a
   window, its matrix products through the BLAS inside ``libtorch_cpu`` (MKL on
   x86 builds of torch; single precision with MKL's packed weights) and the
@@ -95,16 +95,78 @@ def _build(cc: str) -> Path:
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled library, or ``None`` when disabled or no compiler works (cached)."""
+    """The compiled library, or ``None`` when disabled or no compiler works (cached).
+
+    Every entry point gets its ``argtypes``/``restype``, and the structs Python builds
+    are checked against the C side's layout (:func:`check_layout`): a library that
+    disagrees is refused with an error, never called.
+    """
     if os.environ.get("MOGLSTM_NO_KERNELS", "") not in ("", "0"):
         return None
     cc = _compiler()
     if cc is None:
         return None
     try:
-        return ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, subprocess.SubprocessError):
         return None
+    _declare(lib)
+    check_layout(lib)
+    return lib
+
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument and result types of every entry point (``csrc/body.h``, ``moglstm.c``)."""
+    layer, entry = ctypes.POINTER(Layer), ctypes.POINTER(Blas)
+    signatures = {
+        "lstm_fwd": ([_I64] * 3 + [_P] * 7 + [_INT, _INT, _P], None),
+        "lstm_bwd": ([_I64] * 3 + [_P] * 8 + [_INT, _INT], None),
+        "round_fwd": ([_I64, _I64, _P, _P, _P, _I64, _P, _I64], None),
+        "round_bwd": ([_I64, _I64, _P, _P, _P, _I64, _P, _I64, _P, _I64], None),
+        "mog_forward": ([layer, entry] + [_I64] * 4, _INT),
+        "mog_backward": ([layer, entry] + [_I64] * 6, _INT),
+        "blas_check": ([entry], _INT),
+    }
+    for name, (args, result) in signatures.items():
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = args, result
+    layout = lib.mog_struct_layout
+    layout.argtypes = [
+        _I64,
+        ctypes.POINTER(_I64),
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.POINTER(_I64),
+        _I64,
+    ]
+    layout.restype = _I64
+
+
+def struct_layout(lib: ctypes.CDLL, which: int) -> tuple[int, list[tuple[str, int]]]:
+    """``(size, [(field, offset), ...])`` of C struct ``which`` (0: Layer, 1: Blas)."""
+    cap = 64
+    size, names, offsets = _I64(), (ctypes.c_char_p * cap)(), (_I64 * cap)()
+    n = lib.mog_struct_layout(which, ctypes.byref(size), names, offsets, cap)
+    if not 0 <= n <= cap:
+        raise RuntimeError(f"moglstm's C library reports {n} fields for struct {which}")
+    return size.value, [(names[i].decode(), offsets[i]) for i in range(n)]
+
+
+def check_layout(lib: ctypes.CDLL) -> None:
+    """Raise if the ctypes mirrors :class:`Layer` and :class:`Blas` differ from the C
+    structs in size, field names or field offsets (an internal bug: the two sides of
+    the boundary were edited apart)."""
+    for which, mirror in enumerate((Layer, Blas)):
+        size, c_fields = struct_layout(lib, which)
+        ours = [(name, getattr(mirror, name).offset) for name, *_ in mirror._fields_]
+        if size != ctypes.sizeof(mirror) or c_fields != ours:
+            raise RuntimeError(
+                f"moglstm's C struct {mirror.__name__} (size {size}, fields {c_fields}) does "
+                f"not match its ctypes mirror (size {ctypes.sizeof(mirror)}, fields {ours})"
+            )
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -177,14 +239,27 @@ def _ptrs(ctype, values: Sequence) -> ctypes.Array:
     return (ctype * max(1, len(values)))(*values)
 
 
-def _row_stride(t: Tensor) -> int:
+def _row_stride(name: str, t: Tensor) -> int:
     """The row stride ``ld`` of a ``(T, B, n)`` buffer whose element ``(t, b, j)`` sits at
     ``(t * B + b) * ld + j`` (strides of size-1 dimensions do not matter)."""
     T, B, n = t.shape
     ld = t.stride(1) if B > 1 else (t.stride(0) if T > 1 else max(t.stride(0), t.stride(1), n))
-    assert T == 1 or t.stride(0) == B * ld, "steps must follow each other"
-    assert n == 1 or t.stride(2) == 1, "rows need unit stride"
+    if (T > 1 and t.stride(0) != B * ld) or (n > 1 and t.stride(2) != 1):
+        raise ValueError(f"{name}: the C loop needs steps after each other, rows of unit stride")
     return ld
+
+
+def _check_contiguous(**tensors: Tensor | None) -> None:
+    """C code indexes these as dense arrays: refuse anything else (memory safety)."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for moglstm's C kernels")
+
+
+def _check_rows(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs rows of unit stride for moglstm's C kernels")
 
 
 class Layer(ctypes.Structure):
@@ -218,15 +293,17 @@ class Layer(ctypes.Structure):
         ranks (the widths of the ``u`` buffers) are read off the tensors."""
         layer = cls(**flags)
         keep = [*tensors.values(), *(t for ts in lists.values() for t in ts)]
+        _check_contiguous(**tensors)
         for name, t in tensors.items():
-            assert t is None or t.is_contiguous(), f"{name} must be contiguous"
             setattr(layer, name, _ptr(t))
         for name, ts in lists.items():
+            if name not in ("xs", "hs"):  # versions of x and h may have strided rows
+                _check_contiguous(**{f"{name}[{i}]": t for i, t in enumerate(ts)})
             array = _ptrs(ctypes.c_void_p, [_ptr(t) for t in ts])
             keep.append(array)
             setattr(layer, name, ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p)))
             if name in ("xs", "hs"):
-                lds = _ptrs(ctypes.c_int64, [_row_stride(t) for t in ts])
+                lds = _ptrs(ctypes.c_int64, [_row_stride(name, t) for t in ts])
                 keep.append(lds)
                 setattr(layer, f"{name}_ld", ctypes.cast(lds, ctypes.POINTER(ctypes.c_int64)))
         ranks = _ptrs(ctypes.c_int64, [u.shape[-1] for u in lists.get("u", [])])
@@ -288,8 +365,7 @@ def run_rows(
     def work(i: int) -> None:
         b0, b1 = slices[i]
         ints = (b0, b1, i, len(slices), *extra)
-        args = tuple(map(ctypes.c_int64, ints))
-        status[i] = fn(ctypes.byref(layer), ctypes.byref(entry), *args)
+        status[i] = fn(ctypes.byref(layer), ctypes.byref(entry), *ints)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(1, len(slices))]
     started = []
@@ -309,26 +385,16 @@ def run_rows(
         raise MemoryError(f"the compiled step loop ({name}) could not allocate its workspace")
 
 
-def _arg(a):
-    """ctypes argument: tensors (or None) by data pointer, bools as int, ints as int64."""
-    if a is None or isinstance(a, Tensor):
-        return ctypes.c_void_p(None if a is None else a.data_ptr())
-    return ctypes.c_int(a) if isinstance(a, bool) else ctypes.c_int64(a)
-
-
 def _call(name: str, ref: Tensor, *args) -> None:
-    getattr(load(), f"{name}_{_SUFFIX[ref.dtype]}")(*map(_arg, args))
-
-
-def _contiguous(*ts: Tensor | None) -> None:
-    for t in ts:
-        assert t is None or t.is_contiguous(), "kernels need contiguous buffers"
+    """Call kernel ``name`` for ``ref``'s dtype; tensors go by data pointer."""
+    fn = getattr(load(), f"{name}_{_SUFFIX[ref.dtype]}")
+    fn(*(a.data_ptr() if isinstance(a, Tensor) else a for a in args))
 
 
 def lstm_forward(gates, c_prev, c, h, peephole, coupled: bool, cap: bool) -> None:
     """In place: activate ``gates`` (B, G*H); write ``c`` and ``h`` (B, H)."""
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
-    _contiguous(gates, c_prev, c, h, p_i, p_f, p_o)
+    _check_contiguous(gates=gates, c_prev=c_prev, c=c, h=h, p_i=p_i, p_f=p_f, p_o=p_o)
     B, H = c.shape
     _call("lstm_fwd", c, B, H, H, gates, c_prev, c, h, p_i, p_f, p_o, coupled, cap, None)
 
@@ -337,15 +403,15 @@ def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) 
     """In place: ``gates`` activations -> pre-activation grads; ``dc`` -> ``dc_{t-1}``.
     ``c`` is ``c_t``, from which ``tanh(c_t)`` is recomputed."""
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
-    _contiguous(gates, c_prev, c, dh, dc, p_i, p_f, p_o)
+    _check_contiguous(gates=gates, c_prev=c_prev, c=c, dh=dh, dc=dc, p_i=p_i, p_f=p_f, p_o=p_o)
     B, H = dc.shape
     _call("lstm_bwd", dc, B, H, H, gates, c_prev, c, dh, dc, p_i, p_f, p_o, coupled, cap)
 
 
 def round_forward(s: Tensor, old: Tensor, new: Tensor) -> None:
     """In place: ``s = sigmoid(s)``, ``new = 2 * s * old`` (rows of old/new may be strided)."""
-    _contiguous(s)
-    assert old.stride(-1) == 1 and new.stride(-1) == 1, "kernels need rows of unit stride"
+    _check_contiguous(s=s)
+    _check_rows(old=old, new=new)
     R, C = s.shape
     _call("round_fwd", s, R, C, s, None, old, old.stride(0), new, new.stride(0))
 
@@ -353,8 +419,8 @@ def round_forward(s: Tensor, old: Tensor, new: Tensor) -> None:
 def round_backward(z: Tensor, old: Tensor, d_new: Tensor, d_old: Tensor) -> None:
     """In place, with ``s = sigmoid(z)``: ``d_old = 2 s d_new``; ``z`` becomes
     ``dz = 2 old d_new s (1 - s)``."""
-    _contiguous(z, d_old)
-    assert old.stride(-1) == 1 and d_new.stride(-1) == 1, "kernels need rows of unit stride"
+    _check_contiguous(z=z)
+    _check_rows(old=old, d_new=d_new, d_old=d_old)
     R, C = z.shape
     args = (R, C, z, None, old, old.stride(0), d_new, d_new.stride(0), d_old, d_old.stride(0))
     _call("round_bwd", z, *args)

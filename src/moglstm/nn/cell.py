@@ -21,17 +21,26 @@ from moglstm.nn.mogrifier import Mogrifier
 
 
 def lstm_parameter_shapes(
-    input_size: int, hidden_size: int, bias: bool, coupled: bool, peephole: bool
+    input_size: int,
+    hidden_size: int,
+    bias: bool,
+    coupled: bool,
+    peephole: bool,
+    proj_size: int = 0,
 ) -> dict[str, tuple[int, ...]]:
-    """Names (torch's, without layer suffix) and shapes of one LSTM's parameters."""
+    """Names (torch's, without layer suffix) and shapes of one LSTM's parameters, in
+    :class:`torch.nn.LSTM`'s order (``weight_ih, weight_hh, bias_ih, bias_hh, weight_hr``),
+    then the peepholes."""
     gates = 3 if coupled else 4
     shapes: dict[str, tuple[int, ...]] = {
         "weight_ih": (gates * hidden_size, input_size),
-        "weight_hh": (gates * hidden_size, hidden_size),
+        "weight_hh": (gates * hidden_size, proj_size or hidden_size),
     }
     if bias:
         shapes["bias_ih"] = (gates * hidden_size,)
         shapes["bias_hh"] = (gates * hidden_size,)
+    if proj_size:
+        shapes["weight_hr"] = (proj_size, hidden_size)
     if peephole:
         if not coupled:
             shapes["weight_ci"] = (hidden_size,)

@@ -86,6 +86,7 @@ def lstm_cell(
     coupled: bool = False,
     cap_input_gate: bool = False,
     gates_x: Tensor | None = None,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""One LSTM step with torch's gate order ``(i, f, g, o)`` and the variants.
 
@@ -101,16 +102,19 @@ def lstm_cell(
     uses :math:`c' = f \odot c + (1 - f) \odot g`; ``cap_input_gate`` uses
     :math:`c' = f \odot c + \min(1 - f, i) \odot g`; the peephole terms
     :math:`p_\ast` are present only when ``peephole = (p_i, p_f, p_o)`` is given
-    (``p_i`` is ``None`` when coupled).
+    (``p_i`` is ``None`` when coupled). With ``weight_hr`` (``(P, H)``, torch's
+    ``proj_size``) the output is projected, :math:`h' = W_{hr} (o \odot \tanh(c'))`,
+    and ``h`` and ``weight_hh`` have ``P`` columns.
 
     Args:
         x: ``(B, I)``; h, c: ``(B, H)``.
         weight_ih: ``(G*H, I)``, weight_hh: ``(G*H, H)``, biases ``(G*H,)``,
             with ``G = 3`` when coupled, else 4.
         gates_x: precomputed ``x @ weight_ih.T + bias_ih``; then ``x`` is unused.
+        weight_hr: the projection ``(P, H)``, or ``None``.
 
     Returns:
-        ``(h', c')``, each ``(B, H)``.
+        ``(h', c')``: ``(B, H)`` each, or ``(B, P)`` and ``(B, H)`` with a projection.
     """
     if gates_x is None:
         gates_x = round_linear(x, weight_ih, bias_ih)
@@ -136,6 +140,8 @@ def lstm_cell(
     if peephole is not None:
         o = o + peephole[2] * c_new
     h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    if weight_hr is not None:
+        h_new = torch.matmul(h_new, weight_hr.t())
     return h_new, c_new
 
 

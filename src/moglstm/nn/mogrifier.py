@@ -53,7 +53,9 @@ class Mogrifier(nn.Module):
     for small inputs, without being degenerate.
 
     Shape:
-        - x: ``(B, I)`` or ``(I,)``; h: ``(B, H)`` or ``(H,)``, batched alike.
+        - x: ``(*, I)``, any leading dimensions (``(B, I)``, ``(I,)``, a sequence
+          ``(B, N, I)``...); h: ``(*, H)`` with the same leading dimensions (one ``h``
+          per row: never broadcast).
         - Output: ``(x', h')`` with the shapes of ``(x, h)``.
 
     Example::
@@ -134,9 +136,9 @@ class Mogrifier(nn.Module):
         check_tensor("x", x)
         check_tensor("h", h)
         check_floating("x", x)
-        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
+        if x.dim() == 0 or x.shape[-1] != self.input_size:
             raise ValueError(
-                f"x must have shape (B, {self.input_size}) or ({self.input_size},), "
+                f"x must have shape (*, {self.input_size}) (any leading dimensions), "
                 f"got {tuple(x.shape)}"
             )
         check_shape("h", h, (*x.shape[:-1], self.hidden_size))

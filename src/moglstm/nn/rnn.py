@@ -3,116 +3,41 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from moglstm.nn import _kernels
-from moglstm.nn import functional as F
+from moglstm.nn import backends
 from moglstm.nn._checks import (
     check_floating,
     check_like,
     check_positive_int,
     check_probability,
+    check_proj_size,
     check_rank,
     check_rounds,
     check_shape,
     check_tensor,
 )
+from moglstm.nn.backends import IMPLEMENTATIONS
 from moglstm.nn.cell import check_variants, lstm_parameter_shapes
-from moglstm.nn.fused import FUSED_DTYPES, run_direction_fused
+from moglstm.nn.direction import Direction, Steps
 from moglstm.nn.mogrifier import Mogrifier
 
-IMPLEMENTATIONS = ("auto", "fused", "reference")
-INFERENCE_MIN_STEPS = 8  # "auto" runs inference through the compiled loop from this many steps
+__all__ = ["IMPLEMENTATIONS", "MogrifierLSTM", "Steps"]
 
 
-@dataclass
-class LayerWeights:
-    """Everything one direction of one layer needs for a step."""
-
-    mogrifier_weights: list[F.RoundWeight]
-    mogrifier_biases: list[Tensor | None]
-    weight_ih: Tensor
-    weight_hh: Tensor
-    bias_ih: Tensor | None
-    bias_hh: Tensor | None
-    variants: dict
-
-
-@dataclass
-class Steps:
-    """A sequence as steps: ``x`` is ``(T, B, I)``, or packed data ``(N, I)`` with
-    ``batch_sizes`` (a list of ints, non-increasing) for variable lengths."""
-
-    x: Tensor
-    batch_sizes: list[int] | None
-
-    @property
-    def length(self) -> int:
-        return self.x.shape[0] if self.batch_sizes is None else len(self.batch_sizes)
-
-    def slices(self) -> list[tuple[int, int]]:
-        """``(offset, n)`` of each step's rows in packed data."""
-        out, offset = [], 0
-        for n in self.batch_sizes:
-            out.append((offset, n))
-            offset += n
-        return out
-
-
-def run_direction_reference(
-    steps: Steps,
-    h: Tensor,
-    c: Tensor,
-    w: LayerWeights,
-    reverse: bool = False,
-    state_mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one direction of one layer step by step with :mod:`moglstm.nn.functional`.
-
-    Args:
-        steps: the layer input.
-        h, c: ``(B, H)`` initial state.
-        state_mask: ``(B, H)`` dropout mask on the ``h`` fed back (not on the outputs).
-
-    Returns:
-        ``(output, h_n, c_n)``; ``output`` is ``(T, B, H)``, or ``(N, H)`` when packed.
-        Sequences shorter than the batch keep their state after their last step.
-    """
-    precompute = not w.mogrifier_weights  # with no rounds, x is not gated: one big matmul
-    gates_x = F.round_linear(steps.x, w.weight_ih, w.bias_ih) if precompute else None
-    if steps.batch_sizes is None:
-        index = [(t, None) for t in range(steps.length)]
-    else:
-        index = [(slice(o, o + n), n) for o, n in steps.slices()]
-    outputs: list[Tensor] = [None] * len(index)  # type: ignore[list-item]
-    order = range(len(index) - 1, -1, -1) if reverse else range(len(index))
-    for t in order:
-        rows, n = index[t]
-        x_t = steps.x[rows]
-        h_t, c_t = (h, c) if n is None else (h[:n], c[:n])
-        h_in = h_t if state_mask is None else h_t * (state_mask if n is None else state_mask[:n])
-        x_t, h_in = F.mogrify(x_t, h_in, w.mogrifier_weights, w.mogrifier_biases)
-        h_t, c_t = F.lstm_cell(
-            x_t,
-            h_in,
-            c_t,
-            w.weight_ih,
-            w.weight_hh,
-            None if precompute else w.bias_ih,
-            w.bias_hh,
-            gates_x=None if gates_x is None else gates_x[rows],
-            **w.variants,
-        )
-        outputs[t] = h_t
-        if n is None or n == h.shape[0]:
-            h, c = h_t, c_t
-        else:  # rows past n have ended (forward) or not started (reverse): keep them
-            h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
-    return (torch.stack(outputs) if steps.batch_sizes is None else torch.cat(outputs)), h, c
+def autocast_dtype(input: object) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``input``'s device, else None (also for
+    float64 input, which autocast leaves alone)."""
+    x = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(x, Tensor) or not torch.is_floating_point(x) or x.dtype == torch.float64:
+        return None
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 class MogrifierLSTM(nn.Module):
@@ -134,32 +59,47 @@ class MogrifierLSTM(nn.Module):
         state_dropout: variational dropout on the :math:`h_{t-1}` fed back into each
             step (one mask per layer, direction and call, in training mode only). It
             does not touch the outputs or the returned state.
+        proj_size: as in :class:`torch.nn.LSTM`: if ``> 0``, each step's output is
+            projected, :math:`h_t = W_{hr} (o_t \odot \tanh(c_t))` with ``weight_hr_l{k}``
+            of shape ``(proj_size, hidden_size)``; ``h`` (fed back, gated by the
+            Mogrifier, output and returned) has ``proj_size`` features, ``c`` keeps
+            ``hidden_size``. Runs on the reference path (``"fused"`` refuses it).
         implementation: ``"auto"`` (default) runs each layer direction as one fused
-            autograd node (:mod:`moglstm.nn.fused`) when autograd records the call and
+            autograd node (a step-loop backend of :mod:`moglstm.nn.backends`, picked once
+            per call by :func:`moglstm.nn.backends.select`) when autograd records the call and
             the input is unpacked float32/float64, and in inference too for windows of
             8 steps or more on CPU when its compiled step loop is available; the
             reference step loop otherwise (short inference calls, packed sequences,
             other dtypes);
             ``"reference"`` always runs :mod:`moglstm.nn.functional` step by step;
             ``"fused"`` insists on the fused path. Both give the same outputs and
-            gradients; the fused path supports first derivatives only.
+            gradients, first and second: a fused backward with ``create_graph=True`` (or
+            a second one through a retained graph) recomputes the window with the
+            reference (:mod:`moglstm.nn.backends.recompute`).
 
     Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
-    ``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``_reverse`` for the backward direction
-    (plus ``weight_c{i,f,o}_l{k}`` for peepholes); the Mogrifier of each layer and
-    direction is the submodule ``mogrifier_l{k}`` / ``mogrifier_l{k}_reverse``. So
-    ``load_state_dict(torch_lstm.state_dict())`` works, with ``strict=False`` when
-    there are Mogrifier or peephole parameters too.
+    ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, with ``_reverse`` for the
+    backward direction (plus ``weight_c{i,f,o}_l{k}`` for peepholes); the Mogrifier of
+    each layer and direction is the submodule ``mogrifier_l{k}`` /
+    ``mogrifier_l{k}_reverse``. So ``load_state_dict(torch_lstm.state_dict())`` works
+    (``proj_size`` included), with ``strict=False`` when there are Mogrifier or
+    peephole parameters too. ``all_weights``, ``_flat_weights``,
+    ``_flat_weights_names`` and ``mode`` are there for code written against
+    :class:`torch.nn.LSTM` (the LSTM's weights only; the Mogrifiers' are in their
+    submodules). It is not a subclass of :class:`torch.nn.LSTM`. ``docs/interop.md`` says
+    what works with torch.compile, torch.export, ONNX, torch.func, autocast and the rest.
 
     Inputs: ``input, hx``
         - input: ``(L, H_in)`` unbatched, ``(L, N, H_in)``, ``(N, L, H_in)`` with
           ``batch_first=True``, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
           Padding of a packed sequence never affects any result.
         - hx: ``None`` (zeros) or ``(h_0, c_0)``, each ``(D * num_layers, N, H)``
-          (``(D * num_layers, H)`` unbatched), ``D = 2`` if bidirectional else 1.
+          (``(D * num_layers, H)`` unbatched), ``D = 2`` if bidirectional else 1;
+          with ``proj_size > 0``, ``h_0`` has ``proj_size`` features instead of ``H``.
 
     Outputs: ``output, (h_n, c_n)``
-        - output: ``(L, N, D * H)`` (batch first if asked), or a ``PackedSequence``.
+        - output: ``(L, N, D * H)`` (``D * proj_size`` with a projection; batch first if
+          asked), or a ``PackedSequence``.
         - h_n, c_n: ``(D * num_layers, N, H)``; for packed input, each sequence's
           state after its own last step.
 
@@ -187,6 +127,7 @@ class MogrifierLSTM(nn.Module):
         peephole: bool = False,
         cap_input_gate: bool = False,
         state_dropout: float = 0.0,
+        proj_size: int = 0,
         implementation: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -211,14 +152,16 @@ class MogrifierLSTM(nn.Module):
         self.cap_input_gate = bool(cap_input_gate)
         self.mogrify_rounds = check_rounds("mogrify_rounds", mogrify_rounds)
         self.mogrify_rank = mogrify_rank
+        self.proj_size = check_proj_size(proj_size, hidden_size)
+        out_size = self.proj_size or hidden_size  # the h carried, fed back and output
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
-            check_rank("mogrify_rank", mogrify_rank, layer_input, hidden_size)
+            shapes = self._lstm_shapes(layer)
+            layer_input = shapes["weight_ih"][1]
+            check_rank("mogrify_rank", mogrify_rank, layer_input, out_size)
             for suffix in self._suffixes(layer):
-                mog = Mogrifier(layer_input, hidden_size, mogrify_rounds, mogrify_rank, **factory)
+                mog = Mogrifier(layer_input, out_size, mogrify_rounds, mogrify_rank, **factory)
                 self.add_module(f"mogrifier{suffix}", mog)
-                shapes = lstm_parameter_shapes(layer_input, hidden_size, bias, coupled, peephole)
                 for name, shape in shapes.items():
                     self.register_parameter(
                         f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory))
@@ -228,6 +171,43 @@ class MogrifierLSTM(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _lstm_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Names (no suffix) and shapes of layer ``layer``'s LSTM parameters."""
+        out_size = self.proj_size or self.hidden_size
+        layer_input = self.input_size if layer == 0 else out_size * self.num_directions
+        return lstm_parameter_shapes(
+            layer_input, self.hidden_size, self.bias, self.coupled, self.peephole, self.proj_size
+        )
+
+    # -- torch.nn.LSTM's attributes, for code written against it
+
+    mode = "LSTM"
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """Per layer and direction, the LSTM parameters' names in torch.nn.LSTM's order
+        (``weight_ih, weight_hh, bias_ih, bias_hh, weight_hr``), then the peepholes'.
+        The Mogrifiers' parameters are in the ``mogrifier_l{k}`` submodules."""
+        return [
+            [f"{name}{suffix}" for name in self._lstm_shapes(layer)]
+            for layer in range(self.num_layers)
+            for suffix in self._suffixes(layer)
+        ]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The tensors named by ``_flat_weights_names``, read at every call: the module
+        always runs on its current attributes (assign ``weight_hh_l0``, not this list)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
 
     def _suffixes(self, layer: int) -> list[str]:
         return [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
@@ -244,32 +224,59 @@ class MogrifierLSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, for code written against :class:`torch.nn.LSTM`."""
 
-    def layer_weights(self, layer: int, direction: int) -> LayerWeights:
+    def direction(self, layer: int, direction: int, dtype: torch.dtype | None = None) -> Direction:
+        """Layer ``layer``'s weights and variant flags in direction ``direction`` (0, 1),
+        cast (differentiably) to ``dtype`` if given."""
         suffix = self._suffixes(layer)[direction]
         mog: Mogrifier = getattr(self, f"mogrifier{suffix}")
-        peephole = None
-        if self.peephole:
-            peephole = tuple(getattr(self, f"weight_c{g}{suffix}", None) for g in "ifo")
-        return LayerWeights(
-            mogrifier_weights=mog.round_weights(),
-            mogrifier_biases=mog.round_biases(),
-            weight_ih=getattr(self, f"weight_ih{suffix}"),
-            weight_hh=getattr(self, f"weight_hh{suffix}"),
-            bias_ih=getattr(self, f"bias_ih{suffix}", None),
-            bias_hh=getattr(self, f"bias_hh{suffix}", None),
-            variants={
-                "peephole": peephole,
-                "coupled": self.coupled,
-                "cap_input_gate": self.cap_input_gate,
-            },
+
+        def get(name: str) -> Tensor | None:
+            t = getattr(self, f"{name}{suffix}", None)
+            return t if t is None or dtype is None else t.to(dtype)
+
+        def cast(t):
+            if dtype is None or t is None:
+                return t
+            return tuple(w.to(dtype) for w in t) if isinstance(t, tuple) else t.to(dtype)
+
+        peephole = tuple(get(f"weight_c{g}") for g in "ifo") if self.peephole else None
+        return Direction.build(
+            [cast(w) for w in mog.round_weights()],
+            [cast(b) for b in mog.round_biases()],
+            get("weight_ih"),
+            get("weight_hh"),
+            get("bias_ih"),
+            get("bias_hh"),
+            peephole,
+            coupled=self.coupled,
+            cap_input_gate=self.cap_input_gate,
+            weight_hr=get("weight_hr"),
         )
 
     def forward(
         self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
-        steps, batch, unbatched, packed = self._unpack_input(input)
+        amp = autocast_dtype(input)
+        if amp is None:
+            return self._forward(input, hx, None)
+        # as torch.nn.LSTM under autocast: input, state and weights cast to the autocast
+        # dtype and the layer run in it, with autocast off inside (the fused node's
+        # backward also runs with autocast off: custom_fwd/custom_bwd semantics)
+        device = (input.data if isinstance(input, PackedSequence) else input).device.type
+        with torch.autocast(device, enabled=False):
+            if isinstance(input, PackedSequence):
+                input = input._replace(data=input.data.to(amp))
+            else:
+                input = input.to(amp)
+            if isinstance(hx, (tuple, list)):
+                hx = tuple(v.to(amp) if isinstance(v, Tensor) else v for v in hx)
+            return self._forward(input, hx, amp)
+
+    def _forward(self, input, hx, amp: torch.dtype | None):
+        steps, batch, unbatched, packed = self._unpack_input(input, amp)
         order = input.sorted_indices if packed else None
         h0, c0 = self._initial_state(steps.x, hx, batch, unbatched, order)
+        backend = self.backend_for(steps)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -277,7 +284,9 @@ class MogrifierLSTM(nn.Module):
             outs = []
             for d in range(self.num_directions):
                 k = layer * self.num_directions + d
-                out, h, c = self._run(steps, h0[k], c0[k], layer, d)
+                mask = self._state_mask(h0[k])
+                w = self.direction(layer, d, amp)
+                out, h, c = backend.run(steps, h0[k], c0[k], w, d == 1, mask)
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -285,54 +294,29 @@ class MogrifierLSTM(nn.Module):
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         return self._pack_output(steps.x, h_n, c_n, input, unbatched)
 
-    def _run(self, steps: Steps, h: Tensor, c: Tensor, layer: int, d: int):
-        mask = None
-        if self.state_dropout > 0 and self.training:
-            keep = 1.0 - self.state_dropout
-            mask = torch.empty_like(h).bernoulli_(keep) / keep
-        weights = self.layer_weights(layer, d)
-        if self.uses_fused_path(steps):
-            return run_direction_fused(steps.x, h, c, weights, d == 1, mask)
-        return run_direction_reference(steps, h, c, weights, d == 1, mask)
+    def _state_mask(self, h: Tensor) -> Tensor | None:
+        """A fresh state-dropout mask (scaled by 1/keep) in training mode, else None."""
+        if self.state_dropout == 0 or not self.training:
+            return None
+        keep = 1.0 - self.state_dropout
+        return torch.empty_like(h).bernoulli_(keep) / keep
 
-    def uses_fused_path(self, steps: Steps) -> bool:
-        """Whether this call runs the fused path.
-
-        ``"auto"`` takes it when autograd records the call (training). Without autograd
-        (inference, generation) it takes it only for windows of at least
-        ``INFERENCE_MIN_STEPS`` steps on CPU with the compiled step loop (measured: as
-        fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of torch's LSTM
-        against x1.8); the reference loop is faster for the few steps of a generation
-        call and allocates no buffers. The fused path takes unpacked float32/float64
-        input; packed sequences and other dtypes run the reference path (an error if
-        ``"fused"`` was asked for).
-        """
-        if self.implementation == "reference":
-            return False
-        reason = None
-        if steps.batch_sizes is not None:
-            reason = "packed sequences"
-        elif steps.x.dtype not in FUSED_DTYPES:
-            reason = f"dtype {steps.x.dtype}"
-        if reason and self.implementation == "fused":
-            raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
-        if self.implementation == "auto" and not self._records_grad(steps.x):
-            # inference: the compiled loop pays for its setup (weights concatenated and
-            # packed, buffers) over a window; the reference loop wins on a few steps
-            long_enough = steps.length >= INFERENCE_MIN_STEPS
-            return reason is None and long_enough and _kernels.loop_available(steps.x)
-        return reason is None
+    def backend_for(self, steps: Steps) -> backends.Backend:
+        """The backend that runs every layer direction of a call on ``steps`` (see
+        :func:`moglstm.nn.backends.select`)."""
+        records_grad = self._records_grad(steps.x)
+        return backends.select(self.implementation, steps, records_grad, self.proj_size)
 
     def _records_grad(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def _unpack_input(self, input):
+    def _unpack_input(self, input, amp: torch.dtype | None = None):
         """Return ``(Steps, batch, unbatched, packed)`` with time-major data."""
         if isinstance(input, PackedSequence):
             x = input.data
-            self._check_features(x, 2, "input.data")
+            self._check_features(x, "input.data", amp)
             sizes = input.batch_sizes.tolist()
             return Steps(x, sizes), sizes[0], False, True
         check_tensor("input", input)
@@ -340,32 +324,39 @@ class MogrifierLSTM(nn.Module):
             raise ValueError(
                 f"input must be 2-D (unbatched) or 3-D (batched), got shape {tuple(input.shape)}"
             )
-        self._check_features(input, input.dim(), "input")
+        self._check_features(input, "input", amp)
+        length = input.shape[1 if self.batch_first and input.dim() == 3 else 0]
+        if length == 0:  # as torch.nn.LSTM: an RNN over no steps has no final state to give
+            raise ValueError(
+                f"input must have a sequence length > 0, got shape {tuple(input.shape)}"
+            )
         if input.dim() == 2:
             return Steps(input.unsqueeze(1), None), 1, True, False
         x = input.transpose(0, 1) if self.batch_first else input
         return Steps(x, None), x.shape[1], False, False
 
-    def _check_features(self, x: Tensor, dim: int, name: str) -> None:
+    def _check_features(self, x: Tensor, name: str, amp: torch.dtype | None) -> None:
         check_floating(name, x)
         if x.shape[-1] != self.input_size:
             raise ValueError(
                 f"{name} must have {self.input_size} features (input_size), "
                 f"got shape {tuple(x.shape)}"
             )
-        check_like(name, x, self.weight_ih_l0, "weight_ih_l0")
+        weight = self.weight_ih_l0
+        check_like(
+            name, x, weight if amp is None else weight.new_empty(0, dtype=amp), "weight_ih_l0"
+        )
 
     def _initial_state(self, x, hx, batch, unbatched, order):
         layers = self.num_layers * self.num_directions
+        sizes = (self.proj_size or self.hidden_size, self.hidden_size)  # of h and c
         if hx is None:
-            zeros = x.new_zeros(layers, batch, self.hidden_size)
-            return zeros, zeros
+            return tuple(x.new_zeros(layers, batch, n) for n in sizes)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError(f"hx must be None or a pair (h_0, c_0), got {type(hx).__name__}")
-        shape = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
-        for name, v in zip(("hx[0]", "hx[1]"), hx, strict=True):
+        for name, v, n in zip(("hx[0]", "hx[1]"), hx, sizes, strict=True):
             check_tensor(name, v)
-            check_shape(name, v, shape)
+            check_shape(name, v, (layers, n) if unbatched else (layers, batch, n))
             check_like(name, v, x, "input")
         h0, c0 = hx
         if unbatched:
@@ -399,6 +390,8 @@ class MogrifierLSTM(nn.Module):
         for name in ("dropout", "state_dropout"):
             if getattr(self, name):
                 s += f", {name}={getattr(self, name)}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if not self.bias:
             s += ", bias=False"
         return s

@@ -10,6 +10,7 @@
  * library links against nothing but libm.
  */
 #include <math.h>
+#include <stddef.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -71,6 +72,42 @@ typedef struct {
     void *work;            /* (B, I + H): d[x_m, h_m] of a step, shared by the threads */
     int *sync;             /* 4 zeroed ints: the threads' barrier */
 } Layer;
+
+/* The layout of the structs Python builds through ctypes, reported so that its loader
+   (moglstm/nn/_kernels.py) can compare them with its own mirrors and refuse to call into a
+   library whose structs differ. Field lists in declaration order. */
+#define LAYER_FIELDS(X)                                                                       \
+    X(steps) X(B) X(I) X(H) X(G) X(rounds) X(low_rank) X(coupled) X(cap) X(rank) X(w_left)    \
+    X(w_right) X(w_bias) X(w_gates) X(bias) X(peep_i) X(peep_f) X(peep_o) X(xs) X(xs_ld)      \
+    X(hs) X(hs_ld) X(u) X(gates) X(c) X(out) X(h0) X(mask) X(d_out) X(dh) X(dc) X(dx)         \
+    X(gw_left) X(gw_right) X(gw_bias) X(g_bias) X(work) X(sync)
+#define BLAS_FIELDS(X) X(sgemm) X(dgemm) X(pack_size) X(pack) X(compute) X(set_threads_local)
+
+typedef struct {
+    const char *name;
+    int64_t offset;
+} Field;
+
+#define LAYER_FIELD(f) {#f, (int64_t)offsetof(Layer, f)},
+#define BLAS_FIELD(f) {#f, (int64_t)offsetof(Blas, f)},
+static const Field layer_fields[] = {LAYER_FIELDS(LAYER_FIELD)};
+static const Field blas_fields[] = {BLAS_FIELDS(BLAS_FIELD)};
+
+/* Struct `which` (0: Layer, 1: Blas): writes its size, and up to `cap` field names and
+   offsets; returns the number of fields (-1 for an unknown struct). */
+int64_t mog_struct_layout(int64_t which, int64_t *size, const char **names, int64_t *offsets,
+                          int64_t cap) {
+    const Field *fields = which == 0 ? layer_fields : blas_fields;
+    const int64_t n = which == 0 ? (int64_t)(sizeof layer_fields / sizeof *layer_fields)
+                                 : (int64_t)(sizeof blas_fields / sizeof *blas_fields);
+    if (which != 0 && which != 1) return -1;
+    *size = which == 0 ? (int64_t)sizeof(Layer) : (int64_t)sizeof(Blas);
+    for (int64_t i = 0; i < n && i < cap; i++) {
+        names[i] = fields[i].name;
+        offsets[i] = fields[i].offset;
+    }
+    return n;
+}
 
 /* What one thread of a call works on: batch rows b0 .. b0+m-1 (the rounds), hidden units
    u0 .. u0+nu-1 (the gates, forward and backward cell update) and columns c0 .. c0+nc-1 of

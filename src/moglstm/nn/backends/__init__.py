@@ -1,0 +1,128 @@
+"""Backends of a layer direction, and the one place that picks one.
+
+=====================  ==========================================================
+backend                runs
+=====================  ==========================================================
+``reference``          :mod:`moglstm.nn.functional` step by step under autograd
+``torch-loop``         one autograd node; a Python step loop of torch ops (any device)
+``torch-loop+c-kernels``  the same with the pointwise parts in C (CPU)
+``compiled-loop``      one autograd node; the whole step loop in C (CPU, threads)
+=====================  ==========================================================
+
+:func:`select` is called once per :class:`~moglstm.nn.MogrifierLSTM` call and its
+backend runs every layer and direction of that call. The fused backends share the
+contract of :class:`~moglstm.nn.backends.base.FusedBackend` (plain ``forward`` and
+``backward`` entry points), so they are tested against the reference and against each
+other in the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moglstm.nn import _kernels
+from moglstm.nn.backends.base import Backend, FusedBackend, FusedDirection
+from moglstm.nn.backends.compiled import CompiledLoop
+from moglstm.nn.backends.op import LibraryOp
+from moglstm.nn.backends.reference import Reference
+from moglstm.nn.backends.scan import Scan
+from moglstm.nn.backends.torch_loop import TorchLoop, TorchLoopKernels
+from moglstm.nn.direction import Steps
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "INFERENCE_MIN_STEPS",
+    "LOOP_DTYPES",
+    "Backend",
+    "FusedBackend",
+    "FusedDirection",
+    "select",
+    "step_loop",
+]
+
+IMPLEMENTATIONS = ("auto", "fused", "reference")
+INFERENCE_MIN_STEPS = 8  # "auto" runs inference through the compiled loop from this many steps
+# what the step-loop backends take (the compiled loop: float32/float64; bfloat16 and float16,
+# e.g. under autocast, run the torch-ops loop)
+LOOP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+REFERENCE = Reference()
+TORCH_LOOP = TorchLoop()
+TORCH_LOOP_KERNELS = TorchLoopKernels()
+COMPILED_LOOP = CompiledLoop()
+STEP_LOOPS = (TORCH_LOOP, TORCH_LOOP_KERNELS, COMPILED_LOOP)
+LIBRARY_OP = LibraryOp()
+SCAN = Scan()
+
+
+def step_loop(x: torch.Tensor) -> FusedBackend:
+    """The fastest step-loop backend for tensors like ``x`` (float32/float64)."""
+    if _kernels.loop_available(x):
+        return COMPILED_LOOP
+    if _kernels.available(x):
+        return TORCH_LOOP_KERNELS
+    return TORCH_LOOP
+
+
+def traced_backend(implementation: str) -> Backend | None:
+    """The backend under a tracer, or None when running eagerly.
+
+    ``torch.export`` (and the ONNX exporter, which uses it): ``"auto"`` runs the scan
+    backend, a portable graph with a symbolic window length; ``"fused"`` the custom op
+    (the exported program then needs moglstm to run), except for the ONNX exporter,
+    which gets the scan loop too. ``torch.compile``: the custom op,
+    one graph node whatever the window length. ``torch.func`` transforms: ``"auto"``
+    runs the reference, which every transform supports; ``"fused"`` its step loop
+    (``grad``, ``vjp``, ``jacrev`` work; ``vmap`` and forward-mode AD raise an error).
+    ``torch.jit.trace`` (and the TorchScript-based ONNX exporter): the reference.
+    """
+    if torch.compiler.is_compiling():  # Dynamo, or torch.export
+        # ONNX has no custom op for the step loop: the ONNX exporter gets the scan loop
+        onnx = torch.onnx.is_in_onnx_export()
+        if torch.compiler.is_exporting() and (implementation == "auto" or onnx):
+            return SCAN
+        return LIBRARY_OP
+    if torch.jit.is_tracing():  # torch.jit.trace, the TorchScript ONNX exporter
+        return REFERENCE
+    if torch._C._are_functorch_transforms_active() and implementation == "auto":
+        return REFERENCE  # "fused": its autograd node takes grad/vjp/jacrev, refuses vmap
+    return None
+
+
+def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int = 0) -> Backend:
+    """The backend for one call.
+
+    ``"reference"`` is the reference. ``"fused"`` is the best step loop for the input
+    (an error for packed sequences or other dtypes). ``"auto"`` takes the step loop when
+    autograd records the call (training); without autograd (inference, generation) only
+    for windows of at least ``INFERENCE_MIN_STEPS`` steps on CPU with the compiled loop
+    (measured: as fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of torch's
+    LSTM against x1.8); the reference loop is faster for the few steps of a generation
+    call and allocates no buffers. Packed sequences, other dtypes and ``proj_size``
+    run the reference; so does an empty batch (nothing to compute), on any implementation.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "reference" or (steps.batch_sizes is None and not steps.x.shape[1]):
+        return REFERENCE
+    reason = None
+    if steps.batch_sizes is not None:
+        reason = "packed sequences"
+    elif proj_size:
+        reason = "proj_size"
+    elif steps.x.dtype not in LOOP_DTYPES:
+        reason = f"dtype {steps.x.dtype}"
+    if reason and implementation == "fused":
+        raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
+    if reason:
+        return REFERENCE
+    traced = traced_backend(implementation)
+    if traced is not None:
+        return traced
+    backend = step_loop(steps.x)
+    if implementation == "auto" and not records_grad:
+        # inference: the compiled loop pays for its setup (weights concatenated and
+        # packed, buffers) over a window; the reference loop wins on a few steps
+        if steps.length < INFERENCE_MIN_STEPS or backend is not COMPILED_LOOP:
+            return REFERENCE
+    return backend

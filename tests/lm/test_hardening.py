@@ -1,0 +1,729 @@
+"""Hardening (issue 11): hostile configs and run folders, checkpoints that always exist
+and are checked before use, models that must fit before they are built, peers that
+never hang a run. Each test is one row of the table in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moglstm.cli import main
+from moglstm.lm import budget
+from moglstm.lm import checkpoint as checkpoint_module
+from moglstm.lm.checkpoint import (
+    CheckpointError,
+    check_training_checkpoint,
+    load_checkpoint,
+    load_newest_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
+from moglstm.lm.config import load_config, load_preset
+from moglstm.lm.evaluate import evaluate
+from moglstm.lm.generate import generate, sample_next
+from moglstm.lm.safety import UnsafePathError, check_tree_size, load_yaml, short_repr
+from moglstm.lm.train import train
+from tests.conftest import write_text_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHORT = 1500  # characters: every error here must fit in this, whatever its input
+
+
+def bomb(levels: int = 9, width: int = 9) -> list:
+    """``width ** levels`` elements built from shared references: a few bytes pickled."""
+    value: list = ["x"] * width
+    for _ in range(levels - 1):
+        value = [value] * width
+    return value
+
+
+def yaml_bomb(levels: int = 9) -> str:
+    """The 'billion laughs' in YAML: each line aliases the one before nine times."""
+    names = [chr(ord("a") + i) for i in range(levels)]
+    lines = [f"{names[0]}: &{names[0]} [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip(names, names[1:], strict=False):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + f"\nname: *{names[-1]}\n"
+
+
+def _error(capsys: pytest.CaptureFixture, argv: list[str], code: int = 2) -> str:
+    start = time.perf_counter()
+    assert main(argv) == code, argv
+    err = capsys.readouterr().err.strip()
+    assert time.perf_counter() - start < 20, argv
+    assert len(err) <= SHORT and len(err.splitlines()) == 1, err  # one line, not a traceback
+    return err
+
+
+def _cfg_overrides(corpus: Path, out: Path, name: str = "run", **train: Any) -> list[str]:
+    settings = {"max_steps": 4, "eval_every": 2, "log_every": 2, "device": "cpu", **train}
+    return [
+        "data.corpus=text",
+        f"data.path={corpus}",
+        "data.batch_size=2",
+        "data.bptt=8",
+        "model.kind=lstm",
+        "model.hidden_size=8",
+        "model.num_layers=1",
+        f"name={name}",
+        f"out_dir={out}",
+        "train.eval_max_tokens=60",
+        *(f"train.{k}={v}" for k, v in settings.items()),
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny finished run (last.pt, last.prev.pt, best.pt) and its corpus."""
+    base = tmp_path_factory.mktemp("hardening")
+    corpus = write_text_corpus(base / "corpus", n_train=60, n_valid=20, n_test=20)
+    train(load_config(None, _cfg_overrides(corpus, base / "runs")), quiet=True)
+    return {"run": base / "runs" / "run", "corpus": corpus}
+
+
+@pytest.fixture
+def run_copy(trained: dict[str, Path], tmp_path: Path) -> Path:
+    """A copy of the trained run that a test may damage."""
+    copy = tmp_path / "runs" / "run"
+    shutil.copytree(trained["run"], copy, symlinks=True)
+    return copy
+
+
+def _resume_argv(run: Path, *extra: str) -> list[str]:
+    return ["train", "--resume", str(run), "--quiet", *extra]
+
+
+# --------------------------------------------------------------------------- bounded messages
+
+
+def test_short_repr_is_bounded_in_size_and_time():
+    start = time.perf_counter()
+    shown = short_repr(bomb())  # 9**9 elements, if it were walked
+    assert time.perf_counter() - start < 0.1
+    assert len(shown) <= 120 and shown.startswith("[[")
+    assert short_repr(10**100_000) == "<an int of 332193 bits>"
+    assert len(short_repr("a" * 10**6)) <= 120
+
+    class Broken:
+        def __repr__(self) -> str:
+            raise RuntimeError("no")
+
+    assert short_repr(Broken()).startswith("<Broken")  # a broken __repr__ hides nothing
+
+
+def test_tree_size_counts_shared_references():
+    check_tree_size({"a": [1, 2, 3]}, "cfg")
+    with pytest.raises(ValueError, match="more than 100,000 values"):
+        check_tree_size(bomb(), "cfg")
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nests deeper"):
+        check_tree_size(deep, "cfg")
+
+
+def test_alias_bomb_in_a_preset_is_refused_quickly_in_little_memory(tmp_path, capsys):
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text(yaml_bomb())
+    assert preset.stat().st_size < 400  # a few hundred bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="aliases"):
+            load_config(preset)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 2**20
+    err = _error(capsys, ["train", "--preset", str(preset), "--print-config"])
+    assert "aliases" in err and "line 2" in err
+
+
+def test_alias_bomb_in_an_override_is_refused(capsys):
+    value = "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1], *a, *a, *a, *a, *a, *a, *a, *a]"
+    with pytest.raises(ValueError, match="aliases"):
+        load_config(None, [f"train.betas={value}"])
+    err = _error(capsys, ["train", "--print-config", f"train.betas={value}"])
+    assert "train.betas" in err and "aliases" in err
+
+
+def test_a_shared_reference_bomb_in_a_checkpoint_config_ends_quickly(run_copy, capsys):
+    payload = load_checkpoint(run_copy / "last.pt")
+    payload["config"]["name"] = bomb()
+    for name in ("last.pt", "best.pt", "last.prev.pt", "best.prev.pt"):
+        torch.save(payload, run_copy / name)  # as an attacker would: a few hundred bytes more
+    assert (run_copy / "last.pt").stat().st_size < 2 * 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="too large to be a config"):
+            check_training_checkpoint(load_checkpoint(run_copy / "best.pt"), run_copy / "best.pt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+    for argv in (
+        ["evaluate", str(run_copy)],
+        ["generate", str(run_copy), "--prompt", "the"],
+        _resume_argv(run_copy),
+    ):
+        err = _error(capsys, argv)
+        assert "too large to be a config" in err and str(run_copy) in err, err
+
+
+def test_malformed_values_in_a_config_are_shortened(tmp_path, capsys):
+    preset = tmp_path / "long.yaml"
+    preset.write_text("train:\n  lr: [" + ", ".join(["[1, 2, 3]"] * 5000) + "]\n")
+    err = _error(capsys, ["train", "--preset", str(preset), "--print-config"])
+    assert "train.lr: expected a float" in err
+
+
+def test_out_of_range_integers_name_the_key(capsys):
+    for item in ("train.seed=18446744073709551616", f"train.seed={2**64}"):
+        err = _error(capsys, ["train", "--print-config", item])
+        assert "train.seed" in err and "64 bits" in err
+    err = _error(capsys, ["train", "--print-config", "train.seed=" + "9" * 5000])
+    assert "train.seed" in err
+
+
+# --------------------------------------------------------------------------- file contents
+
+
+def test_preset_errors_never_echo_the_file(tmp_path, capsys):
+    secret = "hunter2-" + "s3cr3t"
+    cases = {
+        "not-a-config.yaml": f"{secret}: 1\nuser: {secret}\n",  # a mapping, but no config key
+        "broken.yaml": f"{secret}: [\n  {secret}\n",  # a syntax error
+        "plain.txt": f"root:{secret}:0:0:root:/root:/bin/bash\n",  # like /etc/shadow
+        "binary.yaml": b"\xff\xfe" + secret.encode(),
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        err = _error(capsys, ["train", "--preset", str(path), "--print-config"])
+        assert secret not in err, (name, err)
+        assert str(path) in err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("modle:\n  hidden_size: 3\n")  # a near miss of a config key is named
+    err = _error(capsys, ["train", "--preset", str(typo), "--print-config"])
+    assert "'modle'" in err and "did you mean 'model'" in err
+
+
+def test_a_folder_or_fifo_as_a_preset_or_corpus_is_called_what_it_is(
+    tmp_path, trained, capsys
+):
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    err = _error(capsys, ["train", "--preset", str(fifo), "--print-config"])
+    assert "FIFO" in err
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    assert "is a folder" in _error(capsys, ["train", "--preset", str(folder), "--print-config"])
+    corpus = trained["corpus"]
+    for bad, word in ((fifo, "FIFO"), (folder, "folder")):
+        argv = [
+            "train",
+            "--quiet",
+            *_cfg_overrides(corpus, tmp_path / "runs", name=f"bad-{word}"),
+            "data.path=null",
+            f"data.train_path={bad}",
+            f"data.valid_path={corpus / 'valid.txt'}",
+            f"data.test_path={corpus / 'test.txt'}",
+        ]
+        err = _error(capsys, argv)
+        assert f"corpus file {bad}" in err and word in err and "missing" not in err
+
+
+def test_refusing_a_malicious_checkpoint_says_why_in_our_words(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.mkdir, (str(tmp_path / "pwned"),))
+
+    torch.save({"format_version": 1, "model": Payload()}, tmp_path / "evil.pt")
+    err = _error(capsys, ["evaluate", str(tmp_path / "evil.pt")])
+    assert "asks to import and call" in err and "mkdir" in err and "never needs" in err
+    assert "weights_only" not in err and "add_safe_globals" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(run_copy, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (run_copy / ".lock").unlink(missing_ok=True)
+    (run_copy / ".lock").symlink_to(victim)
+    err = _error(capsys, _resume_argv(run_copy, "train.max_steps=6"))
+    assert ".lock" in err and "symbolic link" in err
+    assert victim.read_text() == "precious\n"
+
+
+def test_planted_config_and_checkpoint_links_are_replaced_not_followed(
+    run_copy, tmp_path, caplog
+):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("config.yaml", "last.pt"):
+        target = outside / name
+        shutil.copy(run_copy / name, target)
+        (run_copy / name).unlink()
+        (run_copy / name).symlink_to(target)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(_resume_argv(run_copy, "train.max_steps=6")) == 0
+    # last.pt was a link: not read (the previous checkpoint was), then replaced
+    assert "symbolic link" in caplog.text and "falling back" in caplog.text
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+    for name in ("config.yaml", "last.pt"):
+        assert not (run_copy / name).is_symlink() and (run_copy / name).is_file()
+    assert load_checkpoint(run_copy / "last.pt")["counters"]["step"] == 6
+
+
+def test_a_planted_metrics_link_is_refused(run_copy, tmp_path, capsys):
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("precious\n")
+    (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "metrics.jsonl").symlink_to(victim)
+    err = _error(capsys, _resume_argv(run_copy, "train.max_steps=6"))
+    assert "metrics.jsonl" in err and "symbolic link" in err
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_planted_fifo_never_blocks(run_copy, capsys):
+    (run_copy / ".lock").unlink(missing_ok=True)
+    os.mkfifo(run_copy / ".lock")
+    err = _error(capsys, _resume_argv(run_copy, "train.max_steps=6"))
+    assert "FIFO" in err
+
+
+# --------------------------------------------------------------------------- checkpoints exist
+
+
+def _payload(n: int) -> dict[str, Any]:
+    return {"weights": torch.full((64,), float(n)), "n": n}
+
+
+def test_last_pt_exists_at_every_step_of_a_save(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _payload(1), keep_previous=True)
+    seen = []
+    real_replace, real_link = os.replace, os.link
+
+    def replace(src: Any, dst: Any) -> None:
+        seen.append(path.is_file())
+        real_replace(src, dst)
+        seen.append(path.is_file())
+
+    def link(src: Any, dst: Any, **kwargs: Any) -> None:
+        seen.append(path.is_file())
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    for n in range(2, 5):
+        save_checkpoint(path, _payload(n), keep_previous=True)
+        assert load_checkpoint(path)["n"] == n
+        assert load_checkpoint(previous_path(path))["n"] == n - 1
+    assert seen and all(seen)
+
+
+def test_a_reader_beside_the_saves_always_finds_last_pt(tmp_path):
+    import threading
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _payload(0), keep_previous=True)
+    misses, reads, done = [], [0], threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                with open(path, "rb") as f:
+                    f.read(16)
+                reads[0] += 1
+            except FileNotFoundError:
+                misses.append(1)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(1, 40):
+            save_checkpoint(path, _payload(n), keep_previous=True, verify=False)
+    finally:
+        done.set()
+        thread.join()
+    assert reads[0] > 0 and not misses
+
+
+def test_previous_copy_without_hard_links(tmp_path, monkeypatch):
+    def no_links(*args: Any, **kwargs: Any) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, _payload(1), keep_previous=True)
+    save_checkpoint(path, _payload(2), keep_previous=True)
+    assert load_checkpoint(previous_path(path))["n"] == 1
+    assert not (previous_path(path)).is_symlink()
+
+
+def test_best_pt_falls_back_to_its_previous_copy(run_copy, caplog):
+    best = run_copy / "best.pt"
+    payload = load_checkpoint(best)
+    save_checkpoint(best, payload, keep_previous=True)  # best.prev.pt: the same, verified
+    assert previous_path(best).is_file()
+    best.write_bytes(best.read_bytes()[:1000])  # damaged
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        first = evaluate(run_copy, "valid", device="cpu", max_tokens=50)
+        second = evaluate(run_copy, "valid", device="cpu", max_tokens=50)
+    assert first["checkpoint"].endswith("best.prev.pt") and first["loss"] == second["loss"]
+    skipped = [r for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1  # fallback warnings are given once
+
+
+def test_unreadable_best_names_checkpoint_last(run_copy, capsys):
+    (run_copy / "best.pt").write_bytes(b"not a checkpoint")
+    (run_copy / "best.prev.pt").unlink(missing_ok=True)
+    for argv in (["evaluate", str(run_copy)], ["generate", str(run_copy), "--prompt", "the"]):
+        err = _error(capsys, argv)
+        assert "best.pt" in err and "--checkpoint last" in err
+    (run_copy / "best.pt").unlink()
+    assert "--checkpoint last" in _error(capsys, ["evaluate", str(run_copy)])
+    assert main(["evaluate", str(run_copy), "--checkpoint", "last", "--max-tokens", "50"]) == 0
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def _rewrite(path: Path, change: Any) -> None:
+    payload = load_checkpoint(path)
+    change(payload)
+    path.unlink()
+    save_checkpoint(path, payload)
+
+
+def _huge(payload: dict) -> None:
+    payload["config"]["model"]["hidden_size"] = 200_000
+
+
+def _no_model(payload: dict) -> None:
+    del payload["model"]
+
+
+def _nan(payload: dict) -> None:
+    next(t for t in payload["model"].values() if t.is_floating_point()).fill_(float("nan"))
+
+
+def _shape(payload: dict) -> None:
+    key = next(iter(payload["model"]))
+    payload["model"][key] = torch.zeros(3, 3)
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (_huge, "has shape"),
+        (_no_model, "lacks model"),
+        (_nan, "NaN"),
+        (_shape, "has shape (3, 3)"),
+    ],
+)
+def test_inconsistent_checkpoints_are_one_line_naming_the_file(run_copy, capsys, change, fragment):
+    for name in ("best.pt", "best.prev.pt", "last.pt", "last.prev.pt"):
+        if (run_copy / name).exists():
+            _rewrite(run_copy / name, change)
+    tracemalloc.start()
+    try:
+        for argv in (
+            ["evaluate", str(run_copy)],
+            ["generate", str(run_copy), "--prompt", "the"],
+            _resume_argv(run_copy),
+        ):
+            err = _error(capsys, argv)
+            assert fragment in err and str(run_copy) in err, err
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 * 2**20  # the 200000-wide model (600 GB) was never built
+
+
+def test_resume_falls_back_past_an_inconsistent_last_pt(run_copy, caplog):
+    _rewrite(run_copy / "last.pt", _shape)
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(_resume_argv(run_copy, "train.max_steps=6")) == 0
+    skipped = [r for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and "has shape (3, 3)" in skipped[0].getMessage()
+    assert load_checkpoint(run_copy / "last.pt")["counters"]["step"] == 6
+
+
+def test_optimizer_state_is_checked_on_resume(run_copy):
+    payload = load_checkpoint(run_copy / "last.pt")
+    check_training_checkpoint(payload, run_copy / "last.pt", resume=True)
+    state = payload["optimizer"]["state"]
+    first = next(iter(state))
+    state[first]["exp_avg"] = torch.zeros(2)
+    with pytest.raises(CheckpointError, match="exp_avg.*has shape"):
+        check_training_checkpoint(payload, run_copy / "last.pt", resume=True)
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        load_newest_checkpoint(
+            run_copy / "best.pt",
+            check=lambda p, f: check_training_checkpoint(payload, f, resume=True),
+        )
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_a_model_that_cannot_fit_is_refused_before_it_is_built(trained, tmp_path, capsys):
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path, name="big")]
+    start = time.perf_counter()
+    err = _error(capsys, [*argv, "model.hidden_size=2000000"])
+    assert time.perf_counter() - start < 20
+    assert "needs about" in err and "available" in err and "parameters" in err
+    assert "train.check_memory=false" in err and "model.hidden_size" in err
+    err = _error(capsys, [*argv, "model.hidden_size=1000000000"])
+    assert "too large to build at all" in err
+    err = _error(capsys, [*argv, "model.num_params=1e40"])
+    assert "model.num_params" in err and "largest model considered" in err
+    assert not (tmp_path / "big" / "last.pt").exists()
+
+
+def test_memory_check_uses_the_numbers_and_can_be_switched_off(trained, tmp_path, monkeypatch):
+    cfg = load_config(None, _cfg_overrides(trained["corpus"], tmp_path))
+    estimate = budget.check_training_fits(cfg, 100, torch.device("cpu"))
+    assert estimate.parameters > 0 and estimate.total > estimate.state > 0
+    monkeypatch.setattr(budget, "available_memory", lambda device: (1000, "this machine has"))
+    with pytest.raises(budget.MemoryBudgetError, match=r"1\.0 kB available"):
+        budget.check_training_fits(cfg, 100, torch.device("cpu"))
+    off = load_config(
+        None, [*_cfg_overrides(trained["corpus"], tmp_path), "train.check_memory=false"]
+    )
+    budget.check_training_fits(off, 100, torch.device("cpu"))
+    assert train(off, quiet=True)["step"] == 4
+
+
+def test_available_memory_is_known_on_this_platform():
+    room = budget.available_memory(torch.device("cpu"))
+    assert room is None or room[0] > 0
+
+
+def test_on_a_gpu_the_chosen_devices_free_memory_counts(trained, tmp_path, monkeypatch):
+    seen = []
+
+    def mem_get_info(device: Any) -> tuple[int, int]:
+        seen.append(device)
+        return 5_000_000, 80_000_000_000
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    gpu = torch.device("cuda", 1)
+    assert budget.available_memory(gpu) == (5_000_000, "GPU cuda:1 has")
+    cfg = load_config(None, _cfg_overrides(trained["corpus"], tmp_path))
+    with pytest.raises(budget.MemoryBudgetError, match=r"GPU cuda:1 has 5\.0 MB available"):
+        budget.check_training_fits(cfg, 100_000, gpu)
+    assert seen == [gpu, gpu]
+
+
+def test_an_allocation_failure_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    from moglstm.lm import train as train_module
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 1600000000000 bytes. Error code 12"
+        )
+
+    monkeypatch.setattr(train_module, "build_model", fail)
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path, name="oom")]
+    err = _error(capsys, argv, code=1)
+    assert "out of memory" in err and "data.batch_size" in err
+
+
+# --------------------------------------------------------------------------- runs and flags
+
+
+def test_a_run_without_a_checkpoint_restarts_cleanly(trained, tmp_path, capsys, caplog):
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path, name="early")]
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: early\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')
+    err = _error(capsys, _resume_argv(run))
+    assert "no last.pt" in err and "without --resume" in err
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(argv) == 0
+    assert "starting it over" in caplog.text
+    assert (run / "last.pt").is_file()
+    assert "step" in (run / "metrics.jsonl").read_text().splitlines()[0]
+
+
+def test_preset_with_resume_must_describe_the_run(trained, run_copy, tmp_path, capsys):
+    same = [
+        *(o for o in _cfg_overrides(trained["corpus"], tmp_path) if o[:4] not in ("name", "out_")),
+        "train.max_steps=6",
+    ]
+    other = tmp_path / "other.yaml"
+    other.write_text("train:\n  lr: 0.5\n")
+    err = _error(capsys, ["train", "--preset", str(other), "--resume", str(run_copy), *same])
+    assert "--preset" in err and "train.lr" in err
+    err = _error(capsys, ["train", "--preset", "ptb-small", "--resume", str(run_copy)])
+    assert "--preset" in err and "data.corpus" in err
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  max_steps: 4\n")
+    argv = ["train", "--preset", str(mine), "--resume", str(run_copy), "--quiet", *same]
+    assert main(argv) == 0
+
+
+def test_tiny_temperatures_sample_like_greedy(run_copy):
+    logits = torch.tensor([1.0, 3.0, 2.0, 3.0 - 1e-6])
+    for t in (1e-39, 1e-300, 5e-324):
+        assert sample_next(logits, temperature=t) == 1
+    greedy = generate(run_copy, "the", 8, greedy=True, device="cpu")["tokens"]
+    assert generate(run_copy, "the", 8, temperature=1e-39, seed=1, device="cpu")["tokens"] == greedy
+
+
+def test_generate_command_with_a_tiny_temperature(run_copy, capsys):
+    assert main(["generate", str(run_copy), "--prompt", "the", "--temperature", "1e-39"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_yaml_helpers_refuse_long_and_odd_input():
+    with pytest.raises(ValueError, match="too long"):
+        load_yaml("a: 1\n" * 300_000, "preset x")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_yaml("a: " + "1" * 5000, "preset x")
+    assert load_yaml("a: &x 1\nb: 2\n", "preset x") == {"a": 1, "b": 2}  # anchors alone are fine
+
+
+def test_shipped_presets_still_load():
+    from moglstm.lm.config import list_presets
+
+    for name in list_presets():
+        load_preset(name)
+
+
+def test_unsafe_path_error_is_a_value_error():
+    assert issubclass(UnsafePathError, ValueError)
+    assert checkpoint_module.TRAINING_ENTRIES[:3] == ("model", "config", "vocab")
+
+
+# --------------------------------------------------------------------------- distributed
+
+_PEER_SCRIPT = """
+import os, sys, time
+from moglstm.lm import distributed
+mode, timeout = sys.argv[1], float(sys.argv[2])
+try:
+    with distributed.session("cpu", timeout) as ctx, distributed.peer_failures(ctx):
+        distributed.barrier(ctx)  # both are up
+        if ctx.rank == 1:
+            if mode == "die":
+                os._exit(0)
+            time.sleep(120)  # stalled, not dead
+        distributed.barrier(ctx)
+except distributed.PeerLostError as exc:
+    print(exc, file=sys.stderr, flush=True)
+    os._exit(3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["die", "stall"])
+def test_a_dead_or_stalled_peer_is_one_line_within_the_timeout(mode, free_port, tmp_path):
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    processes = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port),
+        }
+        log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        processes.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", _PEER_SCRIPT, mode, "3"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    try:
+        start = time.perf_counter()
+        code = processes[0][0].wait(timeout=90)
+        elapsed = time.perf_counter() - start
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    err = (tmp_path / "rank0.log").read_text().strip()
+    assert code == 3, err
+    assert len(err.splitlines()) == 1, err
+    assert "another process of this job died or stopped answering" in err
+    assert "train.dist_timeout" in err and "pair.cc" not in err
+    assert elapsed < 60
+
+
+def test_the_process_group_gets_the_configured_timeout(monkeypatch):
+    import datetime
+
+    from moglstm.lm import distributed
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    with distributed.session("cpu", 42.0) as ctx:
+        assert ctx.world_size == 2
+    assert seen["timeout"] == datetime.timedelta(seconds=42)
+    assert load_config().train.dist_timeout == 300.0
+    with pytest.raises(ValueError, match="train.dist_timeout"):
+        load_config(None, ["train.dist_timeout=0"])
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def test_every_test_the_reliability_tables_name_exists():
+    """docs/reliability.md and the README's table name tests that exist."""
+    import fnmatch
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    defined = {
+        path.name: set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+        for path in (root / "tests" / "lm").glob("test_*.py")
+    }
+    doc = (root / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", doc)
+    assert len(named) > 25
+    for file, test in named:
+        assert test in defined[file], f"{file}::{test}"
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("### Reliability") :].split("\n\n")[2]
+    for pattern in re.findall(r"`(test_[\w*]+)`", table):
+        assert fnmatch.filter(defined["test_hardening.py"], pattern), pattern

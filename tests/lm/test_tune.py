@@ -1,0 +1,297 @@
+"""Tests for moglstm.lm.tune and ``moglstm tune``: small studies of tiny models on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from moglstm.cli import main
+from moglstm.lm.config import load_preset
+from moglstm.lm.report import find_runs, read_run
+from moglstm.lm.tune import (
+    Param,
+    list_spaces,
+    load_space,
+    parse_duration,
+    tune,
+    tune_dynamic,
+)
+
+optuna = pytest.importorskip("optuna")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def write_space(folder: Path, corpus: Path, max_steps: int = 8, **extra: str) -> Path:
+    """A tiny Mogrifier on the grammar corpus: learning rate and rounds searched."""
+    overrides = [
+        "data.corpus=text",
+        f"data.path={corpus}",
+        "data.batch_size=4",
+        "data.bptt=8",
+        "data.eval_batch_size=2",
+        "model.hidden_size=12",
+        "model.num_layers=1",
+        f"train.max_steps={max_steps}",
+        "train.eval_every=2",
+        "train.log_every=2",
+        "train.eval_max_tokens=200",
+        "train.device=cpu",
+    ]
+    path = folder / "space.yaml"
+    text = {
+        "overrides": overrides,
+        "space": {"train.lr": {"logfloat": [1e-6, 3e-2]}, "model.mogrify_rounds": {"int": [0, 2]}},
+    }
+    path.write_text(json.dumps(text))  # JSON is YAML
+    return path
+
+
+def open_study(study_dir: Path, name: str = "space") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'study.db'}")
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials():
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def test_study_prunes_resumes_and_reports(tmp_path: Path, word_corpus_dir: Path) -> None:
+    space = write_space(tmp_path, word_corpus_dir)
+    out = tmp_path / "tune"
+    study_dir = out / "space"
+    # a good trial first, then a hopeless one (lr 1e-6) that the median pruner stops
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name="space", storage=f"sqlite:///{study_dir / 'study.db'}")
+    study.enqueue_trial({"train.lr": 0.03, "model.mogrify_rounds": 2})
+    study.enqueue_trial({"train.lr": 1e-6, "model.mogrify_rounds": 2})
+    summary = tune(space, trials=2, out_dir=out, prune_startup=1, seed=0)
+    assert (summary["complete"], summary["pruned"], summary["fail"]) == (1, 1, 0)
+    assert summary["best_trial"] == 0 and summary["best_params"]["train.lr"] == 0.03
+    assert summary["run_dir"] == str(study_dir / "trial-0000")
+    done, pruned = read_run(study_dir / "trial-0000"), read_run(study_dir / "trial-0001")
+    assert summary["best_ppl"] == pytest.approx(done.best_valid["ppl"])
+    assert done.status == "done" and done.step == 8
+    assert pruned.status == "stopped" and pruned.step == 2  # pruned at its first validation
+    assert done.config["train.lr"] == 0.03 and pruned.config["train.lr"] == 1e-6
+    trial = open_study(study_dir).trials[0]
+    assert trial.intermediate_values == {r["step"]: r["loss"] for r in done.valid}
+
+    # resumed: the budget is the study's total, so one more trial, then none
+    summary = tune(space, trials=3, out_dir=out, prune_startup=1, seed=1)
+    assert summary["complete"] + summary["pruned"] == 3
+    assert tune(space, trials=3, out_dir=out)["complete"] == summary["complete"]
+    assert [p.name for p in find_runs([study_dir])] == ["trial-0000", "trial-0001", "trial-0002"]
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_sqlite_study(tmp_path: Path, word_corpus_dir: Path) -> None:
+    space = write_space(tmp_path, word_corpus_dir)
+    argv = ["tune", str(space), "--trials", "4", "--out-dir", str(tmp_path / "tune")]
+    # both workers start their study together (past their imports), so each gets trials
+    worker = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from pathlib import Path
+        from moglstm.cli import main
+        Path({str(tmp_path)!r}, f"ready-{{os.getpid()}}").touch()
+        while len(list(Path({str(tmp_path)!r}).glob("ready-*"))) < 2:
+            time.sleep(0.01)
+        sys.exit(main({argv!r} + ["--pruner", "none"]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", worker],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    ran = []
+    for w, (stdout, stderr) in zip(workers, outputs, strict=True):
+        assert w.returncode == 0, stderr
+        assert "complete: " in stdout
+        ran.append({int(n) for n in re.findall(r"trial (\d+) complete", stderr)})
+    assert all(ran) and not ran[0] & ran[1], ran  # each ran trials, none ran the same
+    study = open_study(tmp_path / "tune" / "space")
+    trials = study.get_trials()
+    assert set(counts(study)) == {"COMPLETE"} and len(trials) >= 4
+    assert ran[0] | ran[1] == {t.number for t in trials}
+    dirs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(dirs)) == len(dirs)  # one run folder per trial
+    assert all(read_run(d).status == "done" for d in dirs)
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_retried_from_its_checkpoint(
+    tmp_path: Path, word_corpus_dir: Path
+) -> None:
+    space = write_space(tmp_path, word_corpus_dir, max_steps=16)
+    out = tmp_path / "tune"
+    slow_worker = textwrap.dedent(
+        f"""
+        import time
+        from moglstm.lm import tune
+        call = tune._ValidationReporter.__call__
+        def slow(self, step, info):
+            time.sleep(0.3)
+            call(self, step, info)
+        tune._ValidationReporter.__call__ = slow
+        tune.tune({str(space)!r}, trials=1, out_dir={str(out)!r}, heartbeat=1, pruner="none")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-c", slow_worker], env=env)
+    checkpoint = out / "space" / "trial-0000" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    killed_at = read_run(checkpoint.parent).step
+    assert 0 < killed_at < 16
+    time.sleep(2.5)  # the heartbeat goes stale (twice the interval)
+    summary = tune(space, trials=1, out_dir=out, heartbeat=1, pruner="none")
+    assert (summary["complete"], summary["fail"]) == (1, 1)
+    study = open_study(out / "space")
+    failed, retried = study.trials
+    assert retried.params == failed.params
+    assert retried.user_attrs["run_dir"] == str(checkpoint.parent)  # resumed in place
+    run = read_run(checkpoint.parent)
+    assert run.status == "done" and [r["step"] for r in run.valid] == list(range(2, 17, 2))
+
+
+def test_hyperband_and_time_budget(tmp_path: Path, word_corpus_dir: Path) -> None:
+    space = write_space(tmp_path, word_corpus_dir)
+    start = time.monotonic()
+    summary = tune(space, timeout=0.1, out_dir=tmp_path / "t", pruner="hyperband")
+    assert summary["complete"] + summary["pruned"] == 1  # no new trial after the budget
+    assert time.monotonic() - start < 60
+
+
+def test_dynamic_evaluation_tuning(
+    tmp_path: Path, word_corpus_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    space = write_space(tmp_path, word_corpus_dir)
+    tune(space, trials=1, out_dir=tmp_path / "t", pruner="none")
+    run = tmp_path / "t" / "space" / "trial-0000"
+    summary = tune_dynamic(run, trials=3, max_tokens=120, seed=0, device="cpu")
+    assert summary["complete"] == 3 and (run / "dynamic.db").is_file()
+    assert set(summary["best_params"]) == {"dynamic.lr", "dynamic.decay"}
+    lr = summary["best_params"]["dynamic.lr"]
+    assert f"--dynamic-lr {lr}" in summary["command"]
+    assert summary["best_ppl"] > 1
+    # the printed command runs as it is
+    assert main(["tune", "--dynamic", str(run), "--trials", "4", "--max-tokens", "120",
+                 "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["complete"] == 4  # resumed: one more
+    argv = result["command"].split()[1:]
+    assert main([*argv, "--max-tokens", "120", "--device", "cpu", "--json"]) == 0
+    with pytest.raises(ValueError, match="dynamic evaluation tunes"):
+        tune_dynamic(run, space, trials=1)
+
+
+def test_space_files(tmp_path: Path) -> None:
+    names = list_spaces()
+    for name in ("ptb-paper", "ptb-paper-lstm", "wt2-paper", "ptb-char-paper", "enwik8-paper"):
+        assert name in names
+    for name in names:
+        space = load_space(name)
+        if name == "dynamic":
+            continue
+        from moglstm.lm.tune import check_space
+
+        check_space(space, space.base_config())  # every bound is a valid config
+        assert load_preset(space.preset).name == space.preset
+    mog, lstm = load_space("ptb-paper"), load_space("ptb-paper-lstm")
+    assert {p.key for p in mog.params} - {p.key for p in lstm.params} == {
+        "model.mogrify_rounds",
+        "model.mogrify_rank",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("space: {train.lr: {uniform: [0, 1]}}", "kind 'uniform' is not one of"),
+        ("space: {train.lr: {logfloat: [0, 1]}}", "needs low > 0"),
+        ("space: {train.lr: {float: [1, 0]}}", "above high"),
+        ("space: {model.num_layers: {int: [1.5, 3]}}", "must be numbers"),
+        ("space: {train.lr: {choice: []}}", "non-empty"),
+        ("space: {train.lr: 0.1}", "must be one of"),
+        ("spaces: {}", "non-empty 'space:'"),
+        ("space: {train.lr: {float: [0, 1]}}\nextra: 1", r"unknown key\(s\) \['extra'\]"),
+    ],
+)
+def test_bad_space_files(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_space(path)
+
+
+def test_unknown_keys_and_bad_values_fail_before_any_trial(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("space: {model.hiden_size: {int: [8, 16]}}")
+    with pytest.raises(ValueError, match="model.hiden_size"):
+        tune(path, trials=1, out_dir=tmp_path)
+    path.write_text("space: {model.input_dropout: {float: [0.0, 1.5]}}")
+    with pytest.raises(ValueError, match="model.input_dropout"):
+        tune(path, trials=1, out_dir=tmp_path)
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="trial budget"):
+        tune("ptb-small", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="trials=0"):
+        tune("ptb-small", trials=0, out_dir=tmp_path)
+    assert not list(tmp_path.glob("*/study.db"))
+    with pytest.raises(FileNotFoundError, match="shipped space"):
+        load_space("nope")
+    assert main(["tune", str(path), "--trials", "1", "--out-dir", str(tmp_path)]) == 2
+
+
+def test_choice_and_int_suggestions() -> None:
+    trial = optuna.trial.FixedTrial({"a": "[0.0, 0.999]", "b": 3, "c": 0.5})
+    assert Param("a", "choice", ([0.0, 0.9], [0.0, 0.999])).suggest(trial) == [0.0, 0.999]
+    assert Param("b", "logint", (1, 8)).suggest(trial) == 3
+    assert Param("c", "float", (0, 1)).suggest(trial) == 0.5
+
+
+def test_durations() -> None:
+    assert parse_duration("90") == 90 and parse_duration("30m") == 1800
+    assert parse_duration("2h") == 7200 and parse_duration(None) is None
+    with pytest.raises(ValueError, match="time budget"):
+        parse_duration("soon")
+
+
+def test_list(capsys: pytest.CaptureFixture) -> None:
+    assert main(["tune", "--list"]) == 0
+    assert "ptb-paper " in capsys.readouterr().out
+
+
+def test_without_optuna(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from moglstm.lm.report import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna: ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'moglstm\[tune\]'"):
+        tune("ptb-small", trials=1, out_dir=tmp_path)
+    assert main(["tune", "ptb-small", "--trials", "1", "--out-dir", str(tmp_path)]) == 2
+    assert "optuna" in capsys.readouterr().err
+    assert main(["tune", "--list"]) == 0  # listing needs no optuna
