@@ -14,6 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton's kernels run under its interpreter where there is no GPU (tests/nn/test_triton.py).
+# Triton reads the variable when a kernel is decorated, its own library's included: it must
+# be set before anything (a test module, torch.compile) first imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # a tiny grammar with number agreement: enough structure for an LSTM to learn a little
 _DET = {"sg": ["the", "a", "every"], "pl": ["the", "some", "many"]}

@@ -46,9 +46,7 @@ def run_notebook(name: str, kernel: str, cwd: Path) -> list[dict]:
     """Execute the notebook in ``cwd``; return its code cells' outputs, flattened."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     if name in QUICK:
-        at = next(
-            i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])
-        )
+        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
         nb.cells.insert(at + 1, nbformat.v4.new_code_cell(QUICK[name]))
     client = nbclient.NotebookClient(
         nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}}

@@ -451,12 +451,13 @@ examples:
   moglstm benchmark                                   # the default grid
   moglstm benchmark --shape B=64,T=70,H=512,L=2,r=5,k=84 --runs 20
   moglstm benchmark --shape B=16,H=256 --impl torch fused --mode train --json out.json
-  moglstm benchmark --device cuda --dtype float32
+  moglstm benchmark --device cuda --dtype bfloat16 --shape B=64,T=70,H=1024,L=2,r=5,k=84
+  moglstm benchmark --device cuda --dtype tf32 --impl torch triton
 """
 
 
 def _add_benchmark(sub: Any) -> None:
-    from moglstm.lm.benchmark import IMPLEMENTATIONS, MODES
+    from moglstm.lm.benchmark import DEFAULT_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, MODES
 
     p = _subparser(
         sub,
@@ -473,12 +474,9 @@ def _add_benchmark(sub: Any) -> None:
         help="B=..,T=..,H=..,I=..,L=..,r=..,k=.. (k=none: full rank); repeatable "
         "(default: the grid below)",
     )
+    defaults = "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_IMPLEMENTATIONS.items())
     p.add_argument(
-        "--impl",
-        nargs="+",
-        choices=IMPLEMENTATIONS,
-        default=list(IMPLEMENTATIONS),
-        help="implementations to time",
+        "--impl", nargs="+", choices=IMPLEMENTATIONS, help=f"default by device ({defaults})"
     )
     p.add_argument(
         "--mode", nargs="+", choices=MODES, default=list(MODES), help="what to time"
@@ -487,10 +485,7 @@ def _add_benchmark(sub: Any) -> None:
     p.add_argument("--warmup", type=_int_at_least(0), default=3, help="untimed runs first")
     p.add_argument("--device", type=_benchmark_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
-        "--dtype",
-        choices=("float32", "float64", "bfloat16", "float16"),
-        default="float32",
-        help="floating-point type",
+        "--dtype", default="float32", choices=DTYPES, help="tf32: float32, TF32 products"
     )
     p.add_argument(
         "--threads",
@@ -699,11 +694,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         _check_writable(Path(args.json), "--json")  # before minutes of timing, not after
-    if "fused" in args.impl and args.dtype in ("float16", "bfloat16"):
-        raise ValueError(
-            f"--dtype {args.dtype}: the fused implementation runs float32 and float64 only; "
-            "time the others with --impl torch reference"
-        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shapes = args.shape or list(DEFAULT_GRID)

@@ -98,12 +98,6 @@ def test_every_bad_value_is_a_clear_error(capsys, argv, fragment):
     assert fragment in err and "Traceback" not in err, err
 
 
-def test_half_precision_with_the_fused_path_names_the_flags(capsys):
-    assert main(["benchmark", "--dtype", "float16", "--shape", "B=2,T=2,H=8,k=none"]) == 2
-    err = capsys.readouterr().err
-    assert "--dtype float16" in err and "--impl torch reference" in err
-
-
 def test_benchmark_json_folder_must_exist_before_timing(capsys, tmp_path):
     missing = str(tmp_path / "no" / "x.json")
     code = main(["benchmark", "--shape", "B=1,T=1,H=4,k=none", "--json", missing])
@@ -111,3 +105,28 @@ def test_benchmark_json_folder_must_exist_before_timing(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert "--json" in err and "does not exist" in err
     assert "median" not in out  # nothing was timed
+
+
+def test_torch_loop_and_tf32_options():
+    """The old torch-ops loop is pinned as its own row; tf32 is float32 with TF32 allowed
+    only during the run."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    results = run_benchmark(
+        [Shape(batch=2, seq_len=3, hidden=8, rank=2)],
+        implementations=["torch", "torch-loop"],
+        modes=["train"],
+        runs=1,
+        warmup=0,
+        dtype="tf32",
+        memory=False,
+        log=lambda line: None,
+    )
+    assert [r.implementation for r in results] == ["torch", "torch-loop"]
+    assert results[1].dtype == "tf32"
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    from moglstm.lm.benchmark import build
+
+    module = build("torch-loop", Shape(batch=2, seq_len=3, hidden=8, rank=2), "cpu", torch.float32)
+    assert module.backend_for(None).name == "torch-loop"

@@ -199,8 +199,23 @@ def test_dynamic_evaluation_tuning(
     assert f"--dynamic-lr {lr}" in summary["command"]
     assert summary["best_ppl"] > 1
     # the printed command runs as it is
-    assert main(["tune", "--dynamic", str(run), "--trials", "4", "--max-tokens", "120",
-                 "--device", "cpu", "--json"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--dynamic",
+                str(run),
+                "--trials",
+                "4",
+                "--max-tokens",
+                "120",
+                "--device",
+                "cpu",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["complete"] == 4  # resumed: one more
     argv = result["command"].split()[1:]

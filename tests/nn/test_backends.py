@@ -73,3 +73,10 @@ def test_select_rejects_unknown_and_unsupported():
     with pytest.raises(ValueError, match="does not support dtype"):
         backends.select("fused", steps, True)
     assert backends.select("auto", steps, True) is backends.REFERENCE
+
+
+def test_the_toolkit_config_offers_every_implementation():
+    """lm/config.py keeps its own copy (it imports no torch): the two must agree."""
+    from moglstm.lm import config
+
+    assert config.IMPLEMENTATIONS == backends.IMPLEMENTATIONS

@@ -45,12 +45,13 @@ def twins(dtype=D, **kwargs):
 
 
 def run(module, x, hx, seed=0):
-    """Outputs and gradients of x, hx and every parameter for a weighted loss."""
+    """Outputs and gradients of x, hx (unless None) and every parameter for a weighted
+    loss."""
     torch.manual_seed(seed)  # same state-dropout masks for both twins
     out, (h, c) = module(x, hx)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    loss = (out * weights).sum() + (h * 2).sum() - c.sum()
-    grads = torch.autograd.grad(loss, [x, *hx, *module.parameters()])
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+    loss = (out * weights.view_as(out)).sum() + (h * 2).sum() - c.sum()
+    grads = torch.autograd.grad(loss, [x, *(hx or ()), *module.parameters()])
     return [out, h, c, *grads]
 
 

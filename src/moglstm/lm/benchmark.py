@@ -23,10 +23,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moglstm.nn import MogrifierLSTM, _kernels
+from moglstm.nn import MogrifierLSTM, _kernels, backends
 
-IMPLEMENTATIONS = ("torch", "reference", "fused")
+# "torch-loop" is the fused path's Python loop of torch ops (the CUDA path before the
+# Triton backend); "triton" the Triton backend (CUDA)
+IMPLEMENTATIONS = ("torch", "reference", "fused", "torch-loop", "triton")
+DEFAULT_IMPLEMENTATIONS = {
+    "cpu": ("torch", "reference", "fused"),
+    "cuda": ("torch", "torch-loop", "triton"),
+}
 MODES = ("forward", "train")
+# "tf32": float32 tensors with TF32 matrix products allowed (cuBLAS, cuDNN and Triton)
+DTYPES = ("float32", "tf32", "float64", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -113,9 +121,30 @@ def build(impl: str, shape: Shape, device: str, dtype: torch.dtype) -> torch.nn.
             shape.layers,
             mogrify_rounds=shape.rounds,
             mogrify_rank=shape.rank,
-            implementation=impl,
+            implementation="fused" if impl == "torch-loop" else impl,
         )
+        if impl == "torch-loop":  # pin the backend that "fused" would no longer pick
+            module.backend_for = lambda steps: backends.TORCH_LOOP
     return module.to(device=device, dtype=dtype)
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    return torch.float32 if dtype == "tf32" else getattr(torch, dtype)
+
+
+class tf32_allowed:
+    """Context: TF32 products allowed in cuBLAS/cuDNN (and so in the Triton backend)
+    exactly when ``on``; restored after."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.on
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
 def make_input(shape: Shape, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -164,9 +193,8 @@ def time_interleaved(
 def peak_memory_mb(impl: str, shape: Shape, device: str, dtype: str) -> float | None:
     """Peak memory of one training step above what the module and input hold."""
     if device.startswith("cuda"):
-        torch_dtype = getattr(torch, dtype)
-        module = build(impl, shape, device, torch_dtype)
-        x = make_input(shape, device, torch_dtype)
+        module = build(impl, shape, device, torch_dtype(dtype))
+        x = make_input(shape, device, torch_dtype(dtype))
         step = step_fn(module, x, "train")
         step()
         torch.cuda.synchronize()
@@ -195,7 +223,7 @@ def _memory_child(args_json: str) -> None:
     """Runs in a fresh process: print the high-water rise of one training step, MiB."""
     args = json.loads(args_json)
     shape = Shape(**args["shape"])
-    dtype = getattr(torch, args["dtype"])
+    dtype = torch_dtype(args["dtype"])
     module = build(args["impl"], shape, "cpu", dtype)
     x = make_input(shape, "cpu", dtype)
     base = _vm_hwm_kb()
@@ -205,7 +233,7 @@ def _memory_child(args_json: str) -> None:
 
 def run_benchmark(
     shapes: Sequence[Shape] = DEFAULT_GRID,
-    implementations: Sequence[str] = IMPLEMENTATIONS,
+    implementations: Sequence[str] | None = None,
     modes: Sequence[str] = MODES,
     runs: int = 20,
     warmup: int = 3,
@@ -214,16 +242,24 @@ def run_benchmark(
     memory: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Time every implementation on every shape and mode; see the module docstring."""
+    """Time every implementation on every shape and mode; see the module docstring.
+    ``implementations`` defaults to :data:`DEFAULT_IMPLEMENTATIONS` of the device kind."""
+    if implementations is None:
+        implementations = DEFAULT_IMPLEMENTATIONS["cuda" if device.startswith("cuda") else "cpu"]
     check_options(implementations, modes, runs, warmup, dtype)
-    torch_dtype = getattr(torch, dtype)
+    with tf32_allowed(dtype == "tf32"):
+        return _run_grid(shapes, implementations, modes, runs, warmup, device, dtype, memory, log)
+
+
+def _run_grid(shapes, implementations, modes, runs, warmup, device, dtype, memory, log):
+    dtype_ = torch_dtype(dtype)
     setup = None
     if "fused" in implementations and not device.startswith("cuda"):
-        setup = compiled_loop_setup(torch_dtype, log)
+        setup = compiled_loop_setup(dtype_, log)
     results = []
     for shape in shapes:
-        modules = {impl: build(impl, shape, device, torch_dtype) for impl in implementations}
-        x = make_input(shape, device, torch_dtype)
+        modules = {impl: build(impl, shape, device, dtype_) for impl in implementations}
+        x = make_input(shape, device, dtype_)
         for mode in modes:
             fns = {impl: step_fn(m, x, mode) for impl, m in modules.items()}
             times = time_interleaved(fns, runs, warmup, device)
@@ -291,7 +327,7 @@ def format_row(r: Result) -> str:
     parts = [
         f"{shape.label():42s}",
         f"{r.mode:7s}",
-        f"{r.implementation:9s}",
+        f"{r.implementation:10s}",
         f"{r.median_ms:9.1f} ms",
     ]
     parts.append(f"x{r.ratio_to_torch:5.2f} torch" if r.ratio_to_torch else " " * 12)
@@ -314,8 +350,8 @@ def check_options(implementations, modes, runs, warmup, dtype) -> None:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    if dtype not in ("float32", "float64", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 _SHAPE_KEYS = {

@@ -45,6 +45,8 @@ __all__ = [
     "CORPORA",
     "DEVICE_HELP",
     "DROPOUT_MASKS",
+    "INITS",
+    "INIT_FACTORS",
     "LEVELS",
     "MODEL_KINDS",
     "NONFINITE_POLICIES",
@@ -67,10 +69,11 @@ __all__ = [
 
 CORPORA = ("shakespeare", "ptb", "ptb-char", "wikitext-2", "enwik8", "text")
 LEVELS = ("word", "char", "byte")
-IMPLEMENTATIONS = ("auto", "fused", "reference")  # as moglstm.nn.MogrifierLSTM takes
+IMPLEMENTATIONS = ("auto", "fused", "reference", "triton")  # as moglstm.nn.MogrifierLSTM takes
 MODEL_KINDS = ("mogrifier", "lstm", "gru", "rnn", "transformer")
 SCHEDULES = ("constant", "plateau")
-DROPOUT_MASKS = ("window", "step")  # model.dropout_mask
+DROPOUT_MASKS = ("window", "step")  # model.dropout_mask, model.state_dropout_mask
+INITS = ("default", "official")  # model.init
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _PRESET_SUFFIXES = (".yaml", ".yml")
@@ -121,14 +124,20 @@ class ModelConfig:
     layer_dropout: float = 0.0  # between recurrent layers
     state_dropout: float = 0.0  # on h fed back (mogrifier core only)
     output_dropout: float = 0.0  # on the last layer's output, before the softmax
-    implementation: str = "auto"  # mogrifier core: auto | fused | reference (moglstm.nn)
+    implementation: str = "auto"  # mogrifier core: auto | fused | reference | triton
     # the paper's regularisation and output layer (recurrent models; docs/reproduce.md)
     dropout_mask: str = "window"  # window: one mask per window (variational) | step: fresh per step
+    state_dropout_mask: str | None = None  # window | step for state dropout; None: dropout_mask
     drop_state_probability: float = 0.0  # zero each stream's carried state w.p. this, per batch
     sum_layer_outputs: bool = False  # model output = sum of all layers' outputs (skip connections)
     forget_bias: float = 0.0  # added to the forget-gate bias at init (mogrifier/lstm)
     mos_components: int = 1  # mixture of softmaxes with K components; 1: a plain softmax
     mos_dropout: float = 0.0  # dropout on the mixture's component vectors (K > 1)
+    projection_dropout: float = 0.0  # dropout after the hidden -> embedding projection (K = 1)
+    init: str = "default"  # default | official: lamb's variance-scaling truncated normal
+    embedding_init_factor: float = 1.0  # init=official: variance scale of the embedding
+    cell_init_factor: float = 1.0  # init=official: ... of the recurrent layers
+    output_init_factor: float = 1.0  # init=official: ... of the softmax layer (untied) and MoS
     embedding_ratio: float | None = None  # embedding_size = round(ratio * hidden_size)
     num_params: str | None = None  # budget ("24M", "24e6", 24000000): picks the hidden_size
     # transformer
@@ -163,9 +172,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # mixed precision on CUDA; ignored elsewhere
     eval_max_tokens: int | None = None  # cap on validation tokens per check; None = all
-    l2: float = 0.0  # L2 penalty: loss += l2 * (sum of squares of all parameters)
+    eval_temperature_tokens: int = 0  # >0: each validation searches the temperature on these
+    l2: float = 0.0  # L2 penalty: loss += l2 * (sum of squares of the trainable parameters)
     average_after_bad_evals: int = 0  # average weights after N non-improving validations; 0: off
     average_from_step: int = 0  # average weights from this step at the latest; 0: off
+    accum_batch_size: int | None = None  # split each batch into sub-batches of this many streams
     nonfinite: str = "stop"  # on a NaN/inf training loss: stop | skip | rollback
     rollback_lr_factor: float = 0.5  # nonfinite=rollback: lr multiplied by this
     max_nonfinite: int = 5  # more non-finite losses than this between checkpoints: stop
@@ -382,6 +393,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         problems = (
             _check_run(cfg) + _check_data(cfg.data) + _check_model(cfg) + _check_train(cfg.train)
         )
+        problems += _check_accumulation(cfg)
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
@@ -569,7 +581,11 @@ _RECURRENT_ONLY = {  # field: its default; other values need a recurrent model k
     "mos_dropout": 0.0,
     "embedding_ratio": None,
     "num_params": None,
+    "state_dropout_mask": None,
+    "projection_dropout": 0.0,
+    "init": "default",
 }
+INIT_FACTORS = ("embedding_init_factor", "cell_init_factor", "output_init_factor")
 
 
 def _check_paper_model(m: ModelConfig) -> list[str]:
@@ -577,8 +593,13 @@ def _check_paper_model(m: ModelConfig) -> list[str]:
     from moglstm.lm.budget import parse_count  # budget imports nothing from here
 
     problems = _choice("model.dropout_mask", m.dropout_mask, DROPOUT_MASKS)
+    if m.state_dropout_mask is not None:
+        problems += _choice("model.state_dropout_mask", m.state_dropout_mask, DROPOUT_MASKS)
+    problems += _choice("model.init", m.init, INITS)
+    problems += _positive(m, "model.", INIT_FACTORS)
     problems += _fraction("model.drop_state_probability", m.drop_state_probability)
     problems += _fraction("model.mos_dropout", m.mos_dropout)
+    problems += _fraction("model.projection_dropout", m.projection_dropout)
     problems += _positive(m, "model.", ["mos_components"])
     problems += _positive(m, "model.", ["embedding_ratio"], optional=True)
     if m.num_params is not None:
@@ -600,6 +621,17 @@ def _check_paper_model(m: ModelConfig) -> list[str]:
             for name, default in _RECURRENT_ONLY.items()
             if getattr(m, name) != default
         ]
+    if m.projection_dropout > 0 and (m.mos_components > 1 or not m.tie_weights):
+        problems.append(
+            f"model.projection_dropout={m.projection_dropout!r} needs the projection of a tied "
+            "softmax (model.tie_weights=true, model.mos_components=1); with a mixture of "
+            "softmaxes use model.mos_dropout"
+        )
+    if m.init == "official" and m.kind not in ("mogrifier", "lstm"):
+        problems.append(
+            f"model.init='official' is defined for model.kind 'mogrifier' or 'lstm' "
+            f"(kind is {m.kind!r})"
+        )
     if m.forget_bias != 0 and m.kind not in ("mogrifier", "lstm"):
         problems.append(
             f"model.forget_bias={m.forget_bias!r} needs a forget gate: model.kind 'mogrifier' "
@@ -632,6 +664,7 @@ def _check_train(t: TrainConfig) -> list[str]:
         t, "train.", ["weight_decay", "clip", "lr_patience", "early_stop_patience", "seed"]
     )
     problems += _at_least_zero(t, "train.", ["l2", "average_after_bad_evals", "average_from_step"])
+    problems += _at_least_zero(t, "train.", ["eval_temperature_tokens"])
     problems += [p for i, b in enumerate(t.betas) for p in _fraction(f"train.betas[{i}]", b)]
     if not 0.0 < t.lr_decay <= 1.0:
         problems.append(f"train.lr_decay={t.lr_decay!r} must be in (0, 1]")
@@ -647,6 +680,18 @@ def _check_train(t: TrainConfig) -> list[str]:
         except ValueError as exc:
             problems.append(f"train.max_time: {exc}")
     return problems + _finite(t, "train.")
+
+
+def _check_accumulation(cfg: RunConfig) -> list[str]:
+    accum, batch = cfg.train.accum_batch_size, cfg.data.batch_size
+    if accum is None:
+        return []
+    if accum <= 0 or batch % accum:
+        return [
+            f"train.accum_batch_size={accum!r} must be a positive divisor of "
+            f"data.batch_size={batch}"
+        ]
+    return []
 
 
 def _finite(section: Any, prefix: str) -> list[str]:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moglstm.lm.data import iter_windows
-from moglstm.lm.models import detach_state
+from moglstm.lm.models import detach_state, softmax_temperature
 from moglstm.lm.progress import ScoreProgress
 
 __all__ = ["DynamicEvalSettings", "dynamic_evaluate", "gradient_statistics"]
@@ -112,8 +112,11 @@ def _weights_kept(model: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def _window_loss(model: nn.Module, inputs: Tensor, targets: Tensor, state, temperature: float):
-    logits, state = model(inputs, state)  # (T, B, V)
-    flat = logits.float().reshape(-1, logits.size(-1)) / temperature
+    with softmax_temperature(model, temperature) as inside:  # a mixture: per component
+        logits, state = model(inputs, state)  # (T, B, V)
+    flat = logits.float().reshape(-1, logits.size(-1))
+    if not inside:
+        flat = flat / temperature
     return F.cross_entropy(flat, targets.reshape(-1), reduction="sum"), detach_state(state)
 
 

@@ -39,7 +39,7 @@ from moglstm.lm.checkpoint import (
 from moglstm.lm.config import RunConfig
 from moglstm.lm.data import Vocab, batchify, iter_windows, load_corpus
 from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
-from moglstm.lm.models import build_model, detach_state
+from moglstm.lm.models import build_model, detach_state, softmax_temperature
 from moglstm.lm.progress import ScoreProgress
 from moglstm.lm.regularize import scaled_dropout
 from moglstm.lm.report import record_evaluation
@@ -47,6 +47,7 @@ from moglstm.lm.report import record_evaluation
 __all__ = [
     "CHECKPOINT_CHOICES",
     "SPLIT_CHOICES",
+    "OFFICIAL_TEMPERATURES",
     "TEMPERATURE_GRID",
     "LoadedRun",
     "autocast",
@@ -68,6 +69,9 @@ CHECKPOINT_CHOICES = ("best", "last")
 SPLIT_CHOICES = ("train", "valid", "test")
 #: Temperatures tried by ``--temperature auto``: 0.75 to 1.25 in steps of 0.01 (1.0 included).
 TEMPERATURE_GRID = tuple(round(0.75 + 0.01 * i, 2) for i in range(51))
+#: The official code's candidates: logits multiplied by 1.06, 1.04, ..., 0.80, that is
+#: divided by their inverses (0.943 to 1.25); ``train.eval_temperature_tokens`` uses them.
+OFFICIAL_TEMPERATURES = tuple(1.0 / round(1.06 - 0.02 * i, 2) for i in range(14))
 
 
 # --------------------------------------------------------------------------- devices
@@ -226,7 +230,9 @@ def score_split(
 
     The logits are divided by each temperature ``T`` (``T < 1`` sharpens the
     distribution); every temperature costs one more softmax per window, not
-    another pass of the model.
+    another pass of the model. A mixture of softmaxes divides each component's
+    logits instead (:func:`~moglstm.lm.models.softmax_temperature`), one pass per
+    temperature.
 
     With ``mc_samples = S > 0`` this is Monte-Carlo dropout evaluation: dropout
     stays on (every rate multiplied by ``mc_dropout_scale``), ``S`` copies of the
@@ -251,6 +257,17 @@ def score_split(
     temps = _check_temperatures(temperatures)
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
         raise ValueError(f"mc_samples={mc_samples!r} must be an int >= 0")
+    options = dict(mc_samples=mc_samples, mc_dropout_scale=mc_dropout_scale)
+    options.update(max_tokens=max_tokens, amp_dtype=amp_dtype)
+    if getattr(model, "returns_log_probs", False) and temps != [1.0]:
+        # a mixture of softmaxes takes the temperature inside each component (as the
+        # official code does): one pass of the model per temperature
+        losses, count = [], 0
+        for t in temps:
+            with softmax_temperature(model, t):
+                (loss,), count = score_split(model, data, bptt, **options)
+            losses.append(loss)
+        return losses, count
     bptt = min(bptt, getattr(model, "max_len", bptt))
     totals = torch.zeros(len(temps), dtype=torch.float64, device=data.device)
     count = 0

@@ -14,8 +14,10 @@ training loop never needs to know which kind of model it drives.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from moglstm.lm.budget import MAX_SEARCHED_SIZE, largest_fitting, parse_count
-from moglstm.lm.config import ModelConfig
+from moglstm.lm.config import INIT_FACTORS, INITS, ModelConfig
 from moglstm.lm.regularize import DROPOUT_MASKS, LockedDropout
 from moglstm.lm.softmax import MixtureOfSoftmaxes
 from moglstm.nn import MogrifierLSTM
@@ -37,7 +39,9 @@ __all__ = [
     "build_model",
     "count_parameters",
     "detach_state",
+    "init_official",
     "resolve_sizes",
+    "softmax_temperature",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,7 +157,7 @@ class RNNLanguageModel(nn.Module):
             (``mogrifier`` only; passed to the layer).
         output_dropout: dropout on the recurrent output, before the softmax layer.
         implementation: for the mogrifier core, ``moglstm.nn.MogrifierLSTM``'s
-            ``implementation`` (``"auto"``, ``"fused"`` or ``"reference"``).
+            ``implementation`` (``"auto"``, ``"fused"``, ``"reference"`` or ``"triton"``).
         dropout_mask: ``"window"``: every dropout above (and the mixture's) draws one
             mask per forward call, shared by all time steps (variational dropout);
             ``"step"``: a fresh mask at every step. With ``"step"`` and state
@@ -166,7 +170,26 @@ class RNNLanguageModel(nn.Module):
         mos_components: ``K > 1`` replaces the softmax with a mixture of ``K``
             softmaxes (:class:`~moglstm.lm.softmax.MixtureOfSoftmaxes`); the model
             then returns log-probabilities in place of logits (see Shape).
-        mos_dropout: dropout on the mixture's component vectors.
+        mos_dropout: dropout on the mixture's component vectors (the official code's
+            down-projected output dropout inside each component).
+        state_dropout_mask: ``"window"`` or ``"step"`` for the state dropout alone;
+            ``None`` follows ``dropout_mask``. The official code's
+            ``shared_mask_dropout=False`` is ``dropout_mask="step"`` with
+            ``state_dropout_mask="window"``: fresh input, between-layer and output
+            masks at every step, one state mask per window (the layer runs whole).
+        projection_dropout: dropout on the down-projected output, after the
+            hidden-to-embedding projection of a tied softmax (no mixture).
+        init: ``"default"`` (torch's schemes, embedding ``N(0, 1/E)``) or
+            ``"official"``: the official code's variance-scaling truncated normals
+            (see :func:`init_official`).
+        embedding_init_factor, cell_init_factor, output_init_factor: the variance
+            scales of ``init="official"``.
+
+    Attributes:
+        temperature: the softmax temperature ``T`` the model applies itself (default
+            1): logits are divided by ``T``; with a mixture of softmaxes every
+            component's logits are, before its softmax, as the official code does
+            (mixture weights untouched). Set it with :func:`softmax_temperature`.
 
     Shape:
         - tokens: ``(T, B)`` long.
@@ -212,6 +235,12 @@ class RNNLanguageModel(nn.Module):
         forget_bias: float = 0.0,
         mos_components: int = 1,
         mos_dropout: float = 0.0,
+        state_dropout_mask: str | None = None,
+        projection_dropout: float = 0.0,
+        init: str = "default",
+        embedding_init_factor: float = 1.0,
+        cell_init_factor: float = 1.0,
+        output_init_factor: float = 1.0,
     ) -> None:
         super().__init__()
         embedding_size = hidden_size if embedding_size is None else embedding_size
@@ -227,8 +256,21 @@ class RNNLanguageModel(nn.Module):
             state_dropout=state_dropout,
             output_dropout=output_dropout,
             mos_dropout=mos_dropout,
+            projection_dropout=projection_dropout,
         )
         self._check_output_args(kind, dropout_mask, forget_bias, mos_components)
+        state_dropout_mask = dropout_mask if state_dropout_mask is None else state_dropout_mask
+        if state_dropout_mask not in DROPOUT_MASKS:
+            raise ValueError(
+                f"state_dropout_mask must be None or one of {DROPOUT_MASKS}, "
+                f"got {state_dropout_mask!r}"
+            )
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        factors = (embedding_init_factor, cell_init_factor, output_init_factor)
+        for name, factor in zip(INIT_FACTORS, factors, strict=True):
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise ValueError(f"{name} must be a positive number, got {factor!r}")
         self.kind = kind
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -236,7 +278,9 @@ class RNNLanguageModel(nn.Module):
         self.num_layers = num_layers
         self.embedding_dropout = float(embedding_dropout)
         self.dropout_mask = dropout_mask
+        self.state_dropout_mask = state_dropout_mask
         self.sum_layer_outputs = bool(sum_layer_outputs)
+        self.temperature = 1.0
 
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.input_drop = LockedDropout(input_dropout, dropout_mask)
@@ -264,12 +308,23 @@ class RNNLanguageModel(nn.Module):
             )
         elif tie_weights and embedding_size != hidden_size:
             self.projection = nn.Linear(hidden_size, embedding_size, bias=False)
+        if projection_dropout > 0 and self.projection is None:
+            raise ValueError(
+                f"projection_dropout={projection_dropout} needs a projection: tie_weights=True, "
+                f"embedding_size ({embedding_size}) != hidden_size ({hidden_size}) and no "
+                "mixture of softmaxes (whose component dropout is mos_dropout)"
+            )
+        self.projection_drop = LockedDropout(projection_dropout, dropout_mask)
         self.decoder = nn.Linear(decoder_size, vocab_size)
         if tie_weights:
             self.decoder.weight = self.embedding.weight
         self.tie_weights = tie_weights
-        self._init_weights()
-        self._add_forget_bias(float(forget_bias))
+        self.init = init
+        if init == "official":
+            init_official(self, *factors, forget_bias=float(forget_bias))
+        else:
+            self._init_weights()
+            self._add_forget_bias(float(forget_bias))
 
     @property
     def returns_log_probs(self) -> bool:
@@ -385,7 +440,7 @@ class RNNLanguageModel(nn.Module):
     def _run_layer(self, layer: nn.Module, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         stepwise = (
             self.training
-            and self.dropout_mask == "step"
+            and self.state_dropout_mask == "step"
             and getattr(layer, "state_dropout", 0.0) > 0
         )
         if not stepwise:
@@ -418,11 +473,140 @@ class RNNLanguageModel(nn.Module):
             new_states.append(s)
             total = x if total is None else total + x
         x = self.output_drop(total if self.sum_layer_outputs else x)  # (T, B, H)
-        if self.mos is not None:
-            return self.mos(x, self.decoder), new_states  # log-probabilities
+        if self.mos is not None:  # log-probabilities
+            return self.mos(x, self.decoder, temperature=self.temperature), new_states
         if self.projection is not None:
-            x = self.projection(x)  # (T, B, E)
-        return self.decoder(x), new_states
+            x = self.projection_drop(self.projection(x))  # (T, B, E)
+        logits = self.decoder(x)
+        return (logits if self.temperature == 1.0 else logits / self.temperature), new_states
+
+
+# The standard deviation of a unit normal truncated at +-2: tf.variance_scaling_initializer
+# divides by it so that the truncated draws have the variance asked for.
+_TF_TRUNCATION = 0.87962566103423978
+# lamb.utils.variance_scaling_initializer (used for the recurrent cell) multiplies the
+# variance by 1.3 instead (1 / 0.8796**2 = 1.2925).
+_LAMB_TRUNCATION_VARIANCE = 1.3
+
+
+def _truncated_normal_(t: Tensor, std: float, mean: float | Tensor = 0.0) -> None:
+    # as tf.truncated_normal: redrawn outside two standard deviations of the mean
+    nn.init.trunc_normal_(t, 0.0, std, -2.0 * std, 2.0 * std)
+    t.add_(mean)
+
+
+@torch.no_grad()
+def init_official(
+    model: RNNLanguageModel,
+    embedding_factor: float = 1.0,
+    cell_factor: float = 1.0,
+    output_factor: float = 1.0,
+    *,
+    forget_bias: float = 0.0,
+) -> None:
+    r"""Initialise ``model`` as the official Mogrifier code (deepmind/lamb) does.
+
+    Every draw is a normal truncated at two standard deviations:
+
+    * embedding ``(V, E)``: ``std = sqrt(embedding_factor / E) / 0.8796`` (TF's
+      variance scaling, fan-out; a tied softmax shares it);
+    * untied softmax weight ``(V, O)``: ``std = sqrt(output_factor / O) / 0.8796``
+      (fan-in); softmax bias 0; the mixture of softmaxes' projection and mixture
+      weights likewise with fan-in ``H``, their bias 0; the hidden-to-embedding
+      projection of a tied softmax: orthogonal;
+    * each recurrent layer: ``weight_ih`` ``std = sqrt(1.3 cell_factor / in)``,
+      ``weight_hh`` ``sqrt(1.3 cell_factor / H)``; the gate biases ``bias_ih`` with
+      ``std = sqrt(1.3 cell_factor / H)``, the forget gate's around ``forget_bias``
+      (its mean); ``bias_hh`` is zero and frozen (``requires_grad=False``): the
+      official cell has one bias per gate, trained and penalised once;
+    * Mogrifier rounds: full matrices ``std = sqrt(1.3 cell_factor / in)``; low-rank
+      factors (both) ``std = (in * k) ** -0.25`` (unscaled); biases 0.
+
+    Args:
+        model: a recurrent language model of kind ``"mogrifier"`` or ``"lstm"``.
+        embedding_factor, cell_factor, output_factor: the variance scales
+            (``embedding_init_factor``, ``cell_init_factor``, ``output_init_factor``).
+        forget_bias: the mean of the forget gate's bias.
+    """
+    if model.kind not in ("mogrifier", "lstm"):
+        raise ValueError(f"init_official: kind must be 'mogrifier' or 'lstm', got {model.kind!r}")
+    h = model.hidden_size
+    for layer in model.layers:
+        layer.bias_hh_l0.requires_grad = False  # attribute, not requires_grad_(): see _count
+    if model.embedding.weight.is_meta:  # counting parameters: nothing to draw
+        return
+    _truncated_normal_(
+        model.embedding.weight, math.sqrt(embedding_factor / model.embedding_size) / _TF_TRUNCATION
+    )
+    if not model.tie_weights:
+        fan_in = model.decoder.in_features
+        _truncated_normal_(model.decoder.weight, math.sqrt(output_factor / fan_in) / _TF_TRUNCATION)
+    nn.init.zeros_(model.decoder.bias)
+    if model.projection is not None:
+        nn.init.orthogonal_(model.projection.weight)
+    if model.mos is not None:
+        std = math.sqrt(output_factor / h) / _TF_TRUNCATION
+        _truncated_normal_(model.mos.latent.weight, std)
+        _truncated_normal_(model.mos.prior.weight, std)
+        nn.init.zeros_(model.mos.latent.bias)
+    for layer in model.layers:
+        _init_official_layer(layer, h, cell_factor, forget_bias)
+
+
+def _init_official_layer(layer: nn.Module, h: int, factor: float, forget_bias: float) -> None:
+    def std(fan_in: int) -> float:
+        return math.sqrt(_LAMB_TRUNCATION_VARIANCE * factor / fan_in)
+
+    _truncated_normal_(layer.weight_ih_l0, std(layer.weight_ih_l0.shape[1]))
+    _truncated_normal_(layer.weight_hh_l0, std(h))
+    # gates (i, f, g, o) as in torch.nn.LSTM; the coupled cell has (f, g, o)
+    forget = slice(0, h) if getattr(layer, "coupled", False) else slice(h, 2 * h)
+    mean = torch.zeros_like(layer.bias_ih_l0)
+    mean[forget] = forget_bias
+    _truncated_normal_(layer.bias_ih_l0, std(h), mean)
+    nn.init.zeros_(layer.bias_hh_l0)
+    mogrifier = getattr(layer, "mogrifier_l0", None)
+    if mogrifier is None:
+        return
+    for i in range(1, mogrifier.rounds + 1):
+        _, fan_in = mogrifier.round_shape(i)
+        if mogrifier.rank is None:
+            _truncated_normal_(getattr(mogrifier, f"weight_{i}"), std(fan_in))
+        else:  # lamb's low-rank factors: each entry of the product has variance 1/fan_in
+            low_rank_std = (fan_in * mogrifier.rank) ** -0.25
+            _truncated_normal_(getattr(mogrifier, f"weight_{i}_left"), low_rank_std)
+            _truncated_normal_(getattr(mogrifier, f"weight_{i}_right"), low_rank_std)
+        if mogrifier.bias:
+            nn.init.zeros_(getattr(mogrifier, f"bias_{i}"))
+
+
+@contextlib.contextmanager
+def softmax_temperature(model: nn.Module, temperature: float) -> Iterator[bool]:
+    r"""Within the block ``model`` applies the softmax temperature itself, if it can.
+
+    A recurrent model divides its logits by ``temperature``, and with a mixture of
+    softmaxes divides each component's logits before that component's softmax, as
+    the official code does (its ``softmax_temperature`` multiplies the logits by
+    ``1 / temperature`` in these terms). Dividing the mixture's log-probabilities
+    instead would be a different distribution.
+
+    Yields:
+        ``True`` when the model applies it (the caller must not divide again),
+        ``False`` for models without the attribute (the caller divides the logits).
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not hasattr(model, "temperature"):
+        yield False
+        return
+    saved = model.temperature
+    model.temperature = float(temperature)
+    try:
+        yield True
+    finally:
+        model.temperature = saved
 
 
 def _sinusoidal_table(max_len: int, d_model: int) -> Tensor:
@@ -632,6 +816,12 @@ def _recurrent_args(cfg: ModelConfig, hidden_size: int, embedding_size: int | No
         forget_bias=cfg.forget_bias,
         mos_components=cfg.mos_components,
         mos_dropout=cfg.mos_dropout,
+        state_dropout_mask=cfg.state_dropout_mask,
+        projection_dropout=cfg.projection_dropout,
+        init=cfg.init,
+        embedding_init_factor=cfg.embedding_init_factor,
+        cell_init_factor=cfg.cell_init_factor,
+        output_init_factor=cfg.output_init_factor,
     )
 
 
@@ -683,7 +873,8 @@ def _count_on_meta(cfg: ModelConfig, vocab_size: int, hidden_size: int) -> int |
         return None  # a mogrifier rank must be below both sizes it connects
     args = _recurrent_args(cfg, hidden_size, embedding)
     with torch.device("meta"), _SkipMetaInPlace():
-        return count_parameters(RNNLanguageModel(vocab_size, **args))
+        # trainable only: init="official" freezes bias_hh (the official cell has one bias)
+        return count_parameters(RNNLanguageModel(vocab_size, **args), trainable_only=True)
 
 
 def build_on_meta(cfg: ModelConfig, vocab_size: int) -> nn.Module:

@@ -75,8 +75,13 @@ class MixtureOfSoftmaxes(nn.Module):
         self.latent = nn.Linear(input_size, components * self.embedding_size)
         self.drop = LockedDropout(dropout, mask=dropout_mask)
 
-    def forward(self, h: Tensor, decoder: nn.Linear) -> Tensor:
-        """Log-probabilities ``(T, B, V)`` of the mixture at every position."""
+    def forward(self, h: Tensor, decoder: nn.Linear, temperature: float = 1.0) -> Tensor:
+        """Log-probabilities ``(T, B, V)`` of the mixture at every position.
+
+        ``temperature`` divides every component's logits before its softmax (the
+        mixture weights are left alone), as the official code applies its softmax
+        temperature to a mixture.
+        """
         if h.dim() != 3:
             raise ValueError(f"h must be (T, B, H), got shape {tuple(h.shape)}")
         if not isinstance(decoder, nn.Linear) or decoder.in_features != self.embedding_size:
@@ -89,7 +94,10 @@ class MixtureOfSoftmaxes(nn.Module):
         z = self.drop(z).view(t, b, self.components, self.embedding_size)
         # float32 for the normalisations even under autocast: sums of many small terms
         log_pi = F.log_softmax(self.prior(h).float(), dim=-1)  # (T, B, K)
-        log_p = F.log_softmax(decoder(z).float(), dim=-1)  # (T, B, K, V)
+        logits = decoder(z).float()  # (T, B, K, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        log_p = F.log_softmax(logits, dim=-1)
         return torch.logsumexp(log_p + log_pi.unsqueeze(-1), dim=2)  # (T, B, V)
 
     def extra_repr(self) -> str:

@@ -88,12 +88,14 @@ from moglstm.lm.config import (
 from moglstm.lm.data import BatchStream, Corpus, Vocab, batchify, load_corpus
 from moglstm.lm.distributed import DistContext
 from moglstm.lm.evaluate import (
+    OFFICIAL_TEMPERATURES,
     autocast,
     autocast_dtype,
     evaluate_loss,
     metric_name,
     metrics_for,
     resolve_device,
+    score_split,
 )
 from moglstm.lm.models import build_model, count_parameters, detach_state
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
@@ -492,6 +494,7 @@ class _Run:
     dist: DistContext = dataclasses.field(default_factory=DistContext)  # rank, world size
     net: nn.Module | None = None  # `model` wrapped for data-parallel training (or None)
     averager: WeightAverager | None = None  # running weight average (train.average_*)
+    valid_temperature: float = 1.0  # the latest validation's (train.eval_temperature_tokens)
 
 
 def _setup(
@@ -617,17 +620,14 @@ def _train_step(run: _Run, inputs: Tensor, targets: Tensor) -> float:
         group["lr"] = lr
     if run.cfg.model.drop_state_probability > 0:  # some streams start from a zero state
         run.state = drop_state(run.state, run.cfg.model.drop_state_probability)
-    with autocast(run.device, run.amp_dtype):
-        logits, state = (run.net or run.model)(inputs, run.state)  # (T, B, V)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-    value = distributed.mean_over_ranks(loss.item(), run.dist)  # the global batch's loss
+    run.optimizer.zero_grad(set_to_none=True)
+    scaler = run.scaler
+    value, state = _accumulate_gradients(run, inputs, targets)
     if not math.isfinite(value):
         return value  # the caller applies train.nonfinite; nothing is updated
     if t.l2 > 0:  # part of the loss (clipped, Adam-normalised); `value` stays the data loss
-        loss = loss + l2_penalty(run.model, t.l2)
-    run.optimizer.zero_grad(set_to_none=True)
-    scaler = run.scaler
-    (loss if scaler is None else scaler.scale(loss)).backward()
+        penalty = l2_penalty(run.model, t.l2)
+        (penalty if scaler is None else scaler.scale(penalty)).backward()
     if t.clip > 0:
         if scaler is not None:
             scaler.unscale_(run.optimizer)
@@ -640,6 +640,62 @@ def _train_step(run: _Run, inputs: Tensor, targets: Tensor) -> float:
     _average_weights(run)
     run.state = detach_state(state)  # carry the state, cut its history
     return value
+
+
+def _accumulate_gradients(run: _Run, inputs: Tensor, targets: Tensor) -> tuple[float, Any]:
+    """Backward of the window's mean token loss, in sub-batches of ``train.accum_batch_size``
+    streams (all at once when unset); returns the loss and the new (undetached) state.
+
+    Each sub-batch's mean loss is weighted by its share of the tokens, so the summed
+    gradients are those of the whole batch's mean loss: the update does not depend on
+    the split (up to rounding), only the memory does.
+    """
+    batch = inputs.size(1)
+    sizes = _sub_batches(batch, run.cfg.train.accum_batch_size)
+    states = _split_state(run.state, sizes)
+    value, new_states = 0.0, []
+    for x, y, state in zip(inputs.split(sizes, 1), targets.split(sizes, 1), states, strict=True):
+        with autocast(run.device, run.amp_dtype):
+            logits, state = (run.net or run.model)(x, state)  # (T, b, V)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = loss * (x.size(1) / batch)
+        # the global batch's loss; checked before any backward, so every rank skips alike
+        value += distributed.mean_over_ranks(loss.item(), run.dist)
+        if not math.isfinite(value):
+            return value, None
+        (loss if run.scaler is None else run.scaler.scale(loss)).backward()
+        new_states.append(state)
+    return value, _cat_states(new_states)
+
+
+def _sub_batches(batch: int, accum: int | None) -> list[int]:
+    # this process's streams in pieces of at most `accum` (a rank may hold a share of the
+    # global batch that `accum` does not divide: the last piece is smaller)
+    if accum is None or accum >= batch:
+        return [batch]
+    return [accum] * (batch // accum) + ([batch % accum] if batch % accum else [])
+
+
+def _split_state(state: Any, sizes: list[int]) -> list[Any]:
+    """One state per sub-batch: every tensor split along its batch dimension (1)."""
+    if state is None:
+        return [None] * len(sizes)
+    if len(sizes) == 1:
+        return [state]
+    if isinstance(state, Tensor):
+        return list(state.split(sizes, 1))
+    parts = [_split_state(s, sizes) for s in state]  # a list/tuple of states
+    return [type(state)(p[i] for p in parts) for i in range(len(sizes))]
+
+
+def _cat_states(states: list[Any]) -> Any:
+    """Inverse of :func:`_split_state`."""
+    first = states[0]
+    if len(states) == 1 or first is None:
+        return first
+    if isinstance(first, Tensor):
+        return torch.cat(states, 1)
+    return type(first)(_cat_states(list(group)) for group in zip(*states, strict=True))
 
 
 def _average_weights(run: _Run) -> None:
@@ -681,11 +737,16 @@ def _validate(run: _Run) -> tuple[float, int]:
         run.cfg.train.eval_max_tokens, run.cfg.data.eval_batch_size, data.size(1)
     )
     loss, count = 0.0, 0
-    if data.size(1) and cap != 0:  # more ranks than streams leaves some with nothing
-        with run.averager.swapped_in():  # the averaged weights, once averaging started
-            loss, count = evaluate_loss(
-                run.model, data, run.cfg.data.bptt, max_tokens=cap, amp_dtype=run.amp_dtype
-            )
+    with run.averager.swapped_in():  # the averaged weights, once averaging started
+        run.valid_temperature = t = _search_temperature(run, data)
+        if data.size(1) and cap != 0:  # more ranks than streams leaves some with nothing
+            bptt, amp = run.cfg.data.bptt, run.amp_dtype
+            if t == 1.0:
+                loss, count = evaluate_loss(run.model, data, bptt, max_tokens=cap, amp_dtype=amp)
+            else:
+                (loss,), count = score_split(
+                    run.model, data, bptt, temperatures=[t], max_tokens=cap, amp_dtype=amp
+                )
     loss, count = distributed.average_loss(loss, count, run.dist)
     run.model.train()
     if not math.isfinite(loss):
@@ -694,6 +755,28 @@ def _validate(run: _Run) -> tuple[float, int]:
             + _checkpoint_note(run)
         )
     return loss, count
+
+
+def _search_temperature(run: _Run, data: Tensor) -> float:
+    """The softmax temperature validation scores with: 1, or with
+    ``train.eval_temperature_tokens`` the best of the official code's candidates on that
+    many validation tokens (the official code searches before every validation)."""
+    tokens = run.cfg.train.eval_temperature_tokens
+    if not tokens:
+        return 1.0
+    cap = distributed.local_token_cap(tokens, run.cfg.data.eval_batch_size, data.size(1))
+    losses, count = [0.0] * len(OFFICIAL_TEMPERATURES), 0
+    if data.size(1) and cap != 0:
+        losses, count = score_split(
+            run.model,
+            data,
+            run.cfg.data.bptt,
+            temperatures=OFFICIAL_TEMPERATURES,
+            max_tokens=cap,
+            amp_dtype=run.amp_dtype,
+        )
+    losses = [distributed.average_loss(loss, count, run.dist)[0] for loss in losses]
+    return OFFICIAL_TEMPERATURES[losses.index(min(losses))]  # ties: the first, as official
 
 
 def _checkpoint_note(run: _Run) -> str:
@@ -1016,6 +1099,8 @@ def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None
     record = metrics_for(c.valid_loss, run.corpus.level)
     if run.averager.active:
         record["averaged_steps"] = run.averager.count  # scored with the averaged weights
+    if run.cfg.train.eval_temperature_tokens:
+        record["temperature"] = run.valid_temperature
     bad_evals = run.cfg.train.average_after_bad_evals
     if on_schedule and bad_evals and not run.averager.active and run.schedule.bad >= bad_evals:
         _start_averaging(run, f"{run.schedule.bad} validations without improvement")

@@ -483,6 +483,7 @@ def tune(
         direction="minimize",
         load_if_exists=True,
     )
+
     def objective(trial: Any) -> float:
         retried = _retried_number(optuna, study_obj, trial)
         number = trial.number if retried is None else retried
@@ -706,4 +707,3 @@ def command(args: argparse.Namespace) -> dict[str, Any] | None:
             **common,
         )
     return result
-

@@ -65,17 +65,19 @@ class MogrifierLSTM(nn.Module):
             Mogrifier, output and returned) has ``proj_size`` features, ``c`` keeps
             ``hidden_size``. Runs on the reference path (``"fused"`` refuses it).
         implementation: ``"auto"`` (default) runs each layer direction as one fused
-            autograd node (a step-loop backend of :mod:`moglstm.nn.backends`, picked once
-            per call by :func:`moglstm.nn.backends.select`) when autograd records the call and
-            the input is unpacked float32/float64, and in inference too for windows of
-            8 steps or more on CPU when its compiled step loop is available; the
-            reference step loop otherwise (short inference calls, packed sequences,
-            other dtypes);
+            autograd node (a backend of :mod:`moglstm.nn.backends`, picked once per call
+            by :func:`moglstm.nn.backends.select`) when autograd records the call and
+            the input is unpacked: on CUDA the Triton kernels once they pass their
+            self-check (float32, float16, bfloat16; else the torch-ops step loop), on
+            CPU the compiled step loop (float32/float64); in inference too for windows
+            of 8 steps or more with one of those two; the reference step loop
+            otherwise (short inference calls, packed sequences, other dtypes);
             ``"reference"`` always runs :mod:`moglstm.nn.functional` step by step;
-            ``"fused"`` insists on the fused path. Both give the same outputs and
-            gradients, first and second: a fused backward with ``create_graph=True`` (or
-            a second one through a retained graph) recomputes the window with the
-            reference (:mod:`moglstm.nn.backends.recompute`).
+            ``"fused"`` insists on a fused backend; ``"triton"`` on the Triton one
+            (CUDA, or CPU under ``TRITON_INTERPRET=1``; see docs/gpu.md). All give the
+            same outputs and gradients, first and second: a fused backward with
+            ``create_graph=True`` (or a second one through a retained graph) recomputes
+            the window with the reference (:mod:`moglstm.nn.backends.recompute`).
 
     Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
     ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, with ``_reverse`` for the

@@ -7,6 +7,7 @@ backend                runs
 ``torch-loop``         one autograd node; a Python step loop of torch ops (any device)
 ``torch-loop+c-kernels``  the same with the pointwise parts in C (CPU)
 ``compiled-loop``      one autograd node; the whole step loop in C (CPU, threads)
+``triton``             one autograd node; the step loop in Triton kernels (CUDA)
 =====================  ==========================================================
 
 :func:`select` is called once per :class:`~moglstm.nn.MogrifierLSTM` call and its
@@ -27,6 +28,7 @@ from moglstm.nn.backends.op import LibraryOp
 from moglstm.nn.backends.reference import Reference
 from moglstm.nn.backends.scan import Scan
 from moglstm.nn.backends.torch_loop import TorchLoop, TorchLoopKernels
+from moglstm.nn.backends.triton import TRITON, self_check, unavailable_reason
 from moglstm.nn.direction import Steps
 
 __all__ = [
@@ -36,11 +38,12 @@ __all__ = [
     "Backend",
     "FusedBackend",
     "FusedDirection",
+    "TRITON",
     "select",
     "step_loop",
 ]
 
-IMPLEMENTATIONS = ("auto", "fused", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "reference", "triton")
 INFERENCE_MIN_STEPS = 8  # "auto" runs inference through the compiled loop from this many steps
 # what the step-loop backends take (the compiled loop: float32/float64; bfloat16 and float16,
 # e.g. under autocast, run the torch-ops loop)
@@ -50,8 +53,9 @@ REFERENCE = Reference()
 TORCH_LOOP = TorchLoop()
 TORCH_LOOP_KERNELS = TorchLoopKernels()
 COMPILED_LOOP = CompiledLoop()
-STEP_LOOPS = (TORCH_LOOP, TORCH_LOOP_KERNELS, COMPILED_LOOP)
+STEP_LOOPS = (TORCH_LOOP, TORCH_LOOP_KERNELS, COMPILED_LOOP, TRITON)  # named in the custom op
 LIBRARY_OP = LibraryOp()
+TRITON_OP = LibraryOp("triton")  # "triton" under torch.compile and torch.export
 SCAN = Scan()
 
 
@@ -93,25 +97,39 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
     """The backend for one call.
 
     ``"reference"`` is the reference. ``"fused"`` is the best step loop for the input
-    (an error for packed sequences or other dtypes). ``"auto"`` takes the step loop when
-    autograd records the call (training); without autograd (inference, generation) only
-    for windows of at least ``INFERENCE_MIN_STEPS`` steps on CPU with the compiled loop
-    (measured: as fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of torch's
-    LSTM against x1.8); the reference loop is faster for the few steps of a generation
-    call and allocates no buffers. Packed sequences, other dtypes and ``proj_size``
-    run the reference; so does an empty batch (nothing to compute), on any implementation.
+    (an error for packed sequences, ``proj_size`` or other dtypes). ``"triton"`` is the
+    Triton backend (an error where it cannot run: no triton, not CUDA and not
+    ``TRITON_INTERPRET=1``, packed sequences, ``proj_size``, dtypes other than
+    float32/float16/bfloat16). ``"auto"`` takes a fused backend when autograd records the
+    call (training): on CUDA the Triton one once it has passed its self-check on that
+    device and dtype (else the torch-ops loop), on CPU the best step loop. Without
+    autograd (inference, generation) it does so only for windows of at least
+    ``INFERENCE_MIN_STEPS`` steps, on CUDA with Triton or on CPU with the compiled loop
+    (measured on CPU: as fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of
+    torch's LSTM against x1.8); the reference loop is faster for the few steps of a
+    generation call and allocates no buffers. Packed sequences, other dtypes and
+    ``proj_size`` run the reference; so does an empty batch (nothing to compute), on any
+    implementation. Under a tracer see :func:`traced_backend`; ``"triton"`` runs there as
+    the custom op around the Triton backend.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "reference" or (steps.batch_sizes is None and not steps.x.shape[1]):
         return REFERENCE
+    x = steps.x
+    if implementation == "triton":
+        reason = "packed sequences" if steps.batch_sizes is not None else None
+        reason = reason or ("proj_size" if proj_size else unavailable_reason(x))
+        if reason:
+            raise ValueError(f"implementation='triton' does not support {reason}")
+        return TRITON_OP if torch.compiler.is_compiling() else TRITON
     reason = None
     if steps.batch_sizes is not None:
         reason = "packed sequences"
     elif proj_size:
         reason = "proj_size"
-    elif steps.x.dtype not in LOOP_DTYPES:
-        reason = f"dtype {steps.x.dtype}"
+    elif x.dtype not in LOOP_DTYPES:
+        reason = f"dtype {x.dtype}"
     if reason and implementation == "fused":
         raise ValueError(f"implementation='fused' does not support {reason}; use 'auto'")
     if reason:
@@ -119,10 +137,19 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
     traced = traced_backend(implementation)
     if traced is not None:
         return traced
-    backend = step_loop(steps.x)
+    backend = TRITON if _triton_ready(x) else step_loop(x)
     if implementation == "auto" and not records_grad:
-        # inference: the compiled loop pays for its setup (weights concatenated and
-        # packed, buffers) over a window; the reference loop wins on a few steps
-        if steps.length < INFERENCE_MIN_STEPS or backend is not COMPILED_LOOP:
+        # inference: a fused backend pays for its setup (weights concatenated and packed,
+        # buffers) over a window; the reference loop wins on a few steps
+        fast = backend is COMPILED_LOOP or backend is TRITON
+        if steps.length < INFERENCE_MIN_STEPS or not fast:
             return REFERENCE
     return backend
+
+
+def _triton_ready(x: torch.Tensor) -> bool:
+    """Whether "auto" and "fused" run tensors like ``x`` through Triton: on CUDA, where it
+    can run, after its one-time self-check against the reference passed."""
+    if x.device.type != "cuda" or unavailable_reason(x) is not None:
+        return False
+    return self_check(str(x.device), x.dtype)

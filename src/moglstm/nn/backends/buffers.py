@@ -115,6 +115,14 @@ class Buffers:
         self.u, self.gates, self.c = parts["u"], parts["gates"][0], parts["c"][0]
 
 
+def start_window(spec: DirectionSpec, x: Tensor, c0: Tensor) -> tuple[Buffers, Tensor]:
+    """A forward's fresh buffers for input ``x`` (with ``c_0`` in place) and its output
+    ``(T, B, H)`` (the caller's: not carved, never read by backward)."""
+    buf = Buffers(spec, x)
+    buf.c[0].copy_(c0)
+    return buf, x.new_empty(*x.shape[:2], spec.hidden_size)
+
+
 def fresh_grad(g: Tensor | None, like: Tensor) -> Tensor:
     """A contiguous copy of an incoming gradient (the loops update it in place), or zeros."""
     return torch.zeros_like(like) if g is None else g.clone(memory_format=torch.contiguous_format)

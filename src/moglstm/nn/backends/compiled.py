@@ -17,7 +17,14 @@ from torch import Tensor
 
 from moglstm.nn import _kernels
 from moglstm.nn.backends.base import FusedBackend
-from moglstm.nn.backends.buffers import Buffers, arena_shape, fresh_grad, rows, weight_grads
+from moglstm.nn.backends.buffers import (
+    Buffers,
+    arena_shape,
+    fresh_grad,
+    rows,
+    start_window,
+    weight_grads,
+)
 from moglstm.nn.backends.torch_loop import gates_weight
 from moglstm.nn.direction import Direction, DirectionSpec
 
@@ -82,10 +89,8 @@ class CompiledLoop(FusedBackend):
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)
-        buf = Buffers(spec, x)
+        buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
-        out = x.new_empty(T, B, spec.hidden_size)
-        buf.c[0].copy_(c0)
         w_gates = gates_weight(d).contiguous()  # kept for backward
         if spec.rounds == 0:  # x is never gated: project all steps at once, straight into gates
             torch.mm(rows(x), d.weight_ih.t(), out=rows(buf.gates))

@@ -144,14 +144,18 @@ fused_direction.register_autograd(_backward, setup_context=_setup_context)
 
 
 class LibraryOp(Backend):
-    """The fastest step loop, through the custom op (picked when it runs)."""
+    """A fused backend through the custom op: ``backend`` by name, or ``"auto"``, the
+    fastest step loop (picked when the op runs)."""
 
     name = "library-op"
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
 
     def run(self, steps, h, c, d, reverse=False, mask=None):
         if steps.batch_sizes is not None:
             raise ValueError(f"the {self.name} backend does not take packed sequences")
-        return run_op("auto", steps.x, h, c, d, reverse, mask)
+        return run_op(self.backend, steps.x, h, c, d, reverse, mask)
 
 
 def run_op(

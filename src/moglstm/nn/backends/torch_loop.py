@@ -26,6 +26,7 @@ from moglstm.nn.backends.buffers import (
     round_slots,
     rows,
     split_gates,
+    start_window,
     weight_grads,
 )
 from moglstm.nn.direction import Direction, DirectionSpec
@@ -145,10 +146,13 @@ class RoundGrads:
 
     CHUNK_ROWS = 1024
 
-    def __init__(self, spec: DirectionSpec, buf: Buffers, batch: int) -> None:
+    def __init__(
+        self, spec: DirectionSpec, buf: Buffers, batch: int, chunk: int | None = None
+    ) -> None:
+        """``chunk``: steps per flush (default: about ``CHUNK_ROWS`` rows)."""
         T = buf.gates.shape[0]
         self.spec, self.buf = spec, buf
-        self.chunk = max(1, min(T, -(-self.CHUNK_ROWS // batch)))
+        self.chunk = max(1, min(T, chunk or -(-self.CHUNK_ROWS // batch)))
         new = buf.gates.new_empty
         widths = [spec.round_shape(r)[0] for r in range(spec.rounds)]
         self.dz = [new(self.chunk, batch, n) for n in widths]
@@ -266,10 +270,8 @@ class TorchLoop(FusedBackend):
 
     def forward(self, spec, x, h0, c0, mask, flat):
         d = Direction.from_flat(spec, flat)
-        buf = Buffers(spec, x)
+        buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
-        out = x.new_empty(T, B, spec.hidden_size)
-        buf.c[0].copy_(c0)
         ops = StepOps.forward(d, B)
         scratch = (x.new_empty(B, spec.input_size), x.new_empty(B, spec.hidden_size))
         h = h0

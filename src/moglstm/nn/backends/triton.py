@@ -1,0 +1,563 @@
+"""The Triton backend: the step loop of :mod:`moglstm.nn.backends.torch_loop` in Triton
+kernels, for NVIDIA GPUs (and on CPU under ``TRITON_INTERPRET=1``, for the tests).
+
+A phased design: each step is a few kernel launches, every one on the whole batch.
+
+forward, per step
+    the state (masked) copied into the window buffer; per Mogrifier round one launch
+    ``new = 2 sigmoid(v W^T + b) old`` (two for a low-rank round: ``u = v R^T`` first);
+    one launch for the gates' product on ``[x_m, h_m]`` fused with the cell update.
+backward, per step
+    one pointwise launch for the cell update's backward (adding the output's gradient);
+    one product ``d[x_m, h_m] = dgates [W_ih W_hh]``; per round one launch that recomputes
+    the round's gate and writes ``dz`` and the gated vector's gradient, and one (two if
+    low rank) product back to the gating vector's gradient; the state mask.
+after the backward loop
+    the weight gradients as a few large products over ``T * B`` rows (cuBLAS), as the
+    other step-loop backends do (:func:`~moglstm.nn.backends.buffers.weight_grads`).
+
+Nothing in the step loop allocates, synchronises with the host, or depends on data (so
+it can be captured in a CUDA graph; tests/nn/test_triton.py checks this on CPU). All
+kernels accumulate in float32: float32 operands run as TF32 on the tensor cores when
+``torch.backends.cuda.matmul.allow_tf32`` is set (exact IEEE float32 otherwise), float16
+and bfloat16 operands as themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moglstm.nn.backends.base import FusedBackend
+from moglstm.nn.backends.buffers import (
+    Buffers,
+    arena_shape,
+    fresh_grad,
+    round_slots,
+    start_window,
+    weight_grads,
+)
+from moglstm.nn.backends.torch_loop import RoundGrads, gates_weight, store_state
+from moglstm.nn.direction import Direction, DirectionSpec
+
+STORE, ROUND_FORWARD, ROUND_BACKWARD = 0, 1, 2  # the products' epilogues (triton_kernels)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def unavailable_reason(x: Tensor) -> str | None:
+    """Why the Triton backend cannot run on tensors like ``x``, or None if it can."""
+    if not installed():
+        return "triton is not installed (it ships with CUDA builds of torch)"
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} (it takes float32, float16, bfloat16)"
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu" and interpreting():
+        return None
+    return (
+        f"tensors on {x.device.type}: it runs on CUDA devices, or on CPU under Triton's "
+        "interpreter (TRITON_INTERPRET=1, for tests)"
+    )
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of one kernel launch: rows (batch), columns, reduction."""
+
+    m: int
+    n: int
+    k: int
+
+
+# The tiles the dispatcher picks from: a batch tile of 16 rows (tl.dot's minimum) for
+# batches up to 16, else 64; 64 output columns of a product, 16 hidden units (four gate
+# blocks: 64 gate rows) of the gates' kernel; 32 of every reduction.
+BATCH_TILES = (16, 64)
+LINEAR_N, GATES_H, REDUCTION = 64, 16, 32
+# a low-rank round's two products run as one launch for ranks up to 128, padded to these
+RANK_TILES = (32, 128)
+POINTWISE = Tiles(16, 64, 1)
+
+
+def batch_tile(rows: int) -> int:
+    return BATCH_TILES[0] if rows <= BATCH_TILES[0] else BATCH_TILES[1]
+
+
+def linear_tiles(M: int) -> Tiles:
+    return Tiles(batch_tile(M), LINEAR_N, REDUCTION)
+
+
+def gates_tiles(B: int) -> Tiles:
+    return Tiles(batch_tile(B), GATES_H, REDUCTION)
+
+
+def warps(dtype: torch.dtype | str) -> int:
+    """Warps per program of the product kernels: 8 for float32 operands (their IEEE and
+    TF32 tiles need twice the registers: with 4 warps the 64-row and rank-128 tiles
+    spilled to local memory in the ahead-of-time compile check), else Triton's 4."""
+    return 8 if dtype in (torch.float32, "fp32") else 4
+
+
+def rank_tile(rank: int, dtype: torch.dtype) -> int | None:
+    """The padded rank of the one-launch low-rank kernel, or None (two launches): ranks
+    over 128, and IEEE float32 products on a GPU, whose one-launch tiles spill registers
+    on sm_80/sm_90 even with 8 warps (found by the ahead-of-time compile check; the
+    interpreter, which has no registers, keeps testing the kernel in float32)."""
+    if dtype == torch.float32 and precision(dtype) == "ieee" and not interpreting():
+        return None
+    return next((k for k in RANK_TILES if rank <= k), None)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: TF32 for float32 when torch allows it for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def linear_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles) -> dict:
+    return {
+        "MODE": mode,
+        "HAS_BIAS": bias,
+        "ACC": accumulate,
+        "PRECISION": prec,
+        "BM": t.m,
+        "BN": t.n,
+        "BK": t.k,
+    }
+
+
+def two_product_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles, kp: int):
+    return {**linear_constexprs(mode, bias, accumulate, prec, t), "KP": kp}
+
+
+def variant_constexprs(spec_or_flags) -> dict:
+    s = spec_or_flags
+    return {"COUPLED": s.coupled, "CAP": s.cap_input_gate, "PEEP": s.peephole}
+
+
+def gates_constexprs(variant: dict, bias: bool, pre: bool, prec: str, t: Tiles) -> dict:
+    return {
+        **variant,
+        "HAS_BIAS": bias,
+        "HAS_PRE": pre,
+        "PRECISION": prec,
+        "BB": t.m,
+        "BH": t.n,
+        "BK": t.k,
+    }
+
+
+def cell_backward_constexprs(variant: dict, d_out: bool) -> dict:
+    return {**variant, "HAS_DOUT": d_out, "BB": POINTWISE.m, "BH": POINTWISE.n}
+
+
+# -- every kernel configuration the dispatcher can pick (for the ahead-of-time checks)
+
+# (operand dtype, tl.dot precision) pairs: float32 as IEEE or TF32, float16, bfloat16
+OPERANDS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"))
+# (coupled, cap_input_gate, peephole): coupled and capped never come together
+VARIANTS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1))
+# the variants with the most code: each kernel's other variants are subsets of one of them
+WIDEST_VARIANTS = ((0, 1, 1), (1, 0, 1))
+
+
+def kernel_configs(which: str = "all") -> list[tuple[str, str, dict, int]]:
+    """``(kernel name, operand dtype, constexprs, warps)`` of every configuration the
+    launchers above can pick (``"all"``), or of those whose code contains every other's
+    (``"widest"``: the widest variants, every flag that adds code on)."""
+    from moglstm.nn.backends import triton_kernels as k
+
+    widest = which == "widest"
+    linear_flags = [(k.STORE, False, True), (k.ROUND_FORWARD, True, False)]
+    linear_flags.append((k.ROUND_BACKWARD, True, False))
+    if not widest:
+        linear_flags += [(k.STORE, False, False), (k.ROUND_FORWARD, False, False)]
+        linear_flags.append((k.ROUND_BACKWARD, False, False))
+    two_product_flags = [(k.ROUND_FORWARD, True, False), (k.STORE, False, True)]
+    if not widest:
+        two_product_flags.append((k.ROUND_FORWARD, False, False))
+    gate_inputs = [(True, False)] if widest else [(True, False), (False, False), (False, True)]
+    variants = [
+        dict(zip(("COUPLED", "CAP", "PEEP"), map(bool, v), strict=True))
+        for v in (WIDEST_VARIANTS if widest else VARIANTS)
+    ]
+    out = []
+    for dtype, prec in OPERANDS:
+        for m in BATCH_TILES:
+            for mode, bias, acc in linear_flags:
+                tiles = Tiles(m, LINEAR_N, REDUCTION)
+                cx = linear_constexprs(mode, bias, acc, prec, tiles)
+                out.append(("linear_kernel", dtype, cx, warps(dtype)))
+            for kp in RANK_TILES if (dtype, prec) != ("fp32", "ieee") else ():
+                for mode, bias, acc in two_product_flags:
+                    tiles = Tiles(m, LINEAR_N, REDUCTION)
+                    cx = two_product_constexprs(mode, bias, acc, prec, tiles, kp)
+                    out.append(("two_product_kernel", dtype, cx, warps(dtype)))
+            for variant in variants:
+                for bias, pre in gate_inputs:
+                    tiles = Tiles(m, GATES_H, REDUCTION)
+                    cx = gates_constexprs(variant, bias, pre, prec, tiles)
+                    out.append(("gates_cell_kernel", dtype, cx, warps(dtype)))
+        if prec == "ieee":  # no products: one configuration per dtype
+            for variant in variants:
+                for d_out in (True,) if widest else (True, False):
+                    cx = cell_backward_constexprs(variant, d_out)
+                    out.append(("cell_backward_kernel", dtype, cx, 4))
+    return out
+
+
+def _kernels():
+    from moglstm.nn.backends import triton_kernels
+
+    return triton_kernels
+
+
+def linear(a: Tensor, w: Tensor, out: Tensor, bias: Tensor | None = None, *, accumulate=False):
+    """``out (+)= a @ w.T + bias``: ``a (M, K)``, ``w (N, K)`` (any strides), ``out (M, N)``
+    with rows of unit stride."""
+    _launch_linear(a, w, bias, out, None, None, None, STORE, accumulate)
+
+
+def round_forward(v: Tensor, w: Tensor, bias: Tensor | None, old: Tensor, new: Tensor) -> None:
+    """``new = 2 sigmoid(v @ w.T + bias) * old``."""
+    _launch_linear(v, w, bias, new, old, None, None, ROUND_FORWARD, False)
+
+
+def round_backward(v, w, bias, old, d_new, dz, d_old) -> None:
+    """With ``s = sigmoid(v @ w.T + bias)``: ``dz = 2 old d_new s (1 - s)``,
+    ``d_old = 2 s d_new`` (``d_old`` may be ``d_new`` itself)."""
+    _launch_linear(v, w, bias, dz, old, d_new, d_old, ROUND_BACKWARD, False)
+
+
+def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None:
+    M, K = a.shape
+    N = w.shape[0]
+    t = linear_tiles(M)
+    grid = (-(-M // t.m), -(-N // t.n))
+    stride0 = [v.stride(0) if v is not None else 0 for v in (out, old, d_new, d_old)]
+    _kernels().linear_kernel[grid](
+        a,
+        w,
+        out if bias is None else bias,
+        out,
+        out if old is None else old,
+        out if d_new is None else d_new,
+        out if d_old is None else d_old,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        *stride0,
+        **linear_constexprs(mode, bias is not None, accumulate, precision(a.dtype), t),
+        num_warps=warps(a.dtype),
+    )
+
+
+def two_products(a, w1, w2, p, out, bias=None, old=None, *, mode: int, accumulate=False):
+    """``p = a @ w1.T`` (written), then ``out (+)= z`` or ``out = 2 sigmoid(z) old`` for
+    ``z = p @ w2.T + bias``, in one launch (``rank_tile(w1.shape[0])`` must not be None).
+    ``a``, ``p``, ``out``, ``old``: rows of unit stride; ``w1``, ``w2`` any strides."""
+    M, K = a.shape
+    rank, N = w1.shape[0], w2.shape[0]
+    t = linear_tiles(M)
+    cx = two_product_constexprs(
+        mode, bias is not None, accumulate, precision(a.dtype), t, rank_tile(rank, a.dtype)
+    )
+    _kernels().two_product_kernel[(-(-M // t.m), -(-N // t.n))](
+        a,
+        w1,
+        w2,
+        p,
+        out if bias is None else bias,
+        out,
+        out if old is None else old,
+        M,
+        N,
+        K,
+        rank,
+        a.stride(0),
+        w1.stride(0),
+        w1.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        p.stride(0),
+        out.stride(0),
+        0 if old is None else old.stride(0),
+        **cx,
+        num_warps=warps(a.dtype),
+    )
+
+
+def gates_cell(
+    spec: DirectionSpec,
+    xh: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    pre: Tensor | None,
+    c_prev: Tensor,
+    gates: Tensor,
+    c: Tensor,
+    h: Tensor,
+    peephole,
+) -> None:
+    """``gates = act(xh @ w.T + bias + pre)``, ``c``, ``h`` of one step (``w`` contiguous,
+    ``c_prev``, ``c``, ``h`` contiguous ``(B, H)``)."""
+    B, K = xh.shape
+    H = spec.hidden_size
+    t = gates_tiles(B)
+    p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
+    _kernels().gates_cell_kernel[(-(-B // t.m), -(-H // t.n))](
+        xh,
+        w,
+        c if bias is None else bias,
+        c if pre is None else pre,
+        c_prev,
+        gates,
+        c,
+        h,
+        c if p_i is None else p_i,
+        c if p_f is None else p_f,
+        c if p_o is None else p_o,
+        B,
+        H,
+        K,
+        xh.stride(0),
+        w.stride(0),
+        0 if pre is None else pre.stride(0),
+        gates.stride(0),
+        **gates_constexprs(
+            variant_constexprs(spec), bias is not None, pre is not None, precision(xh.dtype), t
+        ),
+        num_warps=warps(xh.dtype),
+    )
+
+
+def cell_backward(spec, gates, c_prev, c, dh, d_out, dc, peephole) -> None:
+    """In place: ``gates`` (activations) -> pre-activation gradients, ``dc`` ->
+    ``dc_{t-1}``, for the gradient ``dh (+ d_out)`` of ``h_t``."""
+    B, H = dc.shape
+    p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
+    t = POINTWISE
+    _kernels().cell_backward_kernel[(-(-B // t.m), -(-H // t.n))](
+        gates,
+        c_prev,
+        c,
+        dh,
+        dc if d_out is None else d_out,
+        dc,
+        dc if p_i is None else p_i,
+        dc if p_f is None else p_f,
+        dc if p_o is None else p_o,
+        B,
+        H,
+        gates.stride(0),
+        dh.stride(0),
+        **cell_backward_constexprs(variant_constexprs(spec), d_out is not None),
+    )
+
+
+class TritonLoop(FusedBackend):
+    """The step loop in Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+
+    def saved_shapes(self, spec, x):
+        return [arena_shape(spec, x)]
+
+    def forward(self, spec, x, h0, c0, mask, flat):
+        d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
+        buf, out = start_window(spec, x, c0)
+        T, B, _ = x.shape
+        w = gates_weight(d).contiguous()
+        pre = None
+        if spec.rounds == 0:  # x is never gated: project all steps at once (cuBLAS)
+            pre = torch.matmul(x, d.weight_ih.t())
+            if d.gates_bias is not None:
+                pre += d.gates_bias
+        bias = d.gates_bias if spec.rounds else None
+        rounds = [(r.left.contiguous(), r.right, r.bias) for r in d.rounds]
+        slots = round_slots(spec.rounds)
+        h = h0
+        for t in range(T):
+            store_state(buf.hs[0][t], h, mask)
+            for r, ((tgt, src), (left, right, b)) in enumerate(zip(slots, rounds, strict=True)):
+                odd = r % 2 == 0  # rounds count from 1
+                gated, gating = (buf.xs, buf.hs) if odd else (buf.hs, buf.xs)
+                v, old, new = gating[src][t], gated[tgt][t], gated[tgt + 1][t]
+                if right is not None and rank_tile(right.shape[0], x.dtype):  # one launch
+                    two_products(v, right, left, buf.u[r][t], new, b, old, mode=ROUND_FORWARD)
+                    continue
+                if right is not None:
+                    linear(v, right, buf.u[r][t])
+                    v = buf.u[r][t]
+                round_forward(v, left, b, old, new)
+            xh = buf.xh[t] if spec.rounds else buf.hs[0][t]
+            step_pre = None if pre is None else pre[t]
+            gates_cell(
+                spec,
+                xh,
+                w,
+                bias,
+                step_pre,
+                buf.c[t],
+                buf.gates[t],
+                buf.c[t + 1],
+                out[t],
+                d.peephole,
+            )
+            h = out[t]
+        return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena,)
+
+    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+        d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
+        buf = Buffers(spec, x, *saved)
+        T, B, I = x.shape
+        dh, dc = fresh_grad(d_hn, buf.c[0]), fresh_grad(d_cn, buf.c[0])
+        d_out = None if d_out is None else d_out.contiguous()
+        w = gates_weight(d)  # d[x_m, h_m] = dgates @ w: w.t() is read through its strides
+        dx_all = torch.empty_like(x) if spec.rounds else None
+        dxh = x.new_empty(B, w.shape[1])  # one step's d[x_m, h_m] (or d h_m)
+        rg = RoundGrads(spec, buf, B, chunk=T)  # one flush, after the loop: no allocations in it
+        slots = round_slots(spec.rounds)
+        for steps in rg.chunks(T):
+            for t in steps:
+                cell_backward(
+                    spec,
+                    buf.gates[t],
+                    buf.c[t],
+                    buf.c[t + 1],
+                    dh,
+                    None if d_out is None else d_out[t],
+                    dc,
+                    d.peephole,
+                )
+                linear(buf.gates[t], w.t(), dxh)
+                if spec.rounds:
+                    dx, dh = dxh[:, :I], dxh[:, I:]
+                    for r in reversed(range(spec.rounds)):
+                        dx, dh = self.round_back(
+                            spec, d, buf, t, t - steps[-1], r, slots[r], dx, dh, rg, dx_all[t]
+                        )
+                else:
+                    dh = dxh
+                if mask is not None:
+                    dh.mul_(mask)
+            rg.flush(steps)
+        if dx_all is None:  # no rounds: the input's gradient in one product
+            dx_all = buf.gates @ d.weight_ih
+        return dx_all, dh, dc, weight_grads(spec, buf, rg.grads, None)
+
+    @staticmethod
+    def round_back(spec, d, buf, t, slot, r, slot_r, dx, dh, rg, dx_out):
+        """Back through round ``r`` of step ``t``; returns the new ``(dx, dh)``. The gated
+        vector's gradient replaces ``d_new`` in place (into ``dx_out`` for round 1)."""
+        tgt, src = slot_r
+        odd = r % 2 == 0
+        rw = d.rounds[r]
+        d_new = dx if odd else dh
+        old = buf.xs[tgt][t] if odd else buf.hs[tgt][t]
+        v = buf.u[r][t] if spec.low_rank else (buf.hs[src][t] if odd else buf.xs[src][t])
+        d_old = dx_out if r == 0 else d_new
+        dz = rg.dz[r][slot]
+        round_backward(v, rw.left, rw.bias, old, d_new, dz, d_old)
+        into = dh if odd else dx  # the gating vector's gradient, accumulated in place
+        if spec.low_rank and rank_tile(rw.right.shape[0], dz.dtype):  # du, dv in one launch
+            two_products(
+                dz, rw.left.t(), rw.right.t(), rg.du[r][slot], into, mode=STORE, accumulate=True
+            )
+        elif spec.low_rank:
+            du = rg.du[r][slot]
+            linear(dz, rw.left.t(), du)
+            linear(du, rw.right.t(), into, accumulate=True)
+        else:
+            linear(dz, rw.left.t(), into, accumulate=True)
+        return (d_old, dh) if odd else (dx, d_old)
+
+
+TRITON = TritonLoop()
+
+
+def self_check_problem(device: torch.device, dtype: torch.dtype):
+    """A small problem exercising rounds, low rank, peepholes, ragged sizes and state."""
+    from moglstm.nn import MogrifierLSTM
+
+    g = torch.Generator().manual_seed(0)
+    ref = MogrifierLSTM(
+        19, 37, num_layers=1, mogrify_rounds=5, mogrify_rank=7, implementation="reference"
+    )
+    x = torch.randn(3, 3, 19, generator=g)
+    hx = tuple(torch.randn(1, 3, 37, generator=g) for _ in range(2))
+    return ref.to(device, dtype), x.to(device, dtype), tuple(h.to(device, dtype) for h in hx)
+
+
+@functools.cache
+def self_check(device: str, dtype: torch.dtype) -> bool:
+    """Whether the Triton backend matches the reference on a small problem on ``device``
+    (outputs and every gradient, relative error under 1e-2 for 16-bit dtypes, 1e-3 for
+    float32); warns once on a mismatch or an error. Cached per device and dtype."""
+    dev = torch.device(device)
+    try:  # whatever the caller's mode (no_grad, inference, autocast): the check's own
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(dev.type, enabled=False),
+        ):
+            ref, x, hx = self_check_problem(dev, dtype)
+            got = _run_both(ref, x, hx)
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        worst = max(_rel(a, b) for a, b in got)
+        if worst <= tol and all(torch.isfinite(b).all() for _, b in got):
+            return True
+        problem = f"relative error {worst:.2e} > {tol:.0e}"
+    except Exception as err:  # a compiler or driver failure: report it, fall back
+        problem = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        f"moglstm: the Triton backend failed its self-check on {device} ({dtype}): {problem}; "
+        "implementation='auto' uses the torch-ops step loop there",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+
+
+def _run_both(ref, x, hx):
+    from moglstm.nn.backends import REFERENCE
+    from moglstm.nn.direction import Steps
+
+    results = []
+    for backend in (REFERENCE, TRITON):
+        xs = x.clone().requires_grad_()
+        h, c = (v[0].clone().requires_grad_() for v in hx)
+        d = ref.direction(0, 0)
+        out, hn, cn = backend.run(Steps(xs, None), h, c, d, False, None)
+        params = [p for p in ref.parameters()]
+        loss = (
+            out.float() * torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out)
+        ).sum()
+        loss = loss + hn.float().sum() * 2 - cn.float().sum()
+        grads = torch.autograd.grad(loss, [xs, h, c, *params], allow_unused=True)
+        results.append([out, hn, cn, *[g for g in grads if g is not None]])
+    return list(zip(results[0], results[1], strict=True))

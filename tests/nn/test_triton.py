@@ -1,0 +1,183 @@
+"""The Triton backend on CPU, under Triton's interpreter: equal to the reference path.
+
+The interpreter costs ~150 us per Triton op whatever the tile, so shapes stay tiny; it
+computes bfloat16 ``tl.dot`` wrongly, so only float32 and float16 run here (bfloat16 is
+covered by the ahead-of-time compile tests and the GPU check script).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from moglstm.nn import MogrifierLSTM, backends
+from moglstm.nn.backends import triton as triton_backend
+from moglstm.nn.direction import Steps
+from tests.nn.test_fused import VARIANTS, run
+
+pytest.importorskip("triton")
+pytest.importorskip("numpy")  # the interpreter needs it
+
+
+# CPU tensors under the interpreter (tests/conftest.py sets it where there is no GPU);
+# on a machine with a GPU and no TRITON_INTERPRET the same tests run the compiled kernels
+DEVICE = "cpu" if triton_backend.interpreting() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("neither a GPU nor TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def twins(dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    ref = MogrifierLSTM(implementation="reference", **kwargs).to(DEVICE, dtype)
+    tri = MogrifierLSTM(implementation="triton", **kwargs).to(DEVICE, dtype)
+    tri.load_state_dict(ref.state_dict())
+    return ref, tri
+
+
+def agree(ref, tri, T=3, B=2, hx=True, tol=2e-5, seed=0):
+    """Outputs and gradients of the input, the state and every parameter agree."""
+    dtype = next(ref.parameters()).dtype
+    torch.manual_seed(seed)
+    x = torch.randn(T, B, ref.input_size, dtype=dtype, device=DEVICE)
+    n = ref.num_layers * ref.num_directions
+    state = tuple(
+        torch.randn(n, B, ref.hidden_size, dtype=dtype, device=DEVICE).requires_grad_()
+        for _ in range(2)
+    )
+    if ref.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    x.requires_grad_()
+    expected, got = run(ref, x, state if hx else None), run(tri, x, state if hx else None)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rounds", range(7))
+@pytest.mark.parametrize("rank", [None, 3])
+def test_triton_equals_reference_rounds_and_ranks(rounds, rank):
+    if rounds == 0 and rank is not None:
+        pytest.skip("no rounds: no rank")
+    ref, tri = twins(input_size=5, hidden_size=6, mogrify_rounds=rounds, mogrify_rank=rank)
+    agree(ref, tri)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:], ids=lambda v: "-".join(v))
+def test_triton_equals_reference_variants(variant):
+    ref, tri = twins(input_size=5, hidden_size=6, mogrify_rounds=2, mogrify_rank=3, **variant)
+    agree(ref, tri)
+
+
+@pytest.mark.slow
+def test_triton_bidirectional_three_layers_state_dropout_batch_first():
+    kw = {"input_size": 4, "hidden_size": 5, "num_layers": 3, "mogrify_rounds": 3}
+    ref, tri = twins(bidirectional=True, dropout=0.3, state_dropout=0.4, batch_first=True, **kw)
+    agree(ref, tri, T=3, B=2)
+
+
+def test_triton_two_layers_without_state():
+    ref, tri = twins(input_size=5, hidden_size=6, num_layers=2, mogrify_rounds=2)
+    agree(ref, tri, hx=False)
+
+
+@pytest.mark.slow
+def test_triton_sizes_past_one_tile():
+    """Hidden 37, input 40, rank 21, batch 18: past one tile in every dimension."""
+    ref, tri = twins(input_size=40, hidden_size=37, mogrify_rounds=2, mogrify_rank=21)
+    agree(ref, tri, T=2, B=18, tol=5e-5)
+
+
+def test_triton_float16_operands():
+    ref, tri = twins(torch.float32, input_size=5, hidden_size=6, mogrify_rounds=3, mogrify_rank=3)
+    tri.half()
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, device=DEVICE)
+    with torch.no_grad():
+        want, (h, c) = ref(x)
+        got, (h2, c2) = tri(x.half())
+    assert got.dtype == torch.float16
+    for a, b in ((want, got), (h, h2), (c, c2)):
+        torch.testing.assert_close(b.float(), a, rtol=2e-2, atol=2e-2)
+    # gradients too: same module in float16 through the reference
+    ref.half()
+    agree(ref, tri, tol=3e-2)
+
+
+def test_triton_state_carried_across_windows():
+    _, tri = twins(input_size=5, hidden_size=6, mogrify_rounds=3, mogrify_rank=3)
+    x = torch.randn(4, 2, 5, device=DEVICE)
+    with torch.no_grad():
+        out, (h, c) = tri(x)
+        out1, hx = tri(x[:2])
+        out2, (h2, c2) = tri(x[2:], hx)
+    torch.testing.assert_close(torch.cat([out1, out2]), out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c2, c, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU behaviour")
+def test_triton_refuses_cpu_without_the_interpreter(monkeypatch):
+    rnn = MogrifierLSTM(5, 6, mogrify_rounds=2, implementation="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        rnn(torch.randn(3, 2, 5))
+    monkeypatch.setattr(triton_backend, "installed", lambda: False)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        rnn(torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match="float64"):
+        monkeypatch.setattr(triton_backend, "installed", lambda: True)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        rnn.double()(torch.randn(3, 2, 5, dtype=torch.double))
+
+
+def test_self_check_passes_and_warns_once_on_a_mismatch(monkeypatch):
+    with torch.no_grad():  # the first call may come from an inference call
+        assert triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+    original = triton_backend.gates_cell
+
+    def wrong(*args):
+        original(*args)
+        args[8].mul_(1.5)  # h of the step
+
+    monkeypatch.setattr(triton_backend, "gates_cell", wrong)
+    triton_backend.self_check.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="failed its self-check"):
+            assert not triton_backend.self_check(DEVICE, torch.float32)
+        assert not triton_backend.self_check(DEVICE, torch.float32)  # cached: no new warning
+    finally:
+        triton_backend.self_check.cache_clear()
+
+
+def test_auto_picks_triton_on_cuda_only_after_the_self_check(monkeypatch):
+    cuda = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda x: None)
+    verdict = {"ok": True}
+    monkeypatch.setattr(backends, "self_check", lambda device, dtype: verdict["ok"])
+    assert backends._triton_ready(cuda)
+    verdict["ok"] = False
+    assert not backends._triton_ready(cuda)
+    assert not backends._triton_ready(torch.zeros(1))  # CPU: never by "auto"
+    assert backends.select("auto", Steps(torch.zeros(3, 2, 5), None), True) is not backends.TRITON
+
+
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one-launch", "two-launches"])
+def test_low_rank_rounds_in_one_or_two_launches(monkeypatch, one_launch):
+    """Ranks up to 128 run a round's two products as one kernel; larger ones (forced here)
+    as two. Rank 33 pads to the 128 tile."""
+    if not one_launch:
+        monkeypatch.setattr(triton_backend, "RANK_TILES", ())
+    ref, tri = twins(input_size=40, hidden_size=37, mogrify_rounds=3, mogrify_rank=33)
+    agree(ref, tri, T=2, B=3, tol=5e-5)
+
+
+@pytest.mark.slow
+def test_triton_under_torch_compile_is_the_custom_op():
+    """torch.compile(fullgraph=True) keeps the Triton backend as one custom-op node."""
+    ref, tri = twins(input_size=5, hidden_size=6, mogrify_rounds=2, mogrify_rank=3)
+    x = torch.randn(3, 2, 5, device=DEVICE)
+    compiled = torch.compile(tri, fullgraph=True, dynamic=False)
+    out, (h, c) = compiled(x)
+    want, (h2, c2) = ref(x)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(c, c2, rtol=2e-5, atol=2e-5)
