@@ -694,6 +694,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         _check_writable(Path(args.json), "--json")  # before minutes of timing, not after
+    _check_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shapes = args.shape or list(DEFAULT_GRID)
@@ -730,13 +731,19 @@ def _benchmark_device(text: str) -> str:
         return text
     if kind != "cuda" or (index and not index.isdigit()):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text  # whether the device is there is checked before timing (_check_device)
+
+
+def _check_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
     if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available")
+        raise ValueError(f"--device {device}: no CUDA device is available")
+    index = device.partition(":")[2]
     if index and int(index) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: there are {torch.cuda.device_count()} CUDA devices (0-based)"
+        raise ValueError(
+            f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (0-based)"
         )
-    return text
 
 
 def _check_writable(path: Path, flag: str) -> None:
