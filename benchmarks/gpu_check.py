@@ -144,6 +144,8 @@ def train_speed(steps: int, overrides: list[str], old_loop: bool) -> dict:
                 [
                     f"train.max_steps={steps}",
                     f"train.eval_every={steps}",
+                    # tokens/s of training: skip the paper's temperature search at validation
+                    "train.eval_temperature_tokens=0",
                     f"out_dir={tmp}",
                     "name=gpu-check",
                     *overrides,
@@ -176,6 +178,7 @@ def run_ptb(dry: bool, data: str | None) -> dict:
             "model.hidden_size=16",
             "model.mogrify_rank=3",
             "data.batch_size=2",
+            "data.eval_batch_size=2",
             "data.bptt=5",
             "train.device=cpu",
         ]
