@@ -522,7 +522,8 @@ def _add_tool(sub: Any, module: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from moglstm.lm.train import resume_config, train
+    from moglstm.lm.runs.folder import resume_config
+    from moglstm.lm.train import train
 
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
         # `--resume key=value`: argparse took the first override for the optional RUN
@@ -774,7 +775,9 @@ def _preset_summary(name: str) -> str:
     cfg = load_preset(name)
     m = cfg.model
     shape = (
-        f"{m.depth}x{m.d_model}" if m.kind == "transformer" else f"{m.num_layers}x{m.hidden_size}"
+        f"{m.transformer.depth}x{m.transformer.d_model}"
+        if m.kind == "transformer"
+        else f"{m.num_layers}x{m.hidden_size}"
     )
     if m.num_params is not None:  # the hidden size is solved for the budget
         shape = f"{m.num_layers} layers, {m.num_params} parameters"

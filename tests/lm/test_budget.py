@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moglstm.lm.budget import largest_fitting, parse_count
-from moglstm.lm.config import ModelConfig, load_config
+from moglstm.lm.config import ModelConfig, load_config, model_config
 from moglstm.lm.models import build_model, count_parameters, resolve_sizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +96,7 @@ def _count(cfg: ModelConfig, vocab: int) -> int:
 )
 def test_num_params_picks_the_largest_hidden_size_that_fits(extra):
     # small budgets: the models are really built (on the CPU) to check the meta count
-    cfg = ModelConfig(num_params="60k", hidden_size=7, **extra)
+    cfg = model_config(num_params="60k", hidden_size=7, **extra)
     hidden, embedding = resolve_sizes(cfg, 100)
     built = build_model(cfg, 100)
     assert built.hidden_size == hidden
@@ -110,7 +110,7 @@ def test_num_params_picks_the_largest_hidden_size_that_fits(extra):
 
 
 def test_num_params_lands_within_one_percent_at_paper_scale():
-    cfg = ModelConfig(num_params="24M", mogrify_rank=84, cap_input_gate=True)
+    cfg = model_config(num_params="24M", mogrify_rank=84, cap_input_gate=True)
     hidden, _ = resolve_sizes(cfg, 10_000)
     with torch.device("meta"):  # counted without allocating 24M floats
         total = count_parameters(build_model(cfg, 10_000))
@@ -119,7 +119,7 @@ def test_num_params_lands_within_one_percent_at_paper_scale():
 
 
 def test_embedding_ratio_follows_the_solved_hidden_size():
-    cfg = ModelConfig(num_params="200k", embedding_ratio=0.25)
+    cfg = model_config(num_params="200k", embedding_ratio=0.25)
     hidden, embedding = resolve_sizes(cfg, 500)
     assert embedding == round(0.25 * hidden)
     model = build_model(cfg, 500)
@@ -129,7 +129,7 @@ def test_embedding_ratio_follows_the_solved_hidden_size():
 
 def test_a_budget_below_the_smallest_model_is_an_error():
     with pytest.raises(ValueError, match=r"model.num_params='1k'.*too small"):
-        resolve_sizes(ModelConfig(num_params="1k"), 10_000)
+        resolve_sizes(model_config(num_params="1k"), 10_000)
 
 
 def test_num_params_in_the_config_takes_text_or_numbers():

@@ -1,4 +1,4 @@
-"""Tests for moglstm.lm.checkpoint: atomic saves, safe loads and RNG state."""
+"""Tests for moglstm.lm.runs.checkpoint: atomic saves, safe loads and RNG state."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from moglstm.lm import checkpoint as ckpt_module
-from moglstm.lm.checkpoint import (
+from moglstm.lm.config import RunConfig, from_dict, to_dict
+from moglstm.lm.runs.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
-    capture_rng_state,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
-from moglstm.lm.config import RunConfig, from_dict, to_dict
+from moglstm.lm.runtime import capture_rng_state, restore_rng_state
 
 
 def make_payload(step: int = 3) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,16 @@ from moglstm.lm import config as C
 from moglstm.lm.config import (
     DataConfig,
     ModelConfig,
+    MogrifierSettings,
     RunConfig,
     TrainConfig,
     apply_overrides,
+    current_key,
     from_dict,
     list_presets,
     load_config,
     load_preset,
+    model_config,
     read_config,
     save_config,
     to_dict,
@@ -36,7 +40,7 @@ SHIPPED = [
     "ptb-char-small",
     "transformer-small",
 ]
-PRESET_DIR = Path(C.__file__).resolve().parent / "presets"
+PRESET_DIR = Path(C.__file__).resolve().parent.parent / "presets"  # lm/presets
 
 
 def with_overrides(*items: str) -> RunConfig:
@@ -113,8 +117,8 @@ def test_from_dict_unknown_key_suggests_close_match():
     ],
 )
 def test_from_dict_coerces_losslessly(section, key, value, expected):
-    cfg = from_dict({section: {key: value}})
-    got = getattr(getattr(cfg, section), key)
+    cfg = from_dict({section: {key: value}})  # old flat model keys are upgraded
+    got = operator.attrgetter(current_key(f"{section}.{key}"))(cfg)
     assert got == expected
     assert type(got) is type(expected)
 
@@ -142,7 +146,7 @@ def test_from_dict_wrong_type_names_key_and_value(section, key, value):
     with pytest.raises(TypeError) as info:
         from_dict({section: {key: value}})
     message = str(info.value)
-    assert f"{section}.{key}" in message
+    assert current_key(f"{section}.{key}") in message  # an old name is reported by its new one
     assert repr(value) in message or repr(value[-1]) in message
 
 
@@ -175,15 +179,15 @@ def test_defaults_validate():
         ("model.hidden_size=0", ["model.hidden_size=0"]),
         ("model.embedding_size=0", ["model.embedding_size=0"]),
         ("model.num_layers=0", ["model.num_layers=0"]),
-        ("model.mogrify_rounds=-1", ["model.mogrify_rounds=-1", ">= 0"]),
-        ("model.mogrify_rank=0", ["model.mogrify_rank=0"]),
+        ("model.mogrify_rounds=-1", ["model.mogrifier.rounds=-1", ">= 0"]),
+        ("model.mogrify_rank=0", ["model.mogrifier.rank=0"]),
         ("model.input_dropout=1.0", ["model.input_dropout=1.0", "[0, 1)"]),
         ("model.layer_dropout=-0.1", ["model.layer_dropout=-0.1"]),
         ("model.embedding_dropout=1.5", ["model.embedding_dropout=1.5"]),
         ("model.output_dropout=1", ["model.output_dropout=1.0"]),
-        ("model.dropout=2", ["model.dropout=2.0"]),
-        ("model.ffn_size=0", ["model.ffn_size=0"]),
-        ("model.max_len=0", ["model.max_len=0"]),
+        ("model.dropout=2", ["model.transformer.dropout=2.0"]),
+        ("model.ffn_size=0", ["model.transformer.ffn_size=0"]),
+        ("model.max_len=0", ["model.transformer.max_len=0"]),
         ("train.lr=0", ["train.lr=0.0", "positive"]),
         ("train.lr=.inf", ["train.lr=inf", "finite"]),
         ("train.eps=-1e-9", ["train.eps=-1e-09"]),
@@ -233,7 +237,8 @@ def test_state_dropout_needs_mogrifier(kind):
 
 @pytest.mark.parametrize("flag", ["coupled", "peephole", "cap_input_gate"])
 def test_cell_variants_need_mogrifier(flag):
-    with pytest.raises(ValueError, match=f"model.{flag}=True needs model.kind='mogrifier'"):
+    needs = f"model.mogrifier.{flag}=True needs model.kind='mogrifier'"
+    with pytest.raises(ValueError, match=needs):
         validate(with_overrides("model.kind=lstm", f"model.{flag}=true"))
     validate(with_overrides(f"model.{flag}=true"))
 
@@ -261,9 +266,10 @@ def test_paths_only_with_text_corpus():
 def test_transformer_cross_checks():
     base = ["model.kind=transformer"]
     validate(with_overrides(*base))
-    with pytest.raises(ValueError, match="model.d_model=256 must be divisible by model.heads=3"):
+    t = "model.transformer."
+    with pytest.raises(ValueError, match=f"{t}d_model=256 must be divisible by {t}heads=3"):
         validate(with_overrides(*base, "model.heads=3"))
-    with pytest.raises(ValueError, match="data.bptt=300 is longer .* model.max_len=256"):
+    with pytest.raises(ValueError, match=f"data.bptt=300 is longer .* {t}max_len=256"):
         validate(with_overrides(*base, "model.max_len=256", "data.bptt=300"))
     # Transformer-only rules do not apply to recurrent models.
     validate(with_overrides("model.heads=3", "model.max_len=10"))
@@ -283,8 +289,8 @@ def test_validate_catches_wrong_types_set_directly():
         validate(cfg)
     with pytest.raises(ValueError, match="train.lr: expected a float, got '1e-3'"):
         validate(RunConfig(train=TrainConfig(lr="1e-3")))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="model.mogrify_rank: expected an int or None, got 2.0"):
-        validate(RunConfig(model=ModelConfig(mogrify_rank=2.0)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="model.mogrifier.rank: expected an int or None, got 2.0"):
+        validate(RunConfig(model=ModelConfig(mogrifier=MogrifierSettings(rank=2.0))))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="data: expected a DataConfig"):
         validate(RunConfig(data={"corpus": "ptb"}))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="RunConfig"):
@@ -309,7 +315,7 @@ def test_apply_overrides_example_from_docs():
     )
     assert cfg.model.hidden_size == 650
     assert cfg.train.betas == (0.0, 0.999)
-    assert cfg.model.mogrify_rank is None
+    assert cfg.model.mogrifier.rank is None
     assert cfg.data.corpus == "ptb-char"
     assert base == RunConfig()  # the input is not modified
     validate(cfg)
@@ -326,8 +332,8 @@ def test_apply_overrides_value_parsing():
         "train.max_steps = 20",
     )
     assert cfg.train.lr == pytest.approx(3e-4)
-    assert cfg.model.tie_weights is False
-    assert cfg.model.mogrify_rank == 16
+    assert cfg.model.output.tie_weights is False
+    assert cfg.model.mogrifier.rank == 16
     assert cfg.name == "2024-01-01"
     assert cfg.out_dir == "runs/x"
     assert cfg.data.data_dir is None
@@ -411,7 +417,7 @@ def test_preset_kinds_and_corpora():
     assert load_preset("ptb-char-small").data.corpus == "ptb-char"
     small = load_preset("ptb-small")
     assert (small.data.batch_size, small.data.bptt, small.model.num_layers) == (32, 35, 2)
-    assert small.model.mogrify_rounds == 5
+    assert small.model.mogrifier.rounds == 5
     assert 1000 <= small.train.max_steps <= 10000
 
 
@@ -423,25 +429,25 @@ def recurrent_param_count(model: ModelConfig, vocab_size: int) -> int:
     and round i (1-based) a matrix (I x H full rank, k(I+H) at rank k) plus a bias
     of the size it updates: x (I) on odd rounds, h (H) on even ones.
     """
-    assert model.tie_weights and model.embedding_size in (None, model.hidden_size)
+    assert model.output.tie_weights and model.embedding_size in (None, model.hidden_size)
     v, h = vocab_size, model.hidden_size
     total = v * h + v
     for _ in range(model.num_layers):
         i = h  # layer input size: the embedding for the first layer, h above it
         total += 4 * h * (i + h) + 8 * h
         if model.kind == "mogrifier":
-            for r in range(1, model.mogrify_rounds + 1):
-                k = model.mogrify_rank
+            for r in range(1, model.mogrifier.rounds + 1):
+                k = model.mogrifier.rank
                 total += (k * (i + h) if k else i * h) + (i if r % 2 else h)
     return total
 
 
 def test_param_count_formula_on_known_values():
     # One full-rank round on a 1-layer, 2-unit model with a 3-word vocabulary.
-    m = ModelConfig(kind="mogrifier", hidden_size=2, num_layers=1, mogrify_rounds=1)
+    m = model_config(kind="mogrifier", hidden_size=2, num_layers=1, mogrify_rounds=1)
     lstm = 3 * 2 + 3 + 4 * 2 * 4 + 8 * 2
     assert recurrent_param_count(m, 3) == lstm + 2 * 2 + 2
-    m = dataclasses.replace(m, mogrify_rounds=2, mogrify_rank=1)
+    m = dataclasses.replace(m, mogrifier=MogrifierSettings(rounds=2, rank=1))
     assert recurrent_param_count(m, 3) == lstm + 2 * (1 * (2 + 2) + 2)
 
 
@@ -512,7 +518,7 @@ def test_load_config_layers_preset_then_overrides():
     assert cfg.model.hidden_size == 64
     assert cfg.train.max_steps == 10
     assert cfg.data.bptt == 35  # from the preset
-    assert cfg.model.mogrify_rounds == 5  # from the defaults
+    assert cfg.model.mogrifier.rounds == 5  # from the defaults
     assert load_config() == RunConfig()
     assert load_config(None, ["name=x"]).name == "x"
 

@@ -138,7 +138,7 @@ def test_rank_seeds_differ_and_repeat():
 
 
 def test_restore_rng_seeds_ranks_the_checkpoint_lacks():
-    from moglstm.lm.checkpoint import capture_rng_state
+    from moglstm.lm.runtime import capture_rng_state
 
     saved = capture_rng_state()
     payload = {"rng": saved, "counters": {"step": 7}}
@@ -360,6 +360,6 @@ def test_two_gloo_processes_match_one_process(make_text_corpus, tmp_path, free_p
 
 
 def _resume_cfg(run_dir: Path):
-    from moglstm.lm.train import resume_config
+    from moglstm.lm.runs.folder import resume_config
 
     return resume_config(run_dir, ["train.max_steps=12"])

@@ -19,10 +19,10 @@ from moglstm.lm.evaluate import (
     TEMPERATURE_GRID,
     evaluate,
     evaluate_loss,
-    load_run,
     score_split,
     search_temperature,
 )
+from moglstm.lm.runs.folder import load_run
 from moglstm.lm.train import train
 from tests.conftest import grammar_sentence
 

@@ -10,17 +10,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from moglstm.lm.config import ModelConfig, RunConfig, TrainConfig
+from moglstm.lm.config import RunConfig, TrainConfig, model_config
 from moglstm.lm.data import batchify, load_corpus
-from moglstm.lm.evaluate import (
-    evaluate,
-    evaluate_loss,
-    load_run,
-    metric_name,
-    metrics_for,
-    resolve_checkpoint,
-    resolve_device,
-)
+from moglstm.lm.evaluate import evaluate, evaluate_loss, metric_name, metrics_for
+from moglstm.lm.runs.folder import load_run, resolve_checkpoint
+from moglstm.lm.runtime import resolve_device
 from moglstm.lm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def train_tiny(data_config, out_dir: Path, kind: str = "mogrifier", steps: int = 4) -> Path:
     """Train a tiny model for a few steps; return its run folder."""
-    model = ModelConfig(kind=kind, hidden_size=16, num_layers=2, mogrify_rounds=2)
+    model = model_config(kind=kind, hidden_size=16, num_layers=2, mogrify_rounds=2)
     if kind == "transformer":
-        model = ModelConfig(kind=kind, d_model=16, heads=2, depth=1, max_len=16)
+        model = model_config(kind=kind, d_model=16, heads=2, depth=1, max_len=16)
     cfg = RunConfig(
         name=kind,
         out_dir=str(out_dir),

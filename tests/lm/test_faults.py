@@ -25,7 +25,10 @@ import torch
 from moglstm.cli import main
 from moglstm.lm import checkpoint as checkpoint_module
 from moglstm.lm import train as train_module
-from moglstm.lm.checkpoint import (
+from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, validate
+from moglstm.lm.policies import NonFiniteLossError
+from moglstm.lm.runlock import RunLock, RunLockedError
+from moglstm.lm.runs.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_newest_checkpoint,
@@ -33,9 +36,7 @@ from moglstm.lm.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, validate
-from moglstm.lm.runlock import RunLock, RunLockedError
-from moglstm.lm.train import NonFiniteLossError, train
+from moglstm.lm.train import train
 
 KILL_SEED = 20240611  # the kill points are random, but repeatable
 
@@ -284,7 +285,7 @@ def test_corruptions_are_reported_and_the_previous_checkpoint_is_used(tmp_path, 
     for label, damaged in cases:
         path.write_bytes(damaged)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="moglstm.lm.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="moglstm.lm.runs.checkpoint"):
             payload, used = load_newest_checkpoint(path)
         if used == previous_path(path):
             detected += 1

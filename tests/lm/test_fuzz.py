@@ -22,6 +22,7 @@ from moglstm.lm.config import (
     DataConfig,
     RunConfig,
     apply_overrides,
+    model_config,
     read_config,
     validate,
 )
@@ -86,7 +87,7 @@ def test_corpus_reader_and_scoring_survive_any_bytes(level, train, valid, test):
         with pytest.raises(ValueError, match="corpus too small"):
             batchify(corpus.valid, 1)
         return
-    model = RNNLanguageModel(len(vocab), kind="lstm", hidden_size=4, num_layers=1)
+    model = RNNLanguageModel(len(vocab), model_config(kind="lstm", hidden_size=4, num_layers=1))
     loss, count = evaluate_loss(model, batchify(corpus.valid, 1), bptt=16)
     assert count == corpus.valid.numel() - 1 and torch.isfinite(torch.tensor(loss))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moglstm.lm.config import ModelConfig, RunConfig, TrainConfig
+from moglstm.lm.config import RunConfig, TrainConfig, model_config
 from moglstm.lm.generate import check_sampling, generate, sample_ids, sample_next
 from moglstm.lm.models import build_model
 from moglstm.lm.train import train
@@ -21,7 +21,7 @@ def trained(data_config, out_dir: Path, name: str = "run") -> Path:
         name=name,
         out_dir=str(out_dir),
         data=data_config,
-        model=ModelConfig(kind="mogrifier", hidden_size=16, num_layers=1, mogrify_rounds=2),
+        model=model_config(kind="mogrifier", hidden_size=16, num_layers=1, mogrify_rounds=2),
         train=TrainConfig(lr=0.01, max_steps=4, eval_every=4, device="cpu"),
     )
     train(cfg, quiet=True)
@@ -112,7 +112,7 @@ def naive_greedy(model, prompt: list[int], n: int, window: int | None = None) ->
 @pytest.mark.parametrize("kind", ["mogrifier", "lstm", "gru"])
 def test_recurrent_state_is_carried_token_by_token(kind):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind=kind, hidden_size=12, num_layers=2), 20).eval()
+    model = build_model(model_config(kind=kind, hidden_size=12, num_layers=2), 20).eval()
     prompt = [3, 1, 4, 1, 5]
     expected = naive_greedy(model, prompt, 12)
     assert sample_ids(model, prompt, 12, temperature=0) == expected
@@ -120,7 +120,7 @@ def test_recurrent_state_is_carried_token_by_token(kind):
 
 def test_transformer_rereads_its_last_max_len_tokens():
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="transformer", d_model=16, heads=2, depth=1, max_len=6, dropout=0.0)
+    cfg = model_config(kind="transformer", d_model=16, heads=2, depth=1, max_len=6, dropout=0.0)
     model = build_model(cfg, 20).eval()
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]  # longer than max_len already
     expected = naive_greedy(model, prompt, 10, window=6)
@@ -128,7 +128,7 @@ def test_transformer_rereads_its_last_max_len_tokens():
 
 
 def test_sample_ids_checks_its_arguments():
-    model = build_model(ModelConfig(kind="lstm", hidden_size=8, num_layers=1), 10)
+    model = build_model(model_config(kind="lstm", hidden_size=8, num_layers=1), 10)
     with pytest.raises(ValueError, match="at least one token"):
         sample_ids(model, [], 3)
     with pytest.raises(ValueError, match="num_tokens=0"):

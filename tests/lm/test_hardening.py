@@ -19,7 +19,10 @@ import torch
 from moglstm.cli import main
 from moglstm.lm import budget
 from moglstm.lm import checkpoint as checkpoint_module
-from moglstm.lm.checkpoint import (
+from moglstm.lm.config import load_config, load_preset
+from moglstm.lm.evaluate import evaluate
+from moglstm.lm.generate import generate, sample_next
+from moglstm.lm.runs.checkpoint import (
     CheckpointError,
     check_training_checkpoint,
     load_checkpoint,
@@ -27,9 +30,6 @@ from moglstm.lm.checkpoint import (
     previous_path,
     save_checkpoint,
 )
-from moglstm.lm.config import load_config, load_preset
-from moglstm.lm.evaluate import evaluate
-from moglstm.lm.generate import generate, sample_next
 from moglstm.lm.safety import UnsafePathError, check_tree_size, load_yaml, short_repr
 from moglstm.lm.train import train
 from tests.conftest import write_text_corpus

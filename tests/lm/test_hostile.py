@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from moglstm.cli import main
-from moglstm.lm.checkpoint import CheckpointError, load_checkpoint
-from moglstm.lm.config import DataConfig, apply_overrides, load_config, read_config
+from moglstm.lm.config import DataConfig, apply_overrides, load_config, model_config, read_config
 from moglstm.lm.data import Vocab, load_corpus
 from moglstm.lm.evaluate import evaluate
 from moglstm.lm.generate import generate
+from moglstm.lm.runs.checkpoint import CheckpointError, load_checkpoint
 from moglstm.lm.safety import decode_utf8, utf8_bytes
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "moglstm"
@@ -183,7 +183,7 @@ def test_invalid_utf8_corpus_is_a_clear_error(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny trained runs, one per level, over a corpus they may rewrite afterwards."""
-    from moglstm.lm.config import ModelConfig, RunConfig, TrainConfig
+    from moglstm.lm.config import RunConfig, TrainConfig
     from moglstm.lm.train import train
 
     base = tmp_path_factory.mktemp("hostile")
@@ -194,7 +194,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             name=level,
             out_dir=str(base / "runs"),
             data=DataConfig(corpus="text", path=str(folder), level=level, batch_size=2, bptt=8),
-            model=ModelConfig(kind="lstm", hidden_size=8, num_layers=1),
+            model=model_config(kind="lstm", hidden_size=8, num_layers=1),
             train=TrainConfig(max_steps=2, eval_every=2, device="cpu", eval_max_tokens=50),
         )
         train(cfg, quiet=True)

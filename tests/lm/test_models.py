@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections import namedtuple
-from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from moglstm.lm.config import ModelConfig
+from moglstm.lm.config import ModelConfig, TransformerSettings, model_config
 from moglstm.lm.models import (
     LockedDropout,
     RNNLanguageModel,
@@ -51,13 +50,17 @@ def one_thread():
 def make_rnn(name: str = "lstm", **overrides) -> RNNLanguageModel:
     kwargs = dict(hidden_size=16, embedding_size=16, num_layers=2, **RNN_CONFIGS[name])
     kwargs.update(overrides)
-    return RNNLanguageModel(VOCAB, **kwargs)
+    return RNNLanguageModel(VOCAB, model_config(**kwargs))
 
 
-def make_transformer(**overrides) -> TransformerLanguageModel:
+def make_transformer(positional: str = "sinusoidal", **overrides) -> TransformerLanguageModel:
+    """``positional``: "sinusoidal", "learned" or "none" (the settings' two fields)."""
     kwargs = dict(d_model=16, heads=2, depth=2, ffn_size=32, max_len=32, dropout=0.0)
     kwargs.update(overrides)
-    return TransformerLanguageModel(VOCAB, **kwargs)
+    if positional != "none":
+        kwargs["positional_kind"] = positional
+    settings = TransformerSettings(positional=positional != "none", **kwargs)
+    return TransformerLanguageModel(VOCAB, settings)
 
 
 def make_any(name: str) -> nn.Module:
@@ -356,29 +359,29 @@ def test_embedding_dropout_leaves_tied_softmax_alone():
         (dict(hidden_size=2.5), TypeError, "hidden_size"),
         (dict(embedding_size=-1), ValueError, "embedding_size"),
         (dict(num_layers=0), ValueError, "num_layers"),
-        (dict(mogrify_rounds=-1), ValueError, "mogrify_rounds"),
-        (dict(mogrify_rank=0), ValueError, "mogrify_rank"),
+        (dict(mogrify_rounds=-1), ValueError, "mogrifier.rounds"),
+        (dict(mogrify_rank=0), ValueError, "mogrifier.rank"),
         (dict(input_dropout=1.0), ValueError, "input_dropout"),
         (dict(layer_dropout=-0.1), ValueError, "layer_dropout"),
-        (dict(output_dropout="0.5"), TypeError, "output_dropout"),
+        (dict(output_dropout="half"), TypeError, "output_dropout"),
         (dict(embedding_dropout=1.5), ValueError, "embedding_dropout"),
         (dict(state_dropout=1.0), ValueError, "state_dropout"),
     ],
 )
 def test_rnn_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        RNNLanguageModel(VOCAB, **kwargs)
+        RNNLanguageModel(VOCAB, model_config(**kwargs))
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(d_model=10, heads=4), ValueError, "heads=4 must divide d_model=10"),
+        (dict(d_model=10, heads=4), ValueError, "d_model=10 must be divisible by .*heads=4"),
         (dict(depth=0), ValueError, "depth"),
         (dict(ffn_size=0), ValueError, "ffn_size"),
         (dict(max_len=0), ValueError, "max_len"),
         (dict(dropout=1.0), ValueError, "dropout"),
-        (dict(positional="rotary"), ValueError, "positional"),
+        (dict(positional="rotary"), ValueError, "positional_kind"),
     ],
 )
 def test_transformer_bad_arguments(kwargs, error, match):
@@ -398,7 +401,7 @@ def test_transformer_bad_arguments(kwargs, error, match):
 )
 def test_build_model_bad_config(changes, error, match):
     with pytest.raises(error, match=match):
-        build_model(replace(ModelConfig(), **changes), VOCAB)
+        build_model(model_config(**changes), VOCAB)
 
 
 def test_build_model_bad_arguments():
@@ -415,7 +418,7 @@ def test_build_model_bad_arguments():
 
 @pytest.mark.parametrize("kind", ["mogrifier", "lstm", "gru", "rnn"])
 def test_build_model_recurrent(kind):
-    cfg = ModelConfig(
+    cfg = model_config(
         kind=kind,
         hidden_size=12,
         embedding_size=8,
@@ -436,7 +439,7 @@ def test_build_model_recurrent(kind):
 
 
 def test_build_model_mogrifier_variants():
-    cfg = ModelConfig(hidden_size=8, num_layers=1, coupled=True, state_dropout=0.2)
+    cfg = model_config(hidden_size=8, num_layers=1, coupled=True, state_dropout=0.2)
     model = build_model(cfg, VOCAB)
     assert isinstance(model.layers[0], MogrifierLSTM)
     assert model.layers[0].hidden_size == 8
@@ -447,7 +450,7 @@ def test_build_model_mogrifier_variants():
     [(True, "sinusoidal", False), (True, "learned", True), (False, "learned", False)],
 )
 def test_build_model_transformer(positional, positional_kind, learned_params):
-    cfg = ModelConfig(
+    cfg = model_config(
         kind="transformer",
         d_model=16,
         heads=4,

@@ -15,15 +15,14 @@ import torch
 from torch.nn import functional as F
 
 from moglstm.lm import train as train_module
-from moglstm.lm.checkpoint import load_checkpoint
 from moglstm.lm.config import (
     DataConfig,
-    ModelConfig,
     RunConfig,
     TrainConfig,
     from_dict,
     load_config,
     load_preset,
+    model_config,
     to_dict,
     validate,
 )
@@ -36,6 +35,7 @@ from moglstm.lm.models import (
     softmax_temperature,
 )
 from moglstm.lm.regularize import l2_penalty
+from moglstm.lm.runs.checkpoint import load_checkpoint
 from moglstm.lm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,7 +232,7 @@ def _tiny_model(**kwargs) -> RNNLanguageModel:
     args.update(cap_input_gate=True, forget_bias=1.0, init="official", implementation="reference")
     args.update(kwargs)
     torch.manual_seed(3)
-    return RNNLanguageModel(17, **args).double().eval()
+    return RNNLanguageModel(17, model_config(**args)).double().eval()
 
 
 def test_the_official_objective_is_t_times_ours_with_l2_over_2t_so_clip_divides_by_t():
@@ -286,11 +286,11 @@ def _draw_std(std_untruncated: float) -> float:
 def test_official_init_draws_lambs_truncated_normals():
     h, e, vocab = 64, 48, 300
     torch.manual_seed(0)
-    m = RNNLanguageModel(
-        vocab, hidden_size=h, embedding_size=e, num_layers=2, mogrify_rounds=4, mogrify_rank=8,
+    m = RNNLanguageModel(vocab, model_config(
+        hidden_size=h, embedding_size=e, num_layers=2, mogrify_rounds=4, mogrify_rank=8,
         tie_weights=False, init="official", forget_bias=1.0, embedding_init_factor=2.0,
         cell_init_factor=0.5, output_init_factor=3.0, implementation="reference",
-    )  # fmt: skip
+    ))  # fmt: skip
 
     def check(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
         d = t.detach().double() - mean
@@ -323,14 +323,16 @@ def test_official_init_draws_lambs_truncated_normals():
 
 def test_official_init_full_rank_rounds_mixture_and_projection():
     torch.manual_seed(0)
-    full = RNNLanguageModel(50, hidden_size=40, mogrify_rounds=2, init="official")
+    full = RNNLanguageModel(50, model_config(hidden_size=40, mogrify_rounds=2, init="official"))
     w = full.layers[0].mogrifier_l0.weight_1  # (I, H): fan-in H
     assert math.isclose(w.std().item(), _draw_std(math.sqrt(1.3 / 40)), rel_tol=0.1)
-    mos = RNNLanguageModel(50, hidden_size=40, embedding_size=20, mos_components=3, init="official")
+    mos = RNNLanguageModel(
+        50, model_config(hidden_size=40, embedding_size=20, mos_components=3, init="official")
+    )
     for p in (mos.mos.latent.weight, mos.mos.prior.weight):
         assert math.isclose(p.std().item(), math.sqrt(1 / 40), rel_tol=0.15)
     assert torch.equal(mos.mos.latent.bias, torch.zeros_like(mos.mos.latent.bias))
-    tied = RNNLanguageModel(50, hidden_size=40, embedding_size=20, init="official")
+    tied = RNNLanguageModel(50, model_config(hidden_size=40, embedding_size=20, init="official"))
     p = tied.projection.weight  # (E, H): orthogonal rows
     assert torch.allclose(p @ p.T, torch.eye(20), atol=1e-5)
     assert tied.decoder.weight is tied.embedding.weight
@@ -476,7 +478,7 @@ def test_accumulated_gradients_equal_the_large_batch(accum):
 
 
 def _run(data: DataConfig, out_dir: Path, name: str, **train_kw) -> RunConfig:
-    model = ModelConfig(hidden_size=12, num_layers=2, mogrify_rounds=2, init="official")
+    model = model_config(hidden_size=12, num_layers=2, mogrify_rounds=2, init="official")
     model.implementation = "reference"
     settings = dict(lr=0.01, max_steps=4, eval_every=2, log_every=2, seed=5, device="cpu")
     settings.update(eval_max_tokens=100, **train_kw)
@@ -532,7 +534,7 @@ def test_configs_and_weights_of_the_previous_release_still_load():
                   "cell_init_factor", "output_init_factor"],
         "train": ["accum_batch_size"],
     }  # fmt: skip
-    model_cfg = ModelConfig(hidden_size=8, dropout_mask="step", state_dropout=0.1)
+    model_cfg = model_config(hidden_size=8, dropout_mask="step", state_dropout=0.1)
     old = to_dict(RunConfig(model=model_cfg))
     for section, keys in new_keys.items():
         for key in keys:

@@ -9,10 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from moglstm.lm.budget import parse_count
-from moglstm.lm.config import ModelConfig, load_config, load_preset, validate
+from moglstm.lm.config import ModelConfig, load_config, load_preset, model_config, validate
+from moglstm.lm.layers import LockedDropout, MixtureOfSoftmaxes
 from moglstm.lm.models import RNNLanguageModel, build_model, count_parameters
-from moglstm.lm.regularize import LockedDropout
-from moglstm.lm.softmax import MixtureOfSoftmaxes
 from moglstm.nn import functional as nnF
 
 VOCAB, T, B, H = 19, 7, 3, 12
@@ -40,7 +39,7 @@ def tokens(seed: int = 0) -> torch.Tensor:
 def model(**kwargs) -> RNNLanguageModel:
     args = dict(hidden_size=H, num_layers=2, mogrify_rounds=2, implementation="reference")
     args.update(kwargs)
-    return RNNLanguageModel(VOCAB, **args)
+    return RNNLanguageModel(VOCAB, model_config(**args))
 
 
 # --------------------------------------------------------------------------- dropout masks
@@ -143,7 +142,7 @@ def test_forget_bias_is_added_to_the_forget_gate_only(kwargs, rows):
 
 
 def test_embedding_ratio_sets_the_embedding_and_projects_before_the_tied_softmax():
-    m = build_model(ModelConfig(hidden_size=40, embedding_ratio=0.2), VOCAB)
+    m = build_model(model_config(hidden_size=40, embedding_ratio=0.2), VOCAB)
     assert m.embedding.weight.shape == (VOCAB, 8)
     assert m.decoder.weight is m.embedding.weight
     assert m.projection.weight.shape == (8, 40)
@@ -234,7 +233,7 @@ def test_config_rejects_bad_paper_settings(overrides, message):
 
 
 def test_config_fields_reach_the_model():
-    cfg = ModelConfig(
+    cfg = model_config(
         hidden_size=10,
         mogrify_rounds=1,
         dropout_mask="step",
@@ -270,9 +269,9 @@ def test_paper_preset_validates_and_lands_within_one_percent_of_its_budget(name)
 )
 def test_each_lstm_twin_shares_the_budget_data_and_training(name):
     mog, lstm = load_preset(name), load_preset(f"{name}-lstm")
-    assert lstm.model.mogrify_rounds == 0 and mog.model.mogrify_rounds > 0
+    assert lstm.model.mogrifier.rounds == 0 and mog.model.mogrifier.rounds > 0
     assert lstm.model.num_params == mog.model.num_params
     assert lstm.data == mog.data
     assert lstm.model.num_layers == mog.model.num_layers
-    assert lstm.model.tie_weights == mog.model.tie_weights
+    assert lstm.model.output.tie_weights == mog.model.output.tie_weights
     assert lstm.train.max_steps == mog.train.max_steps

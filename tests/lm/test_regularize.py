@@ -12,23 +12,29 @@ import torch
 from torch import nn
 
 from moglstm.lm import train as train_module
-from moglstm.lm.checkpoint import load_checkpoint
-from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from moglstm.lm.config import (
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    TransformerSettings,
+    model_config,
+)
+from moglstm.lm.layers import LockedDropout
 from moglstm.lm.models import RNNLanguageModel, TransformerLanguageModel
 from moglstm.lm.regularize import (
-    LockedDropout,
     WeightAverager,
     drop_state,
     l2_penalty,
     scaled_dropout,
 )
+from moglstm.lm.runs.checkpoint import load_checkpoint
 from moglstm.lm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_run(data: DataConfig, out_dir: Path, name: str = "run", **train_kw: Any) -> RunConfig:
-    model = ModelConfig(hidden_size=12, num_layers=2, mogrify_rounds=1, implementation="reference")
+    model = model_config(hidden_size=12, num_layers=2, mogrify_rounds=1, implementation="reference")
     settings = dict(lr=0.01, max_steps=8, eval_every=4, log_every=4, seed=5, device="cpu")
     settings.update(eval_max_tokens=100, **train_kw)
     return RunConfig(
@@ -46,7 +52,7 @@ def valid_records(run_dir: Path) -> list[dict[str, Any]]:
 
 def test_l2_penalty_is_the_coefficient_times_the_sum_of_squares():
     torch.manual_seed(0)
-    model = RNNLanguageModel(11, kind="lstm", hidden_size=6, embedding_size=6)  # tied
+    model = RNNLanguageModel(11, model_config(kind="lstm", hidden_size=6, embedding_size=6))  # tied
     expected = sum(p.detach().double().square().sum() for p in set(model.parameters()))
     penalty = l2_penalty(model, 0.25)
     assert torch.isclose(penalty.double(), 0.25 * expected, rtol=1e-5)
@@ -203,14 +209,16 @@ def test_a_resumed_run_with_averaging_ends_exactly_like_an_uninterrupted_one(
 def test_scaled_dropout_scales_every_rate_and_restores_them():
     model = RNNLanguageModel(
         11,
-        hidden_size=8,
-        mogrify_rounds=1,
-        embedding_dropout=0.1,
-        input_dropout=0.2,
-        state_dropout=0.3,
-        output_dropout=0.4,
-        mos_components=2,
-        mos_dropout=0.25,
+        model_config(
+            hidden_size=8,
+            mogrify_rounds=1,
+            embedding_dropout=0.1,
+            input_dropout=0.2,
+            state_dropout=0.3,
+            output_dropout=0.4,
+            mos_components=2,
+            mos_dropout=0.25,
+        ),
     )
     with scaled_dropout(model, 2.0):
         assert model.embedding_dropout == pytest.approx(0.2)
@@ -223,7 +231,8 @@ def test_scaled_dropout_scales_every_rate_and_restores_them():
         with scaled_dropout(model, 3.0):
             pass
     assert model.output_drop.p == 0.4
-    transformer = TransformerLanguageModel(11, d_model=8, heads=2, depth=1, dropout=0.1)
+    settings = TransformerSettings(d_model=8, heads=2, depth=1, dropout=0.1)
+    transformer = TransformerLanguageModel(11, settings)
     with scaled_dropout(transformer, 0.0):
         assert all(m.p == 0.0 for m in transformer.modules() if isinstance(m, nn.Dropout))
     assert isinstance(LockedDropout(0.1), nn.Module)

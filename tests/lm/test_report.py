@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from moglstm.cli import main
-from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from moglstm.lm.config import DataConfig, RunConfig, TrainConfig, model_config
 from moglstm.lm.evaluate import evaluate
 from moglstm.lm.report import (
     EVALUATIONS_FILE,
@@ -36,7 +36,7 @@ def tiny_run(data: DataConfig, out_dir: Path, name: str, **model_kw: Any) -> Run
         name=name,
         out_dir=str(out_dir),
         data=data,
-        model=ModelConfig(**model),
+        model=model_config(**model),
         train=TrainConfig(
             lr=0.01, max_steps=8, eval_every=4, log_every=2, device="cpu", eval_max_tokens=200
         ),

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from moglstm.lm.config import DataConfig
+from moglstm.lm.runs.folder import resume_config
 from moglstm.lm.stopping import format_duration, parse_duration
-from moglstm.lm.train import resume_config, train
+from moglstm.lm.train import train
 from tests.lm.test_train import assert_same_checkpoint, make_cfg, with_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

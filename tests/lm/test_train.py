@@ -14,15 +14,17 @@ import pytest
 import torch
 
 from moglstm.lm import train as train_module
-from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, read_config
-from moglstm.lm.train import (
-    RESUMABLE_KEYS,
-    NonFiniteLossError,
-    PlateauSchedule,
-    make_optimizer,
-    resume_config,
-    train,
+from moglstm.lm.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    model_config,
+    read_config,
 )
+from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule
+from moglstm.lm.runs.folder import RESUMABLE_KEYS, resume_config
+from moglstm.lm.train import make_optimizer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +36,7 @@ def make_cfg(data: DataConfig, out_dir: Path, name: str = "run", **train_kw: Any
     carried recurrent state and a plateau schedule all have to survive a resume.
     """
     data = dataclasses.replace(data, variable_length=True)
-    model = ModelConfig(
+    model = model_config(
         kind="mogrifier",
         hidden_size=16,
         num_layers=2,
@@ -166,9 +168,9 @@ def test_char_level_reports_bits_per_character(char_data_config, tmp_path):
 
 @pytest.mark.parametrize("kind", ["mogrifier", "lstm", "gru", "rnn", "transformer"])
 def test_every_model_kind_trains(kind, word_data_config, tmp_path):
-    model = ModelConfig(kind=kind, hidden_size=16, num_layers=1, mogrify_rounds=2)
+    model = model_config(kind=kind, hidden_size=16, num_layers=1, mogrify_rounds=2)
     if kind == "transformer":
-        model = ModelConfig(kind=kind, d_model=16, heads=2, depth=1, max_len=32, dropout=0.1)
+        model = model_config(kind=kind, d_model=16, heads=2, depth=1, max_len=32, dropout=0.1)
     data = dataclasses.replace(word_data_config, variable_length=True)  # T up to bptt + 20
     train_cfg = TrainConfig(
         max_steps=3, eval_every=2, log_every=1, device="cpu", eval_max_tokens=50
@@ -444,7 +446,7 @@ def test_ptb_small_model_beats_unigram(shared_data_dir, tmp_path):
         data=DataConfig(
             corpus="ptb", data_dir=str(shared_data_dir), batch_size=20, bptt=35, eval_batch_size=10
         ),
-        model=ModelConfig(kind="lstm", hidden_size=128, num_layers=1),
+        model=model_config(kind="lstm", hidden_size=128, num_layers=1),
         train=TrainConfig(
             lr=0.003,
             max_steps=300,

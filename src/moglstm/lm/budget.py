@@ -186,7 +186,7 @@ def training_memory(
     round's gate and gated vector (``2 H`` per round) and dropout's input (``2 H``); for
     a Transformer block ``16 d`` plus ``2 heads x bptt`` attention weights; for the
     output layer the logits, their log-softmax and its gradient (``3 V``, times the
-    mixture's components with ``model.mos_components``). Meant to catch sizes that
+    mixture's components with ``model.output.mos_components``). Meant to catch sizes that
     cannot fit at all, it errs low: 0.6 to 0.8 of the peak memory measured on CPU by
     ``experiments/memory_estimate.py`` (see docs/reliability.md).
 
@@ -199,14 +199,14 @@ def training_memory(
     m, d = cfg.model, cfg.data
     tokens = max(1, d.batch_size // world_size) * d.bptt
     if m.kind == "transformer":
-        per_layer = 16 * m.d_model + 2 * m.heads * d.bptt
-        layers, width = m.depth, m.d_model
+        per_layer = 16 * m.transformer.d_model + 2 * m.transformer.heads * d.bptt
+        layers, width = m.transformer.depth, m.transformer.d_model
     else:
-        rounds = m.mogrify_rounds if m.kind == "mogrifier" else 0
+        rounds = m.mogrifier.rounds if m.kind == "mogrifier" else 0
         width = max(m.hidden_size, m.embedding_size or 0)
         per_layer = (13 + 2 * rounds) * width
         layers = m.num_layers
-    output = 3 * vocab_size * max(1, m.mos_components)
+    output = 3 * vocab_size * max(1, m.output.mos_components)
     per_token = layers * per_layer + 2 * width + output
     averaging = cfg.train.average_after_bad_evals or cfg.train.average_from_step
     copies = _STATE_COPIES + (1 if averaging else 0)
@@ -294,7 +294,7 @@ def check_training_fits(
     except (RuntimeError, OverflowError) as exc:  # a size whose element count overflows
         raise MemoryBudgetError(
             f"the model of this config is too large to build at all ({_first_line(exc)}); "
-            "lower model.hidden_size (or model.d_model) or model.num_layers"
+            "lower model.hidden_size (or model.transformer.d_model) or model.num_layers"
         ) from None
     estimate = training_memory(cfg, vocab_size, parameters, world_size)
     room = available_memory(device) if cfg.train.check_memory else None

@@ -66,9 +66,9 @@ import torch
 from torch import Tensor, nn
 from torch import distributed as dist
 
-from moglstm.lm.checkpoint import capture_rng_state, restore_rng_state
-from moglstm.lm.evaluate import resolve_device
+from moglstm.lm.runtime import capture_rng_state, resolve_device, restore_rng_state
 from moglstm.lm.safety import short_repr
+from moglstm.lm.state import map_state
 
 __all__ = [
     "DistContext",
@@ -475,21 +475,6 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
 # --------------------------------------------------------------------------- carried state
 
 
-def _map_tensors(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, Tensor):
-        return fn(state)
-    if isinstance(state, tuple):
-        parts = [_map_tensors(s, fn) for s in state]
-        return type(state)(*parts) if hasattr(state, "_fields") else tuple(parts)
-    if isinstance(state, list):
-        return [_map_tensors(s, fn) for s in state]
-    if isinstance(state, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in state.items()}
-    raise TypeError(f"state: unsupported type {type(state).__name__}")
-
-
 def _batch_dim(t: Tensor) -> int:
     # states are batch-second like torch.nn.LSTM's (layers, B, H); a (B, H) one batch-first
     return max(t.dim() - 2, 0)
@@ -510,7 +495,7 @@ def gather_state(state: Any, ctx: DistContext) -> Any:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts, dim=_batch_dim(t))
 
-    return _map_tensors(state, gather)
+    return map_state(state, gather)
 
 
 def scatter_state(state: Any, ctx: DistContext) -> Any:
@@ -532,7 +517,7 @@ def scatter_state(state: Any, ctx: DistContext) -> Any:
         width = t.size(dim) // ctx.world_size
         return t.narrow(dim, ctx.rank * width, width).contiguous()
 
-    return _map_tensors(state, take)
+    return map_state(state, take)
 
 
 # --------------------------------------------------------------------------- random numbers

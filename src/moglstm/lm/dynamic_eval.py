@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moglstm.lm.data import iter_windows
-from moglstm.lm.models import detach_state, softmax_temperature
+from moglstm.lm.models import softmax_temperature
 from moglstm.lm.progress import ScoreProgress
+from moglstm.lm.state import detach_state
 
 __all__ = ["DynamicEvalSettings", "dynamic_evaluate", "gradient_statistics"]
 

@@ -19,9 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,110 +27,36 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from moglstm.lm.checkpoint import (
-    CheckpointError,
-    check_training_checkpoint,
-    load_checkpoint,
-    load_newest_checkpoint,
-    previous_path,
-)
-from moglstm.lm.config import RunConfig
-from moglstm.lm.data import Vocab, batchify, iter_windows, load_corpus
+from moglstm.lm.data import batchify, iter_windows, load_corpus
 from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
-from moglstm.lm.models import build_model, detach_state, softmax_temperature
+from moglstm.lm.models import softmax_temperature
 from moglstm.lm.progress import ScoreProgress
 from moglstm.lm.regularize import scaled_dropout
 from moglstm.lm.report import record_evaluation
+from moglstm.lm.runs.folder import load_run
+from moglstm.lm.runtime import autocast, autocast_dtype
+from moglstm.lm.state import detach_state
 
 __all__ = [
-    "CHECKPOINT_CHOICES",
     "SPLIT_CHOICES",
     "OFFICIAL_TEMPERATURES",
     "TEMPERATURE_GRID",
-    "LoadedRun",
-    "autocast",
-    "autocast_dtype",
     "evaluate",
     "evaluate_loss",
-    "load_run",
     "metric_name",
     "metrics_for",
-    "resolve_checkpoint",
-    "resolve_device",
     "score_split",
     "search_temperature",
 ]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_CHOICES = ("best", "last")
 SPLIT_CHOICES = ("train", "valid", "test")
 #: Temperatures tried by ``--temperature auto``: 0.75 to 1.25 in steps of 0.01 (1.0 included).
 TEMPERATURE_GRID = tuple(round(0.75 + 0.01 * i, 2) for i in range(51))
 #: The official code's candidates: logits multiplied by 1.06, 1.04, ..., 0.80, that is
 #: divided by their inverses (0.943 to 1.25); ``train.eval_temperature_tokens`` uses them.
 OFFICIAL_TEMPERATURES = tuple(1.0 / round(1.06 - 0.02 * i, 2) for i in range(14))
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """Turn a device setting into a :class:`torch.device`, checking it exists.
-
-    Args:
-        spec: ``"auto"`` (CUDA if available, else MPS, else CPU), ``"cpu"``,
-            ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
-
-    Raises:
-        ValueError: ``spec`` is malformed or names a device this machine lacks.
-    """
-    if not isinstance(spec, str):
-        raise TypeError(f"device: expected a string, got {spec!r}")
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise ValueError(f"device={spec!r} is not one of: auto, cpu, cuda, cuda:N, mps") from exc
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device={spec!r} but CUDA is not available on this machine")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device={spec!r} but only {count} CUDA device(s) are available")
-    elif device.type == "mps":
-        if not _mps_available():
-            raise ValueError(f"device={spec!r} but MPS is not available on this machine")
-    elif device.type != "cpu":
-        raise ValueError(f"device={spec!r} is not one of: auto, cpu, cuda, cuda:N, mps")
-    return device
-
-
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The mixed-precision dtype to use on ``device``, or ``None`` for full precision.
-
-    Mixed precision is used only on CUDA: bfloat16 where the GPU supports it, else
-    float16 (which then needs a gradient scaler when training).
-    """
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -355,117 +279,6 @@ def search_temperature(
     table = dict(zip((float(c) for c in candidates), losses, strict=True))
     best = min(table, key=lambda t: (table[t], abs(t - 1.0)))  # ties: the one nearer 1
     return best, table
-
-
-# --------------------------------------------------------------------------- runs
-
-
-@dataclass
-class LoadedRun:
-    """A trained model rebuilt from a checkpoint.
-
-    Attributes:
-        model: the language model, in eval mode, on the requested device.
-        vocab: the vocabulary it was trained with.
-        config: the run's configuration.
-        checkpoint: the path the model was read from.
-        step: the training step the checkpoint was written at.
-    """
-
-    model: nn.Module
-    vocab: Vocab
-    config: RunConfig
-    checkpoint: Path
-    step: int
-
-
-def resolve_checkpoint(run: str | Path, which: str = "best") -> Path:
-    """Find the checkpoint file for ``run``.
-
-    Args:
-        run: a run folder (holding ``best.pt``/``last.pt``) or a checkpoint file. A
-            file given directly may be a symbolic link (it is resolved); inside a run
-            folder links are not followed (see :func:`load_run`).
-        which: ``"best"`` or ``"last"``; used when ``run`` is a folder.
-
-    Returns:
-        The file given, or ``<run>/<which>.pt`` (which may be missing when its
-        previous copy ``<which>.prev.pt`` is there).
-
-    Raises:
-        ValueError: ``which`` is not one of the choices.
-        FileNotFoundError: nothing to load at ``run``.
-    """
-    if which not in CHECKPOINT_CHOICES:
-        raise ValueError(f"checkpoint={which!r} is not one of: {', '.join(CHECKPOINT_CHOICES)}")
-    path = Path(run).expanduser()
-    if path.is_file():
-        return path.resolve()  # the user named this file: follow a link they gave
-    if not path.exists():
-        raise FileNotFoundError(f"run {str(path)!r} not found (give a run folder or a .pt file)")
-    candidate = path / f"{which}.pt"
-    if not _has_checkpoint(candidate):
-        raise FileNotFoundError(
-            f"run folder {str(path)!r} has no {which}.pt"
-            + (_TRY_LAST if which == "best" and _has_checkpoint(path / "last.pt") else "")
-            + " (a run saves one every train.eval_every steps)"
-        )
-    return candidate
-
-
-_TRY_LAST = "; use its last checkpoint with --checkpoint last (checkpoint='last')"
-
-
-def _has_checkpoint(path: Path) -> bool:
-    return os.path.lexists(path) or os.path.lexists(previous_path(path))
-
-
-def load_run(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild the model, vocabulary and config of a trained run from one checkpoint.
-
-    Args:
-        run: a run folder or a checkpoint file (see :func:`resolve_checkpoint`).
-        which: ``"best"`` or ``"last"`` when ``run`` is a folder.
-        device: where to put the model (a :class:`torch.device` or a setting for
-            :func:`resolve_device`).
-
-    The checkpoint is checked against its own config before the model is built
-    (:func:`~moglstm.lm.checkpoint.check_training_checkpoint`: names, shapes, finite
-    values). In a run folder, a damaged or inconsistent ``<which>.pt`` falls back to
-    ``<which>.prev.pt`` with a warning; when neither reads, the error says so and, for
-    ``best``, suggests ``--checkpoint last``.
-
-    Returns:
-        A :class:`LoadedRun` whose model is in eval mode.
-
-    Raises:
-        FileNotFoundError: no checkpoint at ``run``.
-        CheckpointError: no checkpoint there is readable and consistent (one line,
-            naming the files).
-    """
-    path = resolve_checkpoint(run, which)
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    configs: dict[Path, RunConfig] = {}
-
-    def check(payload: dict[str, Any], where: Path) -> None:
-        configs[where] = check_training_checkpoint(payload, where)
-
-    if Path(run).expanduser().is_file():
-        payload = load_checkpoint(path)
-        check(payload, path)
-    else:
-        try:
-            payload, path = load_newest_checkpoint(path, check=check)
-        except CheckpointError as exc:
-            has_last = which == "best" and _has_checkpoint(path.with_name("last.pt"))
-            raise CheckpointError(f"{exc}{_TRY_LAST if has_last else ''}") from None
-    cfg = configs[path]
-    vocab = Vocab.from_dict(payload["vocab"])
-    model = build_model(cfg.model, len(vocab))
-    model.load_state_dict(payload["model"])
-    model.to(device).eval()
-    step = int(payload.get("counters", {}).get("step", 0))
-    return LoadedRun(model=model, vocab=vocab, config=cfg, checkpoint=path, step=step)
 
 
 def evaluate(

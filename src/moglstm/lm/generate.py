@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from moglstm.lm.data import Vocab
-from moglstm.lm.evaluate import load_run
+from moglstm.lm.runs.folder import load_run
 from moglstm.lm.safety import short_repr
 
 __all__ = [

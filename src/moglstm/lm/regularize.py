@@ -1,7 +1,7 @@
-"""Regularisers from the Mogrifier paper's training recipe, as small standalone pieces.
+"""The training side of the Mogrifier paper's recipe, as small standalone pieces.
 
-* :class:`LockedDropout`: dropout with one mask per window (variational) or a fresh
-  mask per step;
+The layers (:class:`~moglstm.lm.layers.LockedDropout`) live in :mod:`moglstm.lm.layers`.
+
 * :func:`l2_penalty`: the L2 term added to the training loss;
 * :func:`drop_state`: zero the carried state of random streams between windows;
 * :class:`WeightAverager`: a running average of the weights, used for validation and
@@ -24,66 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moglstm.lm.layers import LockedDropout, check_probability
+from moglstm.lm.state import map_state, state_tensors
 from moglstm.nn import MogrifierLSTM
 
 __all__ = [
-    "DROPOUT_MASKS",
-    "LockedDropout",
     "WeightAverager",
     "drop_state",
     "l2_penalty",
     "scaled_dropout",
 ]
-
-DROPOUT_MASKS = ("window", "step")
-
-
-def _check_prob(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return float(value)
-
-
-def _check_mask(mask: Any) -> str:
-    if mask not in DROPOUT_MASKS:
-        raise ValueError(f"mask must be one of {DROPOUT_MASKS}, got {mask!r}")
-    return mask
-
-
-class LockedDropout(nn.Module):
-    r"""Dropout on time-major sequences, with one mask per window or one per step.
-
-    With ``mask="window"`` (variational, "locked" dropout) a mask of shape
-    ``(1, B, *)`` is drawn once per forward call, scaled by :math:`1 / (1 - p)`, and
-    applied at every time step. With ``mask="step"`` every position gets its own
-    mask (ordinary dropout). Identity in eval mode or when ``p == 0``.
-
-    Args:
-        p: probability of zeroing a unit, in ``[0, 1)``.
-        mask: ``"window"`` or ``"step"``.
-
-    Shape:
-        - x: ``(T, B, *)``; output: the same.
-    """
-
-    def __init__(self, p: float = 0.0, mask: str = "window") -> None:
-        super().__init__()
-        self.p = _check_prob("p", p)
-        self.mask = _check_mask(mask)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        # (1, B, *) broadcast over the T axis, or (T, B, *) for a fresh mask per step
-        shape = (1, *x.shape[1:]) if self.mask == "window" else x.shape
-        keep = x.new_empty(shape).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
-        return x * keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}" + (", mask='step'" if self.mask == "step" else "")
-
 
 def _unique_parameters(module: nn.Module) -> list[nn.Parameter]:
     # Module.parameters() already yields a tied (shared) tensor once.
@@ -133,33 +83,15 @@ def drop_state(state: Any, p: float, generator: torch.Generator | None = None) -
     Returns:
         The state with the same structure; ``None`` stays ``None``.
     """
-    p = _check_prob("p", p)
-    tensors = list(_tensors(state))
+    p = check_probability("p", p)
+    tensors = list(state_tensors(state))
     if p == 0.0 or not tensors:
         return state
     batch = tensors[0].shape[1]
     device = tensors[0].device
     draws = torch.rand(batch, generator=generator, device="cpu" if generator else device)
     keep = (draws >= p).to(device)  # (B,) True: keep this stream's state
-    return _map_tensors(state, lambda t: t * keep.view(1, -1, *([1] * (t.dim() - 2))).to(t.dtype))
-
-
-def _tensors(state: Any) -> Iterator[Tensor]:
-    if isinstance(state, Tensor):
-        yield state
-    elif isinstance(state, (list, tuple)):
-        for s in state:
-            yield from _tensors(s)
-    elif state is not None:
-        raise TypeError(f"unsupported state type {type(state).__name__}")
-
-
-def _map_tensors(state: Any, fn: Any) -> Any:
-    if isinstance(state, Tensor):
-        return fn(state)
-    if isinstance(state, (list, tuple)):
-        return type(state)(_map_tensors(s, fn) for s in state)
-    return state
+    return map_state(state, lambda t: t * keep.view(1, -1, *([1] * (t.dim() - 2))).to(t.dtype))
 
 
 class WeightAverager:

@@ -219,7 +219,7 @@ def record_evaluation(run_dir: Path, results: dict[str, Any]) -> None:
 def _read_config(path: Path) -> dict[str, Any]:
     """The saved config as dotted keys, read as plain YAML: a report needs no validation
     (and so also reads runs of other moglstm versions); unreadable gives ``{}``."""
-    from moglstm.lm.train import _flat  # train imports evaluate, which imports this
+    from moglstm.lm.runs.folder import _flat  # runs imports nothing from here
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -31,9 +31,7 @@ Several kinds of input reach a run from outside, and each has one rule here:
   temporary file renamed into place (:func:`write_atomic`), which replaces a planted
   link instead of writing through it.
 * **Non-finite losses** are handled by the policy ``train.nonfinite``
-  (:data:`NONFINITE_POLICIES`): ``stop`` the run, ``skip`` the step (no update), or
-  ``rollback`` to the last checkpoint with the learning rate multiplied by
-  ``train.rollback_lr_factor``.
+  (:data:`moglstm.lm.policies.NONFINITE_POLICIES`).
 """
 
 from __future__ import annotations
@@ -51,9 +49,10 @@ from typing import Any
 
 import yaml
 
+from moglstm.lm.errors import UserError
+
 __all__ = [
     "MAX_YAML_BYTES",
-    "NONFINITE_POLICIES",
     "REPR_LIMIT",
     "ArchiveError",
     "UnsafePathError",
@@ -81,14 +80,13 @@ MAX_YAML_BYTES = 1 << 20
 MAX_TREE_VALUES = 100_000
 MAX_TREE_DEPTH = 32
 #: What to do on a NaN/inf training loss (``train.nonfinite``).
-NONFINITE_POLICIES = ("stop", "skip", "rollback")
 
 
-class ArchiveError(ValueError):
+class ArchiveError(UserError):
     """A checkpoint archive is truncated, corrupt or not a zip archive at all."""
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(UserError):
     """A file in a run folder is a symbolic link or not a regular file: not followed."""
 
 
@@ -141,9 +139,9 @@ def check_tree_size(
         item, depth = stack.pop()
         seen += 1
         if depth > max_depth:
-            raise ValueError(f"{label} nests deeper than {max_depth} levels: not a config")
+            raise UserError(f"{label} nests deeper than {max_depth} levels: not a config")
         if seen > max_values:
-            raise ValueError(
+            raise UserError(
                 f"{label} holds more than {max_values:,} values (shared ones counted each time "
                 "they occur): too large to be a config"
             )
@@ -184,7 +182,7 @@ def load_yaml(text: str, label: str) -> Any:
             the line and column and the parser's reason, never the text itself.
     """
     if len(text) > MAX_YAML_BYTES:
-        raise ValueError(
+        raise UserError(
             f"{label} is too long for a config ({len(text):,} characters; at most "
             f"{MAX_YAML_BYTES:,})"
         )
@@ -193,11 +191,11 @@ def load_yaml(text: str, label: str) -> Any:
         loader = _ConfigLoader(text)  # its reader already refuses control characters
         return loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise ValueError(f"{label} is not valid YAML: {_yaml_reason(exc)}") from None
+        raise UserError(f"{label} is not valid YAML: {_yaml_reason(exc)}") from None
     except RecursionError:
-        raise ValueError(f"{label} is not valid YAML: it nests too deep") from None
+        raise UserError(f"{label} is not valid YAML: it nests too deep") from None
     except ValueError as exc:  # int() of a number with more than 4300 digits
-        raise ValueError(f"{label} is not valid YAML: {short_repr(str(exc), 80)[1:-1]}") from None
+        raise UserError(f"{label} is not valid YAML: {short_repr(str(exc), 80)[1:-1]}") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -389,7 +387,7 @@ def decode_utf8(raw: bytes, label: str) -> str:
         start, end = exc.start, exc.end
         line = bytes(raw[:start]).count(b"\n") + 1
         context = bytes(raw[max(0, start - _CONTEXT_BYTES) : end + _CONTEXT_BYTES])
-        raise ValueError(
+        raise UserError(
             f"{label} is not valid UTF-8: byte offset {start} (line {line}) has "
             f"{bytes(raw[start:end])!r} ({exc.reason}) in {context!r}. Word- and "
             "character-level corpora must be UTF-8: convert the file (e.g. iconv -f "

@@ -55,7 +55,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,18 +68,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moglstm.lm import distributed
 from moglstm.lm.budget import check_training_fits
-from moglstm.lm.checkpoint import (
-    capture_rng_state,
-    check_training_checkpoint,
-    load_newest_checkpoint,
-    previous_path,
-    remove_stale_temp_files,
-    save_checkpoint,
-)
 from moglstm.lm.config import (
     RunConfig,
     TrainConfig,
-    apply_overrides,
     from_dict,
     save_config,
     to_dict,
@@ -89,134 +80,33 @@ from moglstm.lm.data import BatchStream, Corpus, Vocab, batchify, load_corpus
 from moglstm.lm.distributed import DistContext
 from moglstm.lm.evaluate import (
     OFFICIAL_TEMPERATURES,
-    autocast,
-    autocast_dtype,
     evaluate_loss,
     metric_name,
     metrics_for,
-    resolve_device,
     score_split,
 )
-from moglstm.lm.models import build_model, count_parameters, detach_state
+from moglstm.lm.models import build_model, count_parameters
+from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import LOCK_FILE, RunLock
+from moglstm.lm.runs.checkpoint import remove_stale_temp_files, save_checkpoint
+from moglstm.lm.runs.folder import (
+    _check_resumable,
+    _check_run_folder,
+    _load_last,
+    check_fresh,
+)
+from moglstm.lm.runs.payload import CheckpointPayload
+from moglstm.lm.runtime import autocast, autocast_dtype, capture_rng_state, resolve_device
 from moglstm.lm.safety import open_regular, read_regular, write_atomic
+from moglstm.lm.state import cat_states, detach_state, map_state, split_state
 from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
 
-__all__ = [
-    "RESUMABLE_KEYS",
-    "RUN_FILES",
-    "MetricsLog",
-    "NonFiniteLossError",
-    "PlateauSchedule",
-    "make_optimizer",
-    "resume_config",
-    "train",
-]
+__all__ = ["MetricsLog", "make_optimizer", "train"]
 
 logger = logging.getLogger(__name__)
 
-#: Config keys that may differ from the checkpoint's when resuming: where things are,
-#: how long to go on, and how often to log and check. Everything else is fixed by the
-#: checkpoint (changing it would not continue the same run).
-RESUMABLE_KEYS = frozenset(
-    {
-        "name",
-        "out_dir",
-        "data.data_dir",
-        "data.cache_dir",
-        "data.path",
-        "data.train_path",
-        "data.valid_path",
-        "data.test_path",
-        "data.eval_batch_size",
-        "train.max_steps",
-        "train.max_time",
-        "train.eval_every",
-        "train.log_every",
-        "train.early_stop_patience",
-        "train.eval_max_tokens",
-        "train.device",
-        "train.amp",
-        "train.nonfinite",
-        "train.rollback_lr_factor",
-        "train.max_nonfinite",
-        "train.check_memory",
-        "train.dist_timeout",
-    }
-)
-
-#: The checkpoints of a run folder: a folder without any holds a run that can only start over.
-CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt")
-#: Files whose presence marks a folder as holding a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", *CHECKPOINT_FILES)
-
 OnStep = Callable[[int, dict[str, float]], None]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training (or validation) loss became NaN or infinite; the run stopped."""
-
-
-# --------------------------------------------------------------------------- schedule
-
-
-class PlateauSchedule:
-    r"""Learning rate that is constant, or decays when validation stops improving.
-
-    With ``kind="plateau"`` the rate is multiplied by ``decay`` once ``patience``
-    validations in a row (since the last improvement or decay) failed to lower the
-    best validation loss; ``patience=0`` acts like 1. With ``kind="constant"`` the
-    rate never changes, but the best loss and the number of validations without
-    improvement are still tracked (for early stopping).
-
-    Args:
-        lr: the initial learning rate.
-        kind: ``"constant"`` or ``"plateau"``.
-        decay: factor in ``(0, 1]`` applied on a plateau.
-        patience: validations without improvement before a decay.
-    """
-
-    def __init__(
-        self, lr: float, *, kind: str = "constant", decay: float = 0.5, patience: int = 1
-    ) -> None:
-        if kind not in ("constant", "plateau"):
-            raise ValueError(f"kind={kind!r} is not one of: constant, plateau")
-        if not lr > 0:
-            raise ValueError(f"lr={lr!r} must be positive")
-        if not 0 < decay <= 1:
-            raise ValueError(f"decay={decay!r} must be in (0, 1]")
-        if patience < 0:
-            raise ValueError(f"patience={patience!r} must be >= 0")
-        self.kind, self.decay, self.patience = kind, decay, patience
-        self.lr = float(lr)
-        self.best = math.inf  # best validation loss seen
-        self.bad = 0  # validations since the best one
-        self.since_decay = 0  # validations without improvement since the last decay
-
-    def update(self, valid_loss: float) -> bool:
-        """Record a validation loss; decay the rate if on a plateau. Returns ``improved``."""
-        if valid_loss < self.best:
-            self.best, self.bad, self.since_decay = valid_loss, 0, 0
-            return True
-        self.bad += 1
-        self.since_decay += 1
-        if self.kind == "plateau" and self.since_decay >= max(1, self.patience):
-            self.lr *= self.decay
-            self.since_decay = 0
-            logger.info("validation loss has not improved: learning rate now %.3g", self.lr)
-        return False
-
-    def state_dict(self) -> dict[str, float | int]:
-        """Plain numbers: ``lr``, ``best``, ``bad``, ``since_decay``."""
-        return {"lr": self.lr, "best": self.best, "bad": self.bad, "since_decay": self.since_decay}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.lr = float(state["lr"])
-        self.best = float(state["best"])
-        self.bad = int(state["bad"])
-        self.since_decay = int(state["since_decay"])
 
 
 # --------------------------------------------------------------------------- metrics file
@@ -337,123 +227,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
-    """Raise ValueError naming every non-resumable key on which the configs differ."""
-    old, new = _flat(to_dict(saved)), _flat(to_dict(wanted))
-    changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE_KEYS]
-    if changed:
-        details = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new[k]!r})" for k in changed)
-        raise ValueError(
-            f"cannot change {details} when resuming; only these may change: "
-            f"{', '.join(sorted(RESUMABLE_KEYS))}. Start a new run (new name) instead."
-        )
-
-
-def resume_config(
-    run_dir: str | Path, overrides: Sequence[str] = (), preset: RunConfig | None = None
-) -> RunConfig:
-    """The config to resume the run in ``run_dir`` with: its checkpoint's, plus overrides.
-
-    The config comes from ``last.pt`` (not ``config.yaml``); ``name`` and ``out_dir`` are
-    set from ``run_dir`` so a moved folder resumes in place.
-
-    Args:
-        run_dir: the run folder, holding ``last.pt``.
-        overrides: dotted ``key=value`` items; only keys in :data:`RESUMABLE_KEYS` may
-            change. Others may repeat the checkpoint's value, so a run restarts with its
-            original command line plus ``--resume``.
-        preset: the config a preset (with the overrides) gives, when one was named
-            too: it must agree with the checkpoint's on every key that cannot change.
-
-    Raises:
-        FileNotFoundError: there is no ``last.pt`` to resume from.
-        ValueError: an override (or the preset) changes a key that cannot change on
-            resume.
-    """
-    run_dir = Path(run_dir).expanduser()
-    payload = _load_last(run_dir)
-    cfg = from_dict(payload["config"])
-    cfg.name, cfg.out_dir = run_dir.name, str(run_dir.parent)
-    for item in overrides:
-        key = str(item).partition("=")[0].strip()
-        if key in ("name", "out_dir"):
-            raise ValueError(f"override {item!r}: the run folder is {str(run_dir)!r}")
-        if key not in RESUMABLE_KEYS and not _keeps_value(cfg, item):
-            raise ValueError(
-                f"override {item!r}: {key} cannot change when resuming; only these may: "
-                f"{', '.join(sorted(RESUMABLE_KEYS))}"
-            )
-    if preset is not None:
-        try:
-            _check_resumable(cfg, preset)
-        except ValueError as exc:
-            raise ValueError(f"--preset disagrees with the run being resumed: {exc}") from None
-    return validate(apply_overrides(cfg, overrides))
-
-
-def _keeps_value(cfg: RunConfig, item: str) -> bool:
-    """Whether the override ``item`` leaves ``cfg`` as it is (repeats its value)."""
-    return to_dict(apply_overrides(cfg, [item])) == to_dict(cfg)
-
-
-def _load_last(run_dir: Path) -> dict[str, Any]:
-    """The newest readable of ``last.pt`` and ``last.prev.pt`` (with a warning on a bad one)."""
-    path = run_dir / "last.pt"
-    if os.path.lexists(path) or os.path.lexists(previous_path(path)):
-        return load_newest_checkpoint(path, check=_resumable_checkpoint)[0]
-    _check_run_folder(run_dir)
-    raise FileNotFoundError(
-        f"nothing to resume: {str(run_dir)!r} has no last.pt (the run stopped before its "
-        "first checkpoint, saved every train.eval_every steps); run the same command "
-        "without --resume to start it over"
-    )
-
-
-def _resumable_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    check_training_checkpoint(payload, path, resume=True)
-
-
-def _check_run_folder(run_dir: Path) -> None:
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"nothing to resume: run folder {str(run_dir)!r} does not exist")
-
-
-def _check_fresh(run_dir: Path) -> None:
-    found = [f for f in RUN_FILES if os.path.lexists(run_dir / f)]
-    if found and not any(f in CHECKPOINT_FILES for f in found):
-        _clear_unstarted(run_dir, found)
-        return
-    if found:
-        raise FileExistsError(
-            f"run folder {str(run_dir)!r} already holds a run ({', '.join(found)}); continue "
-            "it with --resume (resume=True), or choose a new name (--name / name=...)"
-        )
-
-
-def _clear_unstarted(run_dir: Path, found: list[str]) -> None:
-    """Remove the files of a run that stopped before its first checkpoint (rank 0, locked).
-
-    Nothing there can be resumed, so a new run starts over in the same folder.
-    """
-    logger.warning(
-        "run folder %s holds a run stopped before its first checkpoint (%s): starting it over",
-        run_dir,
-        ", ".join(found),
-    )
-    for entry in [run_dir / f for f in found] + list(run_dir.glob("events.out.tfevents.*")):
-        entry.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- run state
 
 
@@ -569,20 +342,14 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
     run.counters = _Counters(**{k: v for k, v in saved.items() if k in fields})
     run.counters.last_saved_step = run.counters.step
     # the checkpoint holds the global batch's state: take this rank's streams
-    run.state = _to_device(distributed.scatter_state(ckpt.get("train_state"), run.dist), run.device)
+    run.state = map_state(
+        distributed.scatter_state(ckpt.get("train_state"), run.dist), lambda t: t.to(run.device)
+    )
     # last: building the model above drew from the RNG
     distributed.restore_rng(ckpt, run.dist, run.cfg.train.seed)
 
 
-def _to_device(state: Any, device: torch.device) -> Any:
-    if isinstance(state, Tensor):
-        return state.to(device)
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_device(s, device) for s in state)
-    return state
-
-
-def _payload(run: _Run) -> dict[str, Any]:
+def _payload(run: _Run) -> CheckpointPayload:
     """The checkpoint's content. Collective: every rank must call it (rank 0 saves it)."""
     counters = dataclasses.asdict(run.counters)
     del counters["last_saved_step"]
@@ -652,7 +419,7 @@ def _accumulate_gradients(run: _Run, inputs: Tensor, targets: Tensor) -> tuple[f
     """
     batch = inputs.size(1)
     sizes = _sub_batches(batch, run.cfg.train.accum_batch_size)
-    states = _split_state(run.state, sizes)
+    states = split_state(run.state, sizes)
     value, new_states = 0.0, []
     for x, y, state in zip(inputs.split(sizes, 1), targets.split(sizes, 1), states, strict=True):
         with autocast(run.device, run.amp_dtype):
@@ -665,7 +432,7 @@ def _accumulate_gradients(run: _Run, inputs: Tensor, targets: Tensor) -> tuple[f
             return value, None
         (loss if run.scaler is None else run.scaler.scale(loss)).backward()
         new_states.append(state)
-    return value, _cat_states(new_states)
+    return value, cat_states(new_states)
 
 
 def _sub_batches(batch: int, accum: int | None) -> list[int]:
@@ -674,28 +441,6 @@ def _sub_batches(batch: int, accum: int | None) -> list[int]:
     if accum is None or accum >= batch:
         return [batch]
     return [accum] * (batch // accum) + ([batch % accum] if batch % accum else [])
-
-
-def _split_state(state: Any, sizes: list[int]) -> list[Any]:
-    """One state per sub-batch: every tensor split along its batch dimension (1)."""
-    if state is None:
-        return [None] * len(sizes)
-    if len(sizes) == 1:
-        return [state]
-    if isinstance(state, Tensor):
-        return list(state.split(sizes, 1))
-    parts = [_split_state(s, sizes) for s in state]  # a list/tuple of states
-    return [type(state)(p[i] for p in parts) for i in range(len(sizes))]
-
-
-def _cat_states(states: list[Any]) -> Any:
-    """Inverse of :func:`_split_state`."""
-    first = states[0]
-    if len(states) == 1 or first is None:
-        return first
-    if isinstance(first, Tensor):
-        return torch.cat(states, 1)
-    return type(first)(_cat_states(list(group)) for group in zip(*states, strict=True))
 
 
 def _average_weights(run: _Run) -> None:
@@ -879,7 +624,7 @@ def _claim(run_dir: Path, resume: bool, lock: RunLock) -> dict[str, Any] | None:
     lock.acquire()
     remove_stale_temp_files(run_dir)  # left by a killed run; ours alone now
     if not resume:
-        _check_fresh(run_dir)
+        check_fresh(run_dir)
         return None
     return _load_last(run_dir)
 

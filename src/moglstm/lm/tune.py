@@ -7,8 +7,8 @@ A *search space* is a YAML file (or a shipped one: ``moglstm tune --list``)::
     space:                            # dotted config keys and how to draw them
       train.lr: {logfloat: [1.0e-4, 1.0e-2]}
       model.input_dropout: {float: [0.0, 0.9]}
-      model.mogrify_rounds: {int: [0, 6]}
-      model.mogrify_rank: {logint: [8, 128]}
+      model.mogrifier.rounds: {int: [0, 6]}
+      model.mogrifier.rank: {logint: [8, 128]}
       data.bptt: {choice: [35, 70]}
 
 Kinds: ``float`` and ``logfloat`` (uniform, log-uniform), ``int`` and ``logint``, and
@@ -491,7 +491,7 @@ def tune(
         values = {p.key: p.suggest(trial) for p in space.params}
         resume = retried is not None and (run_dir / "last.pt").is_file()
         if resume:
-            from moglstm.lm.train import resume_config
+            from moglstm.lm.runs.folder import resume_config
 
             cfg = resume_config(run_dir)
             logger.info("trial %d: resuming %s (retry of trial %d)", trial.number, run_dir, retried)
@@ -557,7 +557,8 @@ def tune_dynamic(
     optuna = _optuna()
     from moglstm.lm.data import batchify, load_corpus
     from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
-    from moglstm.lm.evaluate import load_run, metrics_for
+    from moglstm.lm.evaluate import metrics_for
+    from moglstm.lm.runs.folder import load_run
 
     space = space if isinstance(space, SearchSpace) else load_space(space)
     for p in space.params:
@@ -627,7 +628,7 @@ SPACE is a shipped search space (--list) or a YAML file:
   space:
     train.lr: {logfloat: [1.0e-4, 1.0e-2]}
     model.input_dropout: {float: [0.0, 0.9]}
-    model.mogrify_rounds: {int: [0, 6]}
+    model.mogrifier.rounds: {int: [0, 6]}
     data.bptt: {choice: [35, 70]}
 Kinds: float, logfloat, int, logint, choice. The study lives in
 <out-dir>/<study>/: study.db (SQLite) and one run folder per trial

@@ -3,18 +3,9 @@
 A checkpoint is one ``torch.save`` file holding only tensors and plain Python
 data (dicts, lists, tuples, str, numbers, bools, None), so that
 ``torch.load(path, weights_only=True)`` reads it without running any pickled
-code. The training loop builds the payload; its conventional keys are::
-
-    format_version  int, added by save_checkpoint (FORMAT_VERSION)
-    model           model.state_dict()
-    optimizer       optimizer.state_dict()
-    scheduler       lr-scheduler state_dict() or None
-    config          moglstm.lm.config.to_dict(cfg)
-    counters        {"step": int, "epoch": int, "best_valid_loss": float,
-                     "bad_validations": int, ...}
-    data            the training batch stream's state_dict() (position, epoch, generator)
-    rng             capture_rng_state()
-    vocab           Vocab.to_dict()
+code. The training loop builds the
+payload, a :class:`~moglstm.lm.runs.payload.CheckpointPayload`; its keys are listed at
+the end of this text (generated from :data:`~moglstm.lm.runs.payload.PAYLOAD_KEYS`).
 
 :func:`save_checkpoint` writes to a temporary file in the destination folder,
 flushes and fsyncs it, reads it back to check every member's CRC-32, renames it
@@ -44,16 +35,17 @@ import collections
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moglstm.lm.errors import UserError
+
+from moglstm.lm.runs.payload import MODEL_ENTRIES, TRAINING_ENTRIES, describe_payload
 from moglstm.lm.safety import (
     ArchiveError,
     UnsafePathError,
@@ -68,13 +60,11 @@ from moglstm.lm.safety import (
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
-    "capture_rng_state",
     "check_training_checkpoint",
     "load_checkpoint",
     "load_newest_checkpoint",
     "previous_path",
     "remove_stale_temp_files",
-    "restore_rng_state",
     "save_checkpoint",
 ]
 
@@ -99,7 +89,7 @@ _PLAIN_LEAVES = (
 _PLAIN_CONTAINERS = (dict, collections.OrderedDict, list, tuple)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that is not a readable moglstm checkpoint (truncated, corrupt or foreign)."""
 
 
@@ -459,8 +449,6 @@ def _check_payload(payload: Any, path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- consistency
 
 #: Entries a checkpoint needs to rebuild a model, and to resume its training.
-MODEL_ENTRIES = ("model", "config", "vocab")
-TRAINING_ENTRIES = (*MODEL_ENTRIES, "optimizer", "scheduler", "counters", "data", "rng")
 _MAX_PLAIN_VALUES = 1_000_000  # plain values outside the vocabulary (a payload has ~1000)
 _SHOWN = 3  # names listed in an error, at most
 
@@ -641,119 +629,15 @@ def _names(names: list) -> str:
 def _model_summary(cfg: Any) -> str:
     m = cfg.model
     if m.kind == "transformer":
-        return f"model.kind='transformer', model.d_model={m.d_model}, model.depth={m.depth}"
+        t = m.transformer
+        return (
+            f"model.kind='transformer', model.transformer.d_model={t.d_model}, "
+            f"model.transformer.depth={t.depth}"
+        )
     return (
         f"model.kind={m.kind!r}, model.hidden_size={m.hidden_size}, "
         f"model.num_layers={m.num_layers}"
     )
 
 
-# --------------------------------------------------------------------------- RNG state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Return the state of every random number generator a run draws from, as plain data.
-
-    Returns:
-        ``{"torch": ByteTensor, "cuda": [ByteTensor per device] (empty without
-        CUDA), "mps": ByteTensor or None, "python": {"version", "state",
-        "gauss_next"}, "numpy": {...} or None}``: tensors, lists and numbers only,
-        so it can go into a checkpoint.
-    """
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "mps": torch.mps.get_rng_state() if _mps_available() else None,
-        "python": _python_state(),
-        "numpy": _numpy_state(),
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Put every generator back to a state returned by :func:`capture_rng_state`.
-
-    CUDA states are restored for the devices present (a warning says when the
-    device count differs, e.g. a GPU run resumed on CPU); MPS and NumPy states
-    are restored when those are available.
-
-    Args:
-        state: the dict from :func:`capture_rng_state` (possibly via a checkpoint).
-
-    Raises:
-        ValueError: ``state`` is not shaped like :func:`capture_rng_state`'s result
-            (the key is named).
-    """
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state: expected a mapping, got {type(state).__name__}")
-    for key in ("torch", "python"):
-        if key not in state:
-            raise ValueError(f"rng state: missing key {key!r} (have {short_repr(list(state))})")
-    torch.set_rng_state(_byte_tensor(state["torch"], "torch"))
-    _restore_cuda(state.get("cuda") or [])
-    if state.get("mps") is not None and _mps_available():
-        torch.mps.set_rng_state(_byte_tensor(state["mps"], "mps"))
-    _restore_python(state["python"])
-    if state.get("numpy") is not None:
-        _restore_numpy(state["numpy"])
-
-
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-def _byte_tensor(value: Any, key: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        raise ValueError(f"rng state[{key!r}]: expected a uint8 tensor, got {short_repr(value)}")
-    return value.cpu()  # the setters want CPU byte tensors, whatever map_location did
-
-
-def _restore_cuda(states: list) -> None:
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if states and len(states) != available:
-        warnings.warn(
-            f"checkpoint holds CUDA RNG states for {len(states)} device(s) but {available} "
-            "are available; restoring those present, so random draws may differ",
-            stacklevel=3,
-        )
-    for device, s in enumerate(states[:available]):
-        torch.cuda.set_rng_state(_byte_tensor(s, f"cuda[{device}]"), device)
-
-
-def _python_state() -> dict[str, Any]:
-    version, internal, gauss_next = random.getstate()
-    return {"version": version, "state": list(internal), "gauss_next": gauss_next}
-
-
-def _restore_python(d: Any) -> None:
-    try:
-        random.setstate((d["version"], tuple(d["state"]), d["gauss_next"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"rng state['python'] is malformed: {short_repr(exc)}") from exc
-
-
-def _numpy_state() -> dict[str, Any] | None:
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional; nothing to capture without it
-        return None
-    kind, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "kind": str(kind),
-        "key": [int(k) for k in key],
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-
-
-def _restore_numpy(d: Any) -> None:
-    try:
-        import numpy as np
-    except ImportError:
-        warnings.warn("checkpoint holds a NumPy RNG state but NumPy is not installed", stacklevel=3)
-        return
-    try:
-        key = np.asarray(d["key"], dtype=np.uint32)
-        np.random.set_state((d["kind"], key, d["pos"], d["has_gauss"], d["cached_gaussian"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"rng state['numpy'] is malformed: {short_repr(exc)}") from exc
+__doc__ = f"{__doc__}\nThe keys of a training checkpoint::\n\n{describe_payload()}\n"

@@ -1,8 +1,13 @@
-"""Mixture of softmaxes (Yang et al., 2018), the output layer the paper uses on WikiText-2.
+"""Layers of the language models beyond torch.nn's: locked dropout, mixture of softmaxes.
 
-A single softmax over ``h W^T`` gives log-probabilities of rank at most ``E + 1``
-(the "softmax bottleneck"). A mixture of ``K`` softmaxes, each over its own
-projection of the hidden state, does not have that limit::
+* :class:`LockedDropout`: dropout with one mask per window (variational) or a fresh
+  mask per step; :data:`DROPOUT_MASKS` are its choices (``model.dropout_mask``).
+* :class:`MixtureOfSoftmaxes` (Yang et al., 2018), the output layer the paper uses on
+  WikiText-2.
+
+Mixture of softmaxes: a single softmax over ``h W^T`` gives log-probabilities of rank
+at most ``E + 1`` (the "softmax bottleneck"). A mixture of ``K`` softmaxes, each over
+its own projection of the hidden state, does not have that limit::
 
     pi      = softmax(h A^T)                       # (T, B, K)   mixture weights
     z_k     = tanh(h P_k^T + c_k)                  # (T, B, K, E) component vectors
@@ -13,17 +18,69 @@ language models hand them back where other models hand back logits, which keeps
 every caller right: ``log_softmax(log p) = log p - log sum(p) = log p`` because the
 probabilities sum to one, so ``F.cross_entropy``, ``softmax(x / T)`` sampling and
 logit temperatures all work on them unchanged.
+
+Like :mod:`moglstm.nn`, this module imports torch only and does no I/O.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from moglstm.lm.regularize import LockedDropout
+__all__ = ["DROPOUT_MASKS", "LockedDropout", "MixtureOfSoftmaxes", "check_probability"]
 
-__all__ = ["MixtureOfSoftmaxes"]
+DROPOUT_MASKS = ("window", "step")
+
+
+def check_probability(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def _check_mask(mask: Any) -> str:
+    if mask not in DROPOUT_MASKS:
+        raise ValueError(f"mask must be one of {DROPOUT_MASKS}, got {mask!r}")
+    return mask
+
+
+class LockedDropout(nn.Module):
+    r"""Dropout on time-major sequences, with one mask per window or one per step.
+
+    With ``mask="window"`` (variational, "locked" dropout) a mask of shape
+    ``(1, B, *)`` is drawn once per forward call, scaled by :math:`1 / (1 - p)`, and
+    applied at every time step. With ``mask="step"`` every position gets its own
+    mask (ordinary dropout). Identity in eval mode or when ``p == 0``.
+
+    Args:
+        p: probability of zeroing a unit, in ``[0, 1)``.
+        mask: ``"window"`` or ``"step"``.
+
+    Shape:
+        - x: ``(T, B, *)``; output: the same.
+    """
+
+    def __init__(self, p: float = 0.0, mask: str = "window") -> None:
+        super().__init__()
+        self.p = check_probability("p", p)
+        self.mask = _check_mask(mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        # (1, B, *) broadcast over the T axis, or (T, B, *) for a fresh mask per step
+        shape = (1, *x.shape[1:]) if self.mask == "window" else x.shape
+        keep = x.new_empty(shape).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}" + (", mask='step'" if self.mask == "step" else "")
+
 
 
 class MixtureOfSoftmaxes(nn.Module):
