@@ -11,6 +11,7 @@ import os
 import random
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,7 @@ def tiny_named_data_dir(
     enwik8 is 3,000 bytes split 2,400 / 300 / 300.
     """
     from moglstm.lm import data
+    from moglstm.lm.data import sources
 
     root = tmp_path_factory.mktemp("named-data")
     src = write_text_corpus(tmp_path_factory.mktemp("grammar"), n_train=200, seed=2)
@@ -180,8 +182,9 @@ def tiny_named_data_dir(
     (root / "enwik8").mkdir()
     (root / "enwik8" / "enwik8").write_bytes(raw)
     sums["enwik8/enwik8"] = data.sha256_file(root / "enwik8" / "enwik8")
-    monkeypatch.setattr(data, "SHA256", {**data.SHA256, **sums})
-    monkeypatch.setattr(data, "ENWIK8_SPLIT", (2400, 300, 300))
+    monkeypatch.setattr(sources, "SHA256", {**sources.SHA256, **sums})
+    enwik8 = replace(sources.SOURCES["enwik8"], split_sizes=(2400, 300, 300))
+    monkeypatch.setitem(sources.SOURCES, "enwik8", enwik8)
     return root
 
 

@@ -134,7 +134,7 @@ def test_rank_is_checked_against_the_hidden_size_before_any_data(capsys, runs):
         capsys, "train", "--preset", "ptb-small", "model.mogrify_rank=500", "--print-config"
     )
     assert code == 2
-    assert "model.mogrify_rank=500 must be below model.hidden_size=200" in err
+    assert "model.mogrifier.rank=500 must be below model.hidden_size=200" in err
     assert not runs.exists()
 
 

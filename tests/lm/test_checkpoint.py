@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from moglstm.lm import checkpoint as ckpt_module
 from moglstm.lm.config import RunConfig, from_dict, to_dict
+from moglstm.lm.runs import checkpoint as ckpt_module
 from moglstm.lm.runs.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,

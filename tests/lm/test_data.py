@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from moglstm.lm.data import (
     iter_windows,
     load_corpus,
     sha256_file,
+    sources,
 )
 
 
@@ -240,10 +242,11 @@ def test_enwik8_zip_and_wrong_size(tiny_named_data_dir, tmp_path, monkeypatch):
     zip_path = tmp_path / "enwik8" / "enwik8.zip"
     with zipfile.ZipFile(zip_path, "w") as zf:
         zf.writestr("enwik8", raw)
-    monkeypatch.setitem(data.SHA256, "enwik8/enwik8.zip", sha256_file(zip_path))
+    monkeypatch.setitem(sources.SHA256, "enwik8/enwik8.zip", sha256_file(zip_path))
     c = load_corpus(DataConfig(corpus="enwik8", data_dir=str(tmp_path)))
     assert c.train.tolist() == list(raw[:2400])
-    monkeypatch.setattr(data, "ENWIK8_SPLIT", (2000, 300, 300))
+    enwik8 = replace(sources.SOURCES["enwik8"], split_sizes=(2000, 300, 300))
+    monkeypatch.setitem(sources.SOURCES, "enwik8", enwik8)
     with pytest.raises(ValueError, match="3,000 bytes, expected 2,600"):
         load_corpus(DataConfig(corpus="enwik8", data_dir=str(tmp_path)))
 
@@ -451,7 +454,7 @@ def test_bundled_corpus_files_ship_with_their_licence_and_stay_small():
 
 
 def test_bundled_corpus_that_does_not_verify_is_an_error(monkeypatch):
-    monkeypatch.setattr(data, "_expected_sha256", lambda key: "0" * 64)
+    monkeypatch.setattr(sources, "SHA256", dict.fromkeys(sources.SHA256, "0" * 64))
     with pytest.raises(ChecksumError, match="bundled shakespeare train split"):
         load_corpus(DataConfig(corpus="shakespeare"))
 

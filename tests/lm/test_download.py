@@ -9,7 +9,7 @@ import threading
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,7 +17,14 @@ import pytest
 
 from moglstm.lm import data
 from moglstm.lm.config import DataConfig
-from moglstm.lm.data import ChecksumError, DownloadError, download, fetch_corpus, load_corpus
+from moglstm.lm.data import (
+    ChecksumError,
+    DownloadError,
+    download,
+    fetch_corpus,
+    load_corpus,
+    sources,
+)
 
 
 def sha(raw: bytes) -> str:
@@ -135,7 +142,7 @@ def ptb_files(monkeypatch) -> dict[str, bytes]:
         "test": b" a cat ran \n",
     }
     sums = {f"ptb/{s}.txt": sha(t) for s, t in texts.items()}
-    monkeypatch.setattr(data, "SHA256", {**data.SHA256, **sums})
+    monkeypatch.setattr(sources, "SHA256", {**sources.SHA256, **sums})
     return {f"ptb.{s}.txt": t for s, t in texts.items()}
 
 
@@ -204,7 +211,7 @@ def test_wikitext_zip_is_unpacked_verified_and_removed(server, tmp_path, monkeyp
     server.files["wikitext-2-v1.zip"] = buf.getvalue()
     sums = {f"wikitext-2/{s}.txt": sha(t) for s, t in texts.items()}
     sums["wikitext-2/wikitext-2-v1.zip"] = sha(buf.getvalue())
-    monkeypatch.setattr(data, "SHA256", {**data.SHA256, **sums})
+    monkeypatch.setattr(sources, "SHA256", {**sources.SHA256, **sums})
     corpus = load_corpus(
         DataConfig(corpus="wikitext-2", cache_dir=str(tmp_path)), mirror=server.url
     )
@@ -223,7 +230,7 @@ def test_wikitext_member_mismatch_leaves_no_member(server, tmp_path, monkeypatch
     server.files["wikitext-2-v1.zip"] = buf.getvalue()
     sums = {f"wikitext-2/{s}.txt": sha(b"other") for s in ("train", "valid", "test")}
     sums["wikitext-2/wikitext-2-v1.zip"] = sha(buf.getvalue())
-    monkeypatch.setattr(data, "SHA256", {**data.SHA256, **sums})
+    monkeypatch.setattr(sources, "SHA256", {**sources.SHA256, **sums})
     with pytest.raises(ChecksumError, match="wiki.train.tokens"):
         fetch_corpus("wikitext-2", cache_dir=tmp_path, mirror=server.url)
     assert leftovers(tmp_path / "wikitext-2") == ["wikitext-2-v1.zip"]  # verified archive
@@ -235,8 +242,10 @@ def test_enwik8_download_and_split(server, tmp_path, monkeypatch):
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("enwik8", raw)
     server.files["enwik8.zip"] = buf.getvalue()
-    monkeypatch.setattr(data, "SHA256", {**data.SHA256, "enwik8/enwik8.zip": sha(buf.getvalue())})
-    monkeypatch.setattr(data, "ENWIK8_SPLIT", (824, 100, 100))
+    sums = {**sources.SHA256, "enwik8/enwik8.zip": sha(buf.getvalue())}
+    monkeypatch.setattr(sources, "SHA256", sums)
+    enwik8 = replace(sources.SOURCES["enwik8"], split_sizes=(824, 100, 100))
+    monkeypatch.setitem(sources.SOURCES, "enwik8", enwik8)
     corpus = load_corpus(DataConfig(corpus="enwik8", cache_dir=str(tmp_path)), mirror=server.url)
     assert corpus.level == "byte" and corpus.test.tolist() == list(raw[924:])
     assert leftovers(tmp_path / "enwik8") == ["enwik8.zip"]
@@ -247,7 +256,8 @@ def test_unverified_raw_enwik8_in_cache_is_refused(server, tmp_path, monkeypatch
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("enwik8", b"a" * 30)
     server.files["enwik8.zip"] = buf.getvalue()
-    monkeypatch.setattr(data, "SHA256", {**data.SHA256, "enwik8/enwik8.zip": sha(buf.getvalue())})
+    sums = {**sources.SHA256, "enwik8/enwik8.zip": sha(buf.getvalue())}
+    monkeypatch.setattr(sources, "SHA256", sums)
     (tmp_path / "enwik8").mkdir()
     (tmp_path / "enwik8" / "enwik8").write_bytes(b"b" * 30)  # dropped there by hand
     with pytest.raises(ChecksumError, match="enwik8"):

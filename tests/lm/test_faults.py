@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from moglstm.cli import main
-from moglstm.lm import checkpoint as checkpoint_module
 from moglstm.lm import train as train_module
 from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, validate
 from moglstm.lm.policies import NonFiniteLossError
 from moglstm.lm.runlock import RunLock, RunLockedError
+from moglstm.lm.runs import checkpoint as checkpoint_module
 from moglstm.lm.runs.checkpoint import (
     CheckpointError,
     load_checkpoint,

@@ -18,10 +18,10 @@ import torch
 
 from moglstm.cli import main
 from moglstm.lm import budget
-from moglstm.lm import checkpoint as checkpoint_module
 from moglstm.lm.config import load_config, load_preset
 from moglstm.lm.evaluate import evaluate
 from moglstm.lm.generate import generate, sample_next
+from moglstm.lm.runs import checkpoint as checkpoint_module
 from moglstm.lm.runs.checkpoint import (
     CheckpointError,
     check_training_checkpoint,

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moglstm.lm.budget import parse_count
-from moglstm.lm.config import ModelConfig, load_config, load_preset, model_config, validate
+from moglstm.lm.config import load_config, load_preset, model_config, validate
 from moglstm.lm.layers import LockedDropout, MixtureOfSoftmaxes
 from moglstm.lm.models import RNNLanguageModel, build_model, count_parameters
 from moglstm.nn import functional as nnF
@@ -215,8 +215,8 @@ def test_mixture_dropout_follows_the_mask_choice():
     [
         (["model.dropout_mask=sometimes"], "model.dropout_mask='sometimes'"),
         (["model.drop_state_probability=1.5"], "model.drop_state_probability=1.5"),
-        (["model.mos_components=0"], "model.mos_components=0"),
-        (["model.mos_dropout=0.2"], "needs model.mos_components > 1"),
+        (["model.mos_components=0"], "model.output.mos_components=0"),
+        (["model.mos_dropout=0.2"], "needs model.output.mos_components > 1"),
         (["model.embedding_ratio=0.5", "model.embedding_size=10"], "alternatives"),
         (["model.embedding_ratio=-1"], "model.embedding_ratio=-1"),
         (["model.kind=gru", "model.forget_bias=1"], "needs a forget gate"),

@@ -70,14 +70,14 @@ def test_read_run_gathers_curves_params_and_evaluations(two_runs: list[Path]) ->
 
 def test_table_shows_differences_and_results(two_runs: list[Path]) -> None:
     runs = [read_run(p) for p in two_runs]
-    assert config_differences(runs) == ["model.kind", "model.mogrify_rounds"]
+    assert config_differences(runs) == ["model.kind", "model.mogrifier.rounds"]
     table = markdown_table(runs)
     lines = table.splitlines()
     assert lines[0].split(" | ")[:4] == ["| run", "status", "step", "config"]
     assert len(lines) == 4
     mog_row, lstm_row = lines[2], lines[3]
-    assert "model.kind=mogrifier, model.mogrify_rounds=2" in mog_row
-    assert "model.kind=lstm, model.mogrify_rounds=0" in lstm_row
+    assert "model.kind=mogrifier, model.mogrifier.rounds=2" in mog_row
+    assert "model.kind=lstm, model.mogrifier.rounds=0" in lstm_row
     best = runs[1].best_valid
     assert f"ppl {best['ppl']:.2f} (step {best['step']})" in lstm_row
     test = runs[1].test

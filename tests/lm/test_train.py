@@ -16,7 +16,6 @@ import torch
 from moglstm.lm import train as train_module
 from moglstm.lm.config import (
     DataConfig,
-    ModelConfig,
     RunConfig,
     TrainConfig,
     model_config,

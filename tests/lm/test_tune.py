@@ -238,8 +238,8 @@ def test_space_files(tmp_path: Path) -> None:
         assert load_preset(space.preset).name == space.preset
     mog, lstm = load_space("ptb-paper"), load_space("ptb-paper-lstm")
     assert {p.key for p in mog.params} - {p.key for p in lstm.params} == {
-        "model.mogrify_rounds",
-        "model.mogrify_rank",
+        "model.mogrifier.rounds",
+        "model.mogrifier.rank",
     }
 
 

@@ -51,9 +51,9 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
 
     Missing keys keep their defaults. Unknown keys at any level raise
     :class:`~moglstm.lm.errors.ConfigError` (a ``ValueError``) naming the dotted key
-    and listing the valid keys of that section. Values are checked against the field types and coerced where it is
-    lossless (an int for a float field, ``"1e-3"`` for a float, ``1000.0`` for an
-    int, a list for a tuple); anything else raises
+    and listing the valid keys of that section. Values are checked against the field
+    types and coerced where it is lossless (an int for a float field, ``"1e-3"`` for a
+    float, ``1000.0`` for an int, a list for a tuple); anything else raises
     :class:`~moglstm.lm.errors.ConfigTypeError` (a ``TypeError`` too) naming the key
     and the value. Ranges and choices are not checked here: see :func:`validate`.
 

@@ -111,7 +111,8 @@ class CorpusSource:
         return f"{', '.join(head)} and {last}"
 
 
-SOURCES: Mapping[str, CorpusSource] = MappingProxyType(
+#: The registry: every named corpus by its ``data.corpus`` name.
+SOURCES: dict[str, CorpusSource] = dict(
     {
         "shakespeare": CorpusSource("shakespeare", "word", bundled=True),
         "ptb": CorpusSource(
