@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from moglstm.lm.benchmark import Shape, run_benchmark  # noqa: E402
+from moglstm.benchmark import Shape, run_benchmark  # noqa: E402
 
 BUDGET_S = {"tests": 170, "benchmark": 200, "ptb_paper": 90}
 TARGET = Shape(batch=64, seq_len=70, hidden=1024, layers=2, rounds=5, rank=84)

@@ -18,7 +18,7 @@ from tests.test_cli import run_cli, tiny_overrides, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SRC = Path(cli.__file__).resolve().parent
+SRC = Path(cli.__file__).resolve().parent.parent  # src/moglstm
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_errors_name_config_keys_not_python_attributes():
     """No message in the package spells a config key as a Python attribute."""
     pattern = re.compile(r"\b(Data|Model|Train|Run)Config\.[a-z_]+")
     offenders = []
-    for path in [*SRC.glob("*.py"), *SRC.glob("lm/*.py")]:
+    for path in [*SRC.glob("*.py"), *SRC.glob("cli/*.py"), *SRC.glob("lm/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text("utf-8"))):
             logged = isinstance(node, ast.Call) and getattr(node.func, "attr", "") in (
                 "warning",

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moglstm.lm.errors import UserError
 from moglstm.lm.safety import short_repr
 
 __all__ = [
@@ -147,7 +148,7 @@ _FLOAT_BYTES = 4  # parameters, gradients, moments and activations are float32
 _STATE_COPIES = 4  # weights, gradients, Adam's exp_avg and exp_avg_sq
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(UserError):
     """Training the configured model would need more memory than the device has."""
 
 

@@ -31,14 +31,13 @@ from typing import Any
 import torch
 import yaml
 
+from moglstm.lm.errors import UserError
+
 __all__ = [
-    "COMMAND",
     "EVALUATIONS_FILE",
     "FIGURE_FORMATS",
     "MissingExtraError",
     "RunRecord",
-    "add_arguments",
-    "command",
     "config_differences",
     "find_runs",
     "markdown_table",
@@ -59,7 +58,7 @@ FIGURE_FORMATS = ("png", "svg")
 _IGNORED_KEYS = frozenset({"name", "out_dir"})
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(UserError, RuntimeError):
     """An optional dependency (an extra of the moglstm package) is not installed."""
 
 
@@ -475,43 +474,3 @@ def report(
         path.write_text(table, encoding="utf-8")
         files.append(path)
     return {"runs": records, "table": table, "files": files}
-
-
-# --------------------------------------------------------------------------- command line
-
-#: ``moglstm report``'s help, description and epilog (see :mod:`moglstm.cli`).
-COMMAND = (
-    "compare runs: learning curves and a table",
-    "Plot and tabulate one or several training runs (finished or still training).",
-    """\
-Writes OUT.png and OUT.svg (validation perplexity or bits per character and
-training loss, against steps and against wall-clock time, one line per run) and
-OUT.md, the table that is also printed: status, the config keys in which the
-runs differ, parameters, best and final validation, the latest test evaluation
-(`moglstm evaluate --split test` records it in the run folder), median training
-tokens/s and time. A folder of run folders (a `moglstm tune` study) stands for
-all its runs. The figure needs matplotlib: pip install 'moglstm[plot]'.
-
-examples:
-  moglstm report runs/ptb-small runs/ptb-small-lstm --out ptb-small
-  moglstm report runs/tune/ptb-small --no-plot      # the table of a study's trials
-""",
-)
-
-
-def add_arguments(parser: Any) -> None:
-    """``moglstm report``'s options."""
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or folders of runs)")
-    parser.add_argument(
-        "--out", default="report", metavar="PREFIX", help="files' path prefix (default: report)"
-    )
-    parser.add_argument("--title", help="the figure's title")
-    parser.add_argument("--no-plot", action="store_true", help="the table alone (no matplotlib)")
-
-
-def command(args: Any) -> None:
-    """Run ``moglstm report``: print the table, write the files."""
-    result = report(args.runs, args.out, plot=not args.no_plot, title=args.title)
-    print(result["table"], end="")
-    for path in result["files"]:
-        logger.info("wrote %s", path)

@@ -30,6 +30,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+from moglstm.lm.errors import UserError
 from moglstm.lm.safety import open_regular
 
 __all__ = ["LOCK_FILE", "RunLock", "RunLockedError"]
@@ -38,7 +39,7 @@ __all__ = ["LOCK_FILE", "RunLock", "RunLockedError"]
 LOCK_FILE = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another process is using the run folder (it holds the folder's lock)."""
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from moglstm.benchmark import Shape, parse_shape, run_benchmark
 from moglstm.cli import main
-from moglstm.lm.benchmark import Shape, parse_shape, run_benchmark
 
 
 def test_floor_is_the_extra_arithmetic_of_the_rounds():
@@ -126,7 +126,7 @@ def test_torch_loop_and_tf32_options():
     assert [r.implementation for r in results] == ["torch", "torch-loop"]
     assert results[1].dtype == "tf32"
     assert torch.backends.cuda.matmul.allow_tf32 == before
-    from moglstm.lm.benchmark import build
+    from moglstm.benchmark import build
 
     module = build("torch-loop", Shape(batch=2, seq_len=3, hidden=8, rank=2), "cpu", torch.float32)
     assert module.backend_for(None).name == "torch-loop"

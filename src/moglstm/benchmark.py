@@ -1,5 +1,11 @@
 """``moglstm benchmark``: MogrifierLSTM against torch.nn.LSTM of the same shape.
 
+It lives beside :mod:`moglstm.nn`, the layers it measures, not in the language-model
+toolkit: it times layers, not models. It cannot live inside ``nn``, which imports
+torch only and does no I/O or printing, while this module prints, spawns child
+processes and writes JSON. It reaches the layers through their public seam
+(:class:`~moglstm.nn.MogrifierLSTM`, :mod:`moglstm.nn.backends`) only.
+
 Every implementation runs in one process, interleaved (torch, reference, fused,
 torch, ...), so a noisy machine slows all of them alike; the report gives the
 median over the timed runs, the ratio to ``torch.nn.LSTM``, and that ratio
@@ -23,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moglstm.nn import MogrifierLSTM, _kernels, backends
+from moglstm.nn import MogrifierLSTM, backends
 
 # "torch-loop" is the fused path's Python loop of torch ops (the CUDA path before the
 # Triton backend); "triton" the Triton backend (CUDA)
@@ -206,7 +212,7 @@ def peak_memory_mb(impl: str, shape: Shape, device: str, dtype: str) -> float | 
     if not sys.platform.startswith("linux"):
         return None
     args = json.dumps({"impl": impl, "shape": asdict(shape), "dtype": dtype})
-    code = f"from moglstm.lm.benchmark import _memory_child; _memory_child({args!r})"
+    code = f"from moglstm.benchmark import _memory_child; _memory_child({args!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -278,7 +284,7 @@ def compiled_loop_setup(dtype: torch.dtype, log: Callable[[str], None]) -> float
     """Seconds to build (first use on this machine) or load the fused path's compiled CPU
     loop, reported apart from the timings, which never include it."""
     start = time.perf_counter()
-    available = _kernels.loop_available(torch.zeros(1, dtype=dtype))
+    available = backends.step_loop(torch.zeros(1, dtype=dtype)) is backends.COMPILED_LOOP
     seconds = time.perf_counter() - start
     if available:
         log(f"fused: compiled step loop built or loaded in {seconds:.2f} s (not in the timings)")
