@@ -176,7 +176,7 @@ def run_ptb(dry: bool, data: str | None) -> dict:
             f"data.path={corpus}",
             "model.num_params=null",
             "model.hidden_size=16",
-            "model.mogrify_rank=3",
+            "model.mogrifier.rank=3",
             "data.batch_size=2",
             "data.eval_batch_size=2",
             "data.bptt=5",

@@ -12,7 +12,8 @@ from torch.nn import functional as F
 
 from moglstm.lm.config import RunConfig, TrainConfig, model_config
 from moglstm.lm.data import batchify, load_corpus
-from moglstm.lm.evaluate import evaluate, evaluate_loss, metric_name, metrics_for
+from moglstm.lm.evaluate import evaluate, evaluate_loss
+from moglstm.lm.metrics import metric_name, metrics_for
 from moglstm.lm.runs.folder import load_run, resolve_checkpoint
 from moglstm.lm.runtime import resolve_device
 from moglstm.lm.train import train

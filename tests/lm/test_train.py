@@ -21,9 +21,9 @@ from moglstm.lm.config import (
     model_config,
     read_config,
 )
-from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule
+from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule, make_optimizer
 from moglstm.lm.runs.folder import RESUMABLE_KEYS, resume_config
-from moglstm.lm.train import make_optimizer, train
+from moglstm.lm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -81,7 +81,7 @@ def parse_count(value: str | int | float) -> int:
     if isinstance(value, str):
         match = _COUNT_RE.fullmatch(value)
         if match is None:
-            raise ValueError(
+            raise UserError(
                 f"{short_repr(value)} is not a parameter count (write e.g. 24M, 1.5k, 24e6 or "
                 "24000000)"
             )
@@ -89,7 +89,7 @@ def parse_count(value: str | int | float) -> int:
     else:
         number = float(value)
     if not math.isfinite(number) or number < 1 or abs(number - round(number)) > 1e-6 * number:
-        raise ValueError(f"{short_repr(value)} must be a positive whole number of parameters")
+        raise UserError(f"{short_repr(value)} must be a positive whole number of parameters")
     return int(round(number))
 
 
@@ -113,15 +113,15 @@ def largest_fitting(
             no size up to ``high`` can be built.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive int, got {short_repr(budget)}")
+        raise UserError(f"budget must be a positive int, got {short_repr(budget)}")
     if isinstance(high, bool) or not isinstance(high, int) or high < 1:
-        raise ValueError(f"high must be a positive int, got {short_repr(high)}")
+        raise UserError(f"high must be a positive int, got {short_repr(high)}")
     smallest = _first(lambda n: count(n) is not None, 1, high)
     if smallest is None:
-        raise ValueError(f"no size up to {high} can be built")
+        raise UserError(f"no size up to {high} can be built")
     least = count(smallest)
     if least > budget:
-        raise ValueError(
+        raise UserError(
             f"a budget of {budget:,} parameters is too small: the smallest model "
             f"(size {smallest}) has {least:,}"
         )

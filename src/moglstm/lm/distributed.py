@@ -66,6 +66,7 @@ import torch
 from torch import Tensor, nn
 from torch import distributed as dist
 
+from moglstm.lm.errors import UserError
 from moglstm.lm.runtime import capture_rng_state, resolve_device, restore_rng_state
 from moglstm.lm.safety import short_repr
 from moglstm.lm.state import map_state
@@ -136,7 +137,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(
+        raise UserError(
             f"environment variable {name}={short_repr(raw)} is not an integer (torchrun sets it)"
         ) from None
 
@@ -156,9 +157,9 @@ def _context_from_env(device: str) -> DistContext:
     local_rank = _env_int("LOCAL_RANK", rank)
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+        raise UserError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
     if not 0 <= local_rank < local_world:
-        raise ValueError(f"LOCAL_RANK={local_rank} is not in [0, LOCAL_WORLD_SIZE={local_world})")
+        raise UserError(f"LOCAL_RANK={local_rank} is not in [0, LOCAL_WORLD_SIZE={local_world})")
     return DistContext(rank, world, local_rank, _rank_device(device, local_rank, local_world))
 
 
@@ -167,13 +168,13 @@ def _rank_device(spec: str, local_rank: int, local_world: int) -> torch.device:
     if not isinstance(spec, str):
         raise TypeError(f"train.device: expected a string, got {short_repr(spec)}")
     if spec == "mps":
-        raise ValueError("train.device='mps' does not support several processes; use cpu")
+        raise UserError("train.device='mps' does not support several processes; use cpu")
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if local_rank >= count:
-            raise ValueError(
+            raise UserError(
                 f"{local_world} processes on this machine but {count} CUDA device(s): start "
                 f"at most {count} (torchrun --nproc_per_node={max(count, 1)}) or use "
                 "train.device=cpu"
@@ -181,7 +182,7 @@ def _rank_device(spec: str, local_rank: int, local_world: int) -> torch.device:
         return torch.device("cuda", local_rank)
     device = resolve_device(spec)
     if device.type == "cuda" and local_world > 1:
-        raise ValueError(
+        raise UserError(
             f"train.device={spec!r} names one GPU but {local_world} processes run on this "
             "machine; use train.device=cuda so that each takes the GPU of its LOCAL_RANK"
         )
@@ -395,7 +396,7 @@ def average_loss(loss: float, count: int, ctx: DistContext) -> tuple[float, int]
     rows = _gather_rows([loss * count if count else 0.0, float(count)], ctx)
     total, tokens = sum(row[0] for row in rows), int(sum(row[1] for row in rows))
     if tokens == 0:
-        raise ValueError("validation: no rank had any token to score")
+        raise UserError("validation: no rank had any token to score")
     return total / tokens, tokens
 
 
@@ -405,7 +406,7 @@ def average_loss(loss: float, count: int, ctx: DistContext) -> tuple[float, int]
 def check_batch_size(batch_size: int, ctx: DistContext) -> None:
     """Raise ``ValueError`` unless ``batch_size`` streams split evenly over the ranks."""
     if batch_size % ctx.world_size:
-        raise ValueError(
+        raise UserError(
             f"data.batch_size={batch_size} is not divisible by the {ctx.world_size} "
             f"processes: each takes batch_size / {ctx.world_size} streams, so choose a "
             f"multiple of {ctx.world_size}"
@@ -510,7 +511,7 @@ def scatter_state(state: Any, ctx: DistContext) -> Any:
     def take(t: Tensor) -> Tensor:
         dim = _batch_dim(t)
         if t.size(dim) % ctx.world_size:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's carried state has a batch of {t.size(dim)}, which does "
                 f"not split over {ctx.world_size} processes"
             )

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moglstm.lm.data import iter_windows
+from moglstm.lm.errors import UserError
 from moglstm.lm.models import softmax_temperature
 from moglstm.lm.progress import ScoreProgress
 from moglstm.lm.state import detach_state
@@ -79,11 +80,11 @@ class DynamicEvalSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"dynamic {name}: expected a float, got {value!r}")
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"dynamic {name}={value!r} must be positive")
+                raise UserError(f"dynamic {name}={value!r} must be positive")
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)):
             raise TypeError(f"dynamic decay: expected a float, got {self.decay!r}")
         if not (math.isfinite(self.decay) and self.decay >= 0):
-            raise ValueError(f"dynamic decay={self.decay!r} must be >= 0")
+            raise UserError(f"dynamic decay={self.decay!r} must be >= 0")
         for name in ("bptt", "grad_batches"):
             value = getattr(self, name)
             if value is None and name == "grad_batches":
@@ -91,7 +92,7 @@ class DynamicEvalSettings:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"dynamic {name}: expected an int, got {value!r}")
             if value < 1:
-                raise ValueError(f"dynamic {name}={value} must be >= 1")
+                raise UserError(f"dynamic {name}={value} must be >= 1")
 
 
 def _parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -146,7 +147,7 @@ def gradient_statistics(
         shaped like it: the mean of the squared gradients.
     """
     if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches={max_batches} must be >= 1")
+        raise UserError(f"max_batches={max_batches} must be >= 1")
     model.eval()
     params = _parameters(model)
     ms = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -167,7 +168,7 @@ def gradient_statistics(
         windows += 1
     model.zero_grad(set_to_none=True)
     if windows == 0:
-        raise ValueError(f"data: no window to take gradients on in shape {tuple(data.shape)}")
+        raise UserError(f"data: no window to take gradients on in shape {tuple(data.shape)}")
     return [m.div_(windows) for m in ms]
 
 
@@ -199,12 +200,12 @@ def dynamic_evaluate(
     settings = settings or DynamicEvalSettings()
     params = _parameters(model)
     if len(ms) != len(params) or any(m.shape != p.shape for m, p in zip(ms, params, strict=False)):
-        raise ValueError("ms: expected one tensor per parameter, shaped like it")
+        raise UserError("ms: expected one tensor per parameter, shaped like it")
     model.eval()
     rms = [m.sqrt().to(p.dtype) for m, p in zip(ms, params, strict=True)]
     mean_rms = sum(r.sum().item() for r in rms) / sum(r.numel() for r in rms)
     if mean_rms == 0:
-        raise ValueError("ms: every mean squared gradient is zero")
+        raise UserError("ms: every mean squared gradient is zero")
     # per element: the fraction of the way back to the trained weights, each step
     pull = [(settings.decay * r / mean_rms).clamp_(max=1.0) for r in rms]
     total = torch.zeros((), dtype=torch.float64, device=data.device)
@@ -221,7 +222,7 @@ def dynamic_evaluate(
             (loss / targets.numel()).backward()
             _update(params, rms, pull, trained, settings)
     if count == 0:
-        raise ValueError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
+        raise UserError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
     return total.item() / count, count
 
 

@@ -28,30 +28,28 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moglstm.lm.data import batchify, iter_windows, load_corpus
+from moglstm.lm.data.sources import SPLITS
 from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
+from moglstm.lm.errors import UserError
+from moglstm.lm.metrics import metrics_for
 from moglstm.lm.models import softmax_temperature
 from moglstm.lm.progress import ScoreProgress
 from moglstm.lm.regularize import scaled_dropout
-from moglstm.lm.report import record_evaluation
-from moglstm.lm.runs.folder import load_run
+from moglstm.lm.runs.folder import load_run, record_evaluation
 from moglstm.lm.runtime import autocast, autocast_dtype
 from moglstm.lm.state import detach_state
 
 __all__ = [
-    "SPLIT_CHOICES",
     "OFFICIAL_TEMPERATURES",
     "TEMPERATURE_GRID",
     "evaluate",
     "evaluate_loss",
-    "metric_name",
-    "metrics_for",
     "score_split",
     "search_temperature",
 ]
 
 logger = logging.getLogger(__name__)
 
-SPLIT_CHOICES = ("train", "valid", "test")
 #: Temperatures tried by ``--temperature auto``: 0.75 to 1.25 in steps of 0.01 (1.0 included).
 TEMPERATURE_GRID = tuple(round(0.75 + 0.01 * i, 2) for i in range(51))
 #: The official code's candidates: logits multiplied by 1.06, 1.04, ..., 0.80, that is
@@ -60,27 +58,6 @@ OFFICIAL_TEMPERATURES = tuple(1.0 / round(1.06 - 0.02 * i, 2) for i in range(14)
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def metric_name(level: str) -> str:
-    """``"ppl"`` (perplexity) for word-level corpora, ``"bpc"`` (bits per character) else."""
-    return "ppl" if level == "word" else "bpc"
-
-
-def metrics_for(loss: float, level: str) -> dict[str, float]:
-    """``{"loss": loss, "ppl": exp(loss)}`` at word level, ``{"loss", "bpc"}`` otherwise.
-
-    Args:
-        loss: mean cross-entropy in nats per token.
-        level: the corpus level (``word``, ``char`` or ``byte``).
-    """
-    if metric_name(level) == "bpc":
-        return {"loss": loss, "bpc": loss / math.log(2)}
-    try:
-        ppl = math.exp(loss)
-    except OverflowError:  # a diverged model: the perplexity is astronomically large
-        ppl = math.inf
-    return {"loss": loss, "ppl": ppl}
 
 
 # --------------------------------------------------------------------------- scoring
@@ -133,7 +110,7 @@ def evaluate_loss(
         if progress is not None:
             progress.update(targets.numel(), window)
     if count == 0:
-        raise ValueError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
+        raise UserError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
     return total.item() / count, count
 
 
@@ -180,7 +157,7 @@ def score_split(
     """
     temps = _check_temperatures(temperatures)
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
-        raise ValueError(f"mc_samples={mc_samples!r} must be an int >= 0")
+        raise UserError(f"mc_samples={mc_samples!r} must be an int >= 0")
     options = dict(mc_samples=mc_samples, mc_dropout_scale=mc_dropout_scale)
     options.update(max_tokens=max_tokens, amp_dtype=amp_dtype)
     if getattr(model, "returns_log_probs", False) and temps != [1.0]:
@@ -214,18 +191,18 @@ def score_split(
                 progress.update(targets.numel(), window[0])
     model.eval()
     if count == 0:
-        raise ValueError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
+        raise UserError(f"data: nothing to score in a split of shape {tuple(data.shape)}")
     return (totals / count).tolist(), count
 
 
 def _check_temperatures(temperatures: Sequence[float]) -> list[float]:
     temps = list(temperatures)
     if not temps:
-        raise ValueError("temperatures: give at least one")
+        raise UserError("temperatures: give at least one")
     for t in temps:
         bad = isinstance(t, bool) or not isinstance(t, (int, float))
         if bad or not (math.isfinite(t) and t > 0):
-            raise ValueError(f"temperature {t!r} must be a positive number")
+            raise UserError(f"temperature {t!r} must be a positive number")
     return [float(t) for t in temps]
 
 
@@ -338,8 +315,8 @@ def evaluate(
         checkpoint is in a run folder the results are also appended to its
         ``evaluations.jsonl`` (shown by ``moglstm report``).
     """
-    if split not in SPLIT_CHOICES:
-        raise ValueError(f"split={split!r} is not one of: {', '.join(SPLIT_CHOICES)}")
+    if split not in SPLITS:
+        raise UserError(f"split={split!r} is not one of: {', '.join(SPLITS)}")
     for name, value in (
         ("batch_size", batch_size),
         ("bptt", bptt),
@@ -349,7 +326,7 @@ def evaluate(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{name}: expected an int, got {value!r}")
         if value is not None and value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
+            raise UserError(f"{name}={value} must be >= 1")
     _check_protocol(temperature, mc_samples, mc_dropout_scale, dynamic)
     loaded = load_run(run, checkpoint, device)
     cfg = loaded.config
@@ -450,19 +427,19 @@ def _check_protocol(temperature: Any, mc_samples: Any, mc_dropout_scale: Any, dy
     """Argument checks of :func:`evaluate`'s protocol options."""
     if isinstance(temperature, str):
         if temperature != "auto":
-            raise ValueError(f"temperature={temperature!r}: give a number > 0 or 'auto'")
+            raise UserError(f"temperature={temperature!r}: give a number > 0 or 'auto'")
     elif temperature is not None:
         _check_temperatures([temperature])
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
-        raise ValueError(f"mc_samples={mc_samples!r} must be an int >= 0")
+        raise UserError(f"mc_samples={mc_samples!r} must be an int >= 0")
     if isinstance(mc_dropout_scale, bool) or not isinstance(mc_dropout_scale, (int, float)):
         raise TypeError(f"mc_dropout_scale: expected a number, got {mc_dropout_scale!r}")
     if not (math.isfinite(mc_dropout_scale) and mc_dropout_scale >= 0):
-        raise ValueError(f"mc_dropout_scale={mc_dropout_scale!r} must be >= 0")
+        raise UserError(f"mc_dropout_scale={mc_dropout_scale!r} must be >= 0")
     if dynamic is not None and not isinstance(dynamic, DynamicEvalSettings):
         raise TypeError(f"dynamic: expected DynamicEvalSettings or None, got {dynamic!r}")
     if dynamic is not None and mc_samples:
-        raise ValueError(
+        raise UserError(
             f"dynamic evaluation and mc_samples={mc_samples} cannot be combined: dynamic "
             "evaluation scores without dropout"
         )

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from moglstm.lm.data import Vocab
+from moglstm.lm.errors import UserError
 from moglstm.lm.runs.folder import load_run
 from moglstm.lm.safety import short_repr
 
@@ -51,11 +52,11 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k: expected an int, got {short_repr(top_k)}")
     if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature={short_repr(temperature)} must be a finite number >= 0")
+        raise UserError(f"temperature={short_repr(temperature)} must be a finite number >= 0")
     if top_k < 0:
-        raise ValueError(f"top_k={short_repr(top_k)} must be >= 0 (0 keeps every token)")
+        raise UserError(f"top_k={short_repr(top_k)} must be >= 0 (0 keeps every token)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={short_repr(top_p)} must be in (0, 1] (1 keeps every token)")
+        raise UserError(f"top_p={short_repr(top_p)} must be in (0, 1] (1 keeps every token)")
 
 
 def sample_next(
@@ -78,10 +79,10 @@ def sample_next(
     """
     check_sampling(temperature, top_k, top_p)
     if logits.dim() != 1:
-        raise ValueError(f"logits must have shape (V,), got {tuple(logits.shape)}")
+        raise UserError(f"logits must have shape (V,), got {tuple(logits.shape)}")
     logits = logits.detach().double().cpu()
     if bool(torch.isnan(logits).any()):
-        raise ValueError("the model's next-token scores hold NaN: its weights are damaged")
+        raise UserError("the model's next-token scores hold NaN: its weights are damaged")
     if temperature == 0:
         return int(logits.argmax())
     # shift the largest logit to 0 first: a tiny temperature then sends the others to
@@ -126,9 +127,9 @@ def sample_ids(
     """
     check_sampling(temperature, top_k, top_p)
     if not prompt:
-        raise ValueError("prompt: need at least one token to start from")
+        raise UserError("prompt: need at least one token to start from")
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"num_tokens={short_repr(num_tokens)} must be an int >= 1")
+        raise UserError(f"num_tokens={short_repr(num_tokens)} must be an int >= 1")
     model.eval()
     device = next(model.parameters()).device
     stateful = getattr(model, "stateful", True)
@@ -194,7 +195,7 @@ def generate(
         raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
     check_sampling(temperature, top_k, top_p)
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"tokens={short_repr(num_tokens)} must be an int >= 1")
+        raise UserError(f"tokens={short_repr(num_tokens)} must be an int >= 1")
     loaded = load_run(run, checkpoint, device)
     vocab = loaded.vocab
     tokens = vocab.tokenize(prompt)
@@ -269,5 +270,5 @@ def _start_tokens(vocab: Vocab, tokens: list[str]) -> list[str]:
     if tokens:
         return tokens
     if vocab.eos is None:
-        raise ValueError("prompt is empty: give some text to start from")
+        raise UserError("prompt is empty: give some text to start from")
     return [vocab.eos]  # start of a fresh line

@@ -1,4 +1,4 @@
-"""Training policies: the learning-rate schedule, and what a non-finite loss does.
+"""Training policies: the optimiser, the learning-rate schedule, what a NaN loss does.
 
 ``train.schedule`` takes a name of :data:`SCHEDULES` (:class:`PlateauSchedule` runs
 it); ``train.nonfinite`` a name of :data:`NONFINITE_POLICIES`: ``stop`` the run,
@@ -10,9 +10,21 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["NONFINITE_POLICIES", "SCHEDULES", "NonFiniteLossError", "PlateauSchedule"]
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from moglstm.lm.config import TrainConfig
+
+__all__ = [
+    "NONFINITE_POLICIES",
+    "SCHEDULES",
+    "NonFiniteLossError",
+    "PlateauSchedule",
+    "make_optimizer",
+]
 
 logger = logging.getLogger("moglstm.lm.train")
 
@@ -84,3 +96,19 @@ class PlateauSchedule:
         self.best = float(state["best"])
         self.bad = int(state["bad"])
         self.since_decay = int(state["since_decay"])
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW (decoupled weight decay) when ``cfg.weight_decay > 0``.
+
+    Weight decay applies to matrices (embeddings and weights, ``dim >= 2``) only, not to
+    biases and normalisation gains.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.weight_decay == 0:
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

@@ -32,9 +32,9 @@ import torch
 import yaml
 
 from moglstm.lm.errors import UserError
+from moglstm.lm.runs.folder import EVALUATIONS_FILE
 
 __all__ = [
-    "EVALUATIONS_FILE",
     "FIGURE_FORMATS",
     "MissingExtraError",
     "RunRecord",
@@ -44,15 +44,12 @@ __all__ = [
     "plot_runs",
     "read_jsonl",
     "read_run",
-    "record_evaluation",
     "require",
     "report",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: One JSON line per ``evaluate`` of a run (written beside its checkpoints).
-EVALUATIONS_FILE = "evaluations.jsonl"
 FIGURE_FORMATS = ("png", "svg")
 # never shown as differences: the run column names the run already
 _IGNORED_KEYS = frozenset({"name", "out_dir"})
@@ -203,21 +200,11 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def record_evaluation(run_dir: Path, results: dict[str, Any]) -> None:
-    """Append ``evaluate``'s results to the run's ``evaluations.jsonl``.
-
-    A folder that cannot be written (a read-only copy of a run) only logs why.
-    """
-    try:
-        with open(run_dir / EVALUATIONS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(results) + "\n")
-    except OSError as exc:
-        logger.debug("evaluation not recorded in %s: %s", run_dir, exc)
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     """The saved config as dotted keys, read as plain YAML: a report needs no validation
-    (and so also reads runs of other moglstm versions); unreadable gives ``{}``."""
+    (and so also reads runs of other moglstm versions: older ones upgraded, so their keys
+    compare with the current names); unreadable gives ``{}``."""
+    from moglstm.lm.config import upgrade
     from moglstm.lm.runs.folder import _flat  # runs imports nothing from here
 
     try:
@@ -225,7 +212,13 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         logger.warning("cannot read %s: %s", path, exc)
         return {}
-    return _flat(data) if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    try:
+        data = upgrade(data)
+    except UserError:  # a newer version: shown as it is
+        pass
+    return _flat(data)
 
 
 def _is_run(path: Path) -> bool:

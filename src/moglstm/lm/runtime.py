@@ -139,7 +139,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         raise TypeError(f"state: expected a mapping, got {type(state).__name__}")
     for key in ("torch", "python"):
         if key not in state:
-            raise ValueError(f"rng state: missing key {key!r} (have {short_repr(list(state))})")
+            raise UserError(f"rng state: missing key {key!r} (have {short_repr(list(state))})")
     torch.set_rng_state(_byte_tensor(state["torch"], "torch"))
     _restore_cuda(state.get("cuda") or [])
     if state.get("mps") is not None and _mps_available():
@@ -151,7 +151,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def _byte_tensor(value: Any, key: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        raise ValueError(f"rng state[{key!r}]: expected a uint8 tensor, got {short_repr(value)}")
+        raise UserError(f"rng state[{key!r}]: expected a uint8 tensor, got {short_repr(value)}")
     return value.cpu()  # the setters want CPU byte tensors, whatever map_location did
 
 
@@ -176,7 +176,7 @@ def _restore_python(d: Any) -> None:
     try:
         random.setstate((d["version"], tuple(d["state"]), d["gauss_next"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"rng state['python'] is malformed: {short_repr(exc)}") from exc
+        raise UserError(f"rng state['python'] is malformed: {short_repr(exc)}") from exc
 
 
 def _numpy_state() -> dict[str, Any] | None:
@@ -204,4 +204,4 @@ def _restore_numpy(d: Any) -> None:
         key = np.asarray(d["key"], dtype=np.uint32)
         np.random.set_state((d["kind"], key, d["pos"], d["has_gauss"], d["cached_gaussian"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"rng state['numpy'] is malformed: {short_repr(exc)}") from exc
+        raise UserError(f"rng state['numpy'] is malformed: {short_repr(exc)}") from exc

@@ -19,6 +19,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+from moglstm.lm.errors import UserError
+
 __all__ = ["GracefulStop", "format_duration", "parse_duration"]
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def parse_duration(text: str | float | int) -> float:
         ValueError: the text is not a duration, or it is not positive.
     """
     if isinstance(text, bool):
-        raise ValueError(f"{text!r} is not a duration")
+        raise UserError(f"{text!r} is not a duration")
     if isinstance(text, (int, float)):
         seconds = float(text)
     else:
@@ -46,14 +48,14 @@ def parse_duration(text: str | float | int) -> float:
         except ValueError:
             seconds = _sum_of_units(compact)
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"{text!r} must be a positive duration")
+        raise UserError(f"{text!r} must be a positive duration")
     return seconds
 
 
 def _sum_of_units(text: str) -> float:
     pieces = _PIECE.findall(text)
     if not pieces or "".join(n + u for n, u in pieces).lower() != text.lower():
-        raise ValueError(
+        raise UserError(
             f"{text!r} is not a duration; write e.g. 90m, 1h30m, 2h, 45s or a number of seconds"
         )
     return sum(float(n) * _UNITS[u.lower()] for n, u in pieces)

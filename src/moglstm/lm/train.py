@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -70,7 +68,6 @@ from moglstm.lm import distributed
 from moglstm.lm.budget import check_training_fits
 from moglstm.lm.config import (
     RunConfig,
-    TrainConfig,
     from_dict,
     save_config,
     to_dict,
@@ -81,12 +78,11 @@ from moglstm.lm.distributed import DistContext
 from moglstm.lm.evaluate import (
     OFFICIAL_TEMPERATURES,
     evaluate_loss,
-    metric_name,
-    metrics_for,
     score_split,
 )
+from moglstm.lm.metrics import MetricsLog, NullLog, metric_name, metrics_for
 from moglstm.lm.models import build_model, count_parameters
-from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule
+from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule, make_optimizer
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import LOCK_FILE, RunLock
 from moglstm.lm.runs.checkpoint import remove_stale_temp_files, save_checkpoint
@@ -98,133 +94,14 @@ from moglstm.lm.runs.folder import (
 )
 from moglstm.lm.runs.payload import CheckpointPayload
 from moglstm.lm.runtime import autocast, autocast_dtype, capture_rng_state, resolve_device
-from moglstm.lm.safety import open_regular, read_regular, write_atomic
 from moglstm.lm.state import cat_states, detach_state, map_state, split_state
 from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
 
-__all__ = ["MetricsLog", "make_optimizer", "train"]
+__all__ = ["train"]
 
 logger = logging.getLogger(__name__)
 
 OnStep = Callable[[int, dict[str, float]], None]
-
-
-# --------------------------------------------------------------------------- metrics file
-
-
-class MetricsLog:
-    """Appends metric records to ``metrics.jsonl`` (and TensorBoard when installed).
-
-    The training loop writes one record per event: ``split`` is ``"train"`` (every
-    ``log_every`` steps; ``loss`` is the token-weighted mean since the previous
-    record and ``tokens_per_s`` the training speed) or ``"valid"`` (each validation;
-    ``tokens_per_s`` is the scoring speed). Every record also has ``step``,
-    ``ppl`` (word level) or ``bpc`` (char/byte level), ``lr`` (the base rate after
-    the schedule) and ``elapsed`` (wall seconds since the run began, over all sessions).
-
-    Args:
-        run_dir: the run folder.
-        resume_step: when resuming from a checkpoint taken at this step, lines of
-            later steps (written before the run stopped, after its last checkpoint)
-            are removed first, so no event is recorded twice. ``None`` for a new run.
-        tensorboard: also write TensorBoard events if ``torch.utils.tensorboard``
-            imports.
-    """
-
-    def __init__(
-        self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True
-    ) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step is not None:
-            _truncate_metrics(self.path, resume_step)
-        self._file = _append(self.path)  # closed in close()
-        self._writer = _tensorboard_writer(Path(run_dir), resume_step) if tensorboard else None
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record (a flat dict with ``step`` and ``split``)."""
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)):
-                    self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        """Close the file (and the TensorBoard writer)."""
-        self._file.close()
-        if self._writer is not None:
-            self._writer.close()
-
-    def rewind(self, step: int) -> None:
-        """Forget the records of steps after ``step`` (the run went back to it)."""
-        self._file.close()
-        _truncate_metrics(self.path, step)
-        self._file = _append(self.path)  # closed in close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = _tensorboard_writer(self.path.parent, step)
-
-
-class _NullLog:
-    """Stands in for :class:`MetricsLog` on ranks other than 0, which write no files."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def rewind(self, step: int) -> None:
-        pass
-
-
-def _append(path: Path) -> Any:
-    """``path`` opened for appending text, never through a link planted in the run folder."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-    return os.fdopen(open_regular(path, flags), "a", encoding="utf-8")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the complete lines of ``path`` with ``step <= step``; atomic rewrite."""
-    if not os.path.lexists(path):
-        return
-    kept = []
-    for line in read_regular(path).decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut off by the crash
-            continue
-        if isinstance(record, dict) and record.get("step", math.inf) <= step:
-            kept.append(line + "\n")
-    write_atomic(path, "".join(kept).encode("utf-8"))
-
-
-def _tensorboard_writer(run_dir: Path, purge_step: int | None) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    # purge_step drops events a crashed session wrote after its last checkpoint
-    return SummaryWriter(str(run_dir), purge_step=None if purge_step is None else purge_step + 1)
-
-
-# --------------------------------------------------------------------------- setup helpers
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, or AdamW (decoupled weight decay) when ``cfg.weight_decay > 0``.
-
-    Weight decay applies to matrices (embeddings and weights, ``dim >= 2``) only, not to
-    biases and normalisation gains.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.weight_decay == 0:
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 # --------------------------------------------------------------------------- run state
@@ -638,7 +515,7 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
     if not resume and cfg.train.nonfinite == "rollback":
         _save_checkpoints(run, best=False)  # somewhere to go back to before the first validation
     resume_step = run.counters.step if resume else None
-    log = distributed.run_on_main(lambda: MetricsLog(run.run_dir, resume_step), ctx) or _NullLog()
+    log = distributed.run_on_main(lambda: MetricsLog(run.run_dir, resume_step), ctx) or NullLog()
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.counters.step,

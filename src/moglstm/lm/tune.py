@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from moglstm.lm.config import RunConfig, apply_overrides, load_preset, validate
+from moglstm.lm.errors import UserError
 
 __all__ = [
     "PARAM_KINDS",
@@ -86,22 +87,22 @@ class Param:
     def __post_init__(self) -> None:
         where = f"search space key {self.key!r}"
         if self.kind not in PARAM_KINDS:
-            raise ValueError(f"{where}: kind {self.kind!r} is not one of: {', '.join(PARAM_KINDS)}")
+            raise UserError(f"{where}: kind {self.kind!r} is not one of: {', '.join(PARAM_KINDS)}")
         if self.kind == "choice":
             if not self.values:
-                raise ValueError(f"{where}: choice needs a non-empty list of values")
+                raise UserError(f"{where}: choice needs a non-empty list of values")
             return
         if len(self.values) != 2:
-            raise ValueError(f"{where}: {self.kind} needs [low, high], got {list(self.values)}")
+            raise UserError(f"{where}: {self.kind} needs [low, high], got {list(self.values)}")
         low, high = self.values
         number = int if self.kind.endswith("int") else (int, float)
         for v in (low, high):
             if isinstance(v, bool) or not isinstance(v, number):
-                raise ValueError(f"{where}: {self.kind} bounds must be numbers, got {v!r}")
+                raise UserError(f"{where}: {self.kind} bounds must be numbers, got {v!r}")
         if not low <= high:
-            raise ValueError(f"{where}: low {low!r} is above high {high!r}")
+            raise UserError(f"{where}: low {low!r} is above high {high!r}")
         if self.kind.startswith("log") and low <= 0:
-            raise ValueError(f"{where}: {self.kind} needs low > 0, got {low!r}")
+            raise UserError(f"{where}: {self.kind} needs low > 0, got {low!r}")
 
     def suggest(self, trial: Any) -> Any:
         """Draw a value with an ``optuna.Trial``."""
@@ -178,28 +179,28 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{label} is not valid YAML: {exc}") from None
+        raise UserError(f"{label} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("space"), dict) or not data["space"]:
-        raise ValueError(f"{label} must be a mapping with a non-empty 'space:' mapping")
+        raise UserError(f"{label} must be a mapping with a non-empty 'space:' mapping")
     unknown = sorted(set(data) - set(_SPACE_KEYS))
     if unknown:
-        raise ValueError(f"{label}: unknown key(s) {unknown}; allowed: {', '.join(_SPACE_KEYS)}")
+        raise UserError(f"{label}: unknown key(s) {unknown}; allowed: {', '.join(_SPACE_KEYS)}")
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ValueError(f"{label}: overrides must be a list of KEY=VALUE strings")
+        raise UserError(f"{label}: overrides must be a list of KEY=VALUE strings")
     params = [_param(str(key), spec, label) for key, spec in data["space"].items()]
     return SearchSpace(params, data.get("preset"), list(overrides), name)
 
 
 def _param(key: str, spec: Any, label: str) -> Param:
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise ValueError(
+        raise UserError(
             f"{label}: {key!r} must be one of {{kind: values}} with kind in "
             f"{', '.join(PARAM_KINDS)}, e.g. {{logfloat: [1.0e-4, 1.0e-2]}}; got {spec!r}"
         )
     ((kind, values),) = spec.items()
     if not isinstance(values, list):
-        raise ValueError(f"{label}: {key!r}: {kind} takes a list, got {values!r}")
+        raise UserError(f"{label}: {key!r}: {kind} takes a list, got {values!r}")
     if kind in ("float", "logfloat"):  # YAML reads 1e-5 (no dot) as a string
         values = [_number(v) for v in values]
     return Param(key, str(kind), tuple(values))
@@ -225,7 +226,7 @@ def check_space(space: SearchSpace, base: RunConfig) -> None:
             try:
                 validate(_apply(base, {param.key: value}))
             except (ValueError, TypeError) as exc:
-                raise ValueError(f"search space key {param.key!r} = {value!r}: {exc}") from None
+                raise UserError(f"search space key {param.key!r} = {value!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- optuna plumbing
@@ -291,7 +292,7 @@ def _pruner(optuna: Any, kind: str, startup: int, cfg: RunConfig | None) -> Any:
         return optuna.pruners.HyperbandPruner(min_resource=t.eval_every, max_resource=t.max_steps)
     if kind == "none":
         return optuna.pruners.NopPruner()
-    raise ValueError(f"pruner={kind!r} is not one of: {', '.join(PRUNERS)}")
+    raise UserError(f"pruner={kind!r} is not one of: {', '.join(PRUNERS)}")
 
 
 def parse_duration(text: str | float | None) -> float | None:
@@ -300,7 +301,7 @@ def parse_duration(text: str | float | None) -> float | None:
         return None if text is None else float(text)
     match = _DURATION.fullmatch(text.strip())
     if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"time budget {text!r}: give a positive number of s, m, h or d (30m)")
+        raise UserError(f"time budget {text!r}: give a positive number of s, m, h or d (30m)")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -309,9 +310,9 @@ def _budget(trials: int | None, timeout: float | str | None) -> float | None:
     if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int)):
         raise TypeError(f"trials: expected an int, got {trials!r}")
     if trials is not None and trials < 1:
-        raise ValueError(f"trials={trials} must be >= 1")
+        raise UserError(f"trials={trials} must be >= 1")
     if trials is None and timeout is None:
-        raise ValueError("give a trial budget (--trials N), a time budget (--timeout 2h) or both")
+        raise UserError("give a trial budget (--trials N), a time budget (--timeout 2h) or both")
     return parse_duration(timeout)
 
 
@@ -553,13 +554,13 @@ def tune_dynamic(
     optuna = _optuna()
     from moglstm.lm.data import batchify, load_corpus
     from moglstm.lm.dynamic_eval import DynamicEvalSettings, dynamic_evaluate, gradient_statistics
-    from moglstm.lm.evaluate import metrics_for
+    from moglstm.lm.metrics import metrics_for
     from moglstm.lm.runs.folder import load_run
 
     space = space if isinstance(space, SearchSpace) else load_space(space)
     for p in space.params:
         if p.key.partition(".")[0] != "dynamic" or p.key.partition(".")[2] not in DYNAMIC_KEYS:
-            raise ValueError(
+            raise UserError(
                 f"search space key {p.key!r}: dynamic evaluation tunes "
                 f"{', '.join('dynamic.' + k for k in DYNAMIC_KEYS)}"
             )

@@ -146,7 +146,7 @@ def save_checkpoint(
     _check_plain(payload, "payload")
     version = payload.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"payload['format_version']={version!r}, but this moglstm writes format "
             f"{FORMAT_VERSION}"
         )
@@ -514,23 +514,23 @@ def _checked_config(config: Any) -> Any:
     except (TypeError, ValueError) as exc:
         lines = str(exc).splitlines()
         shown = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[1].strip()}"
-        raise ValueError(f"its config is not valid ({shown})") from None
+        raise UserError(f"its config is not valid ({shown})") from None
 
 
 def _checked_vocab(vocab: Any) -> int:
     from moglstm.lm.data import Vocab
 
     if not isinstance(vocab, Mapping) or not isinstance(vocab.get("tokens"), (list, tuple)):
-        raise ValueError("its vocab is not a mapping with a list of tokens")
+        raise UserError("its vocab is not a mapping with a list of tokens")
     check_tree_size(
         {k: v for k, v in vocab.items() if k != "tokens"}, "its vocab", max_values=100
     )
     if not all(isinstance(t, str) for t in vocab["tokens"]):
-        raise ValueError("its vocab holds tokens that are not strings")
+        raise UserError("its vocab holds tokens that are not strings")
     try:
         return len(Vocab.from_dict(vocab))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"its vocab is malformed ({short_repr(str(exc), 160)[1:-1]})") from None
+        raise UserError(f"its vocab is malformed ({short_repr(str(exc), 160)[1:-1]})") from None
 
 
 def _meta_model(cfg: Any, vocab_size: int) -> torch.nn.Module:
@@ -539,7 +539,7 @@ def _meta_model(cfg: Any, vocab_size: int) -> torch.nn.Module:
     try:
         return build_on_meta(cfg.model, vocab_size)
     except (RuntimeError, ValueError, OverflowError) as exc:
-        raise ValueError(
+        raise UserError(
             f"its config describes a model that cannot be built ({short_repr(str(exc), 160)})"
         ) from None
 
@@ -553,7 +553,7 @@ def _check_weights(state: Any, model: torch.nn.Module, key: str, cfg: Any) -> No
     if missing or extra:
         parts = [f"lacks {_names(missing)}"] if missing else []
         parts += [f"has extra {_names(extra)}"] if extra else []
-        raise ValueError(
+        raise UserError(
             f"its {key!r} weights do not fit its config ({_model_summary(cfg)}): "
             + " and ".join(parts)
         )
@@ -562,7 +562,7 @@ def _check_weights(state: Any, model: torch.nn.Module, key: str, cfg: Any) -> No
         if not isinstance(have, torch.Tensor):
             raise TypeError(f"its weight {key}[{name!r}] is a {type(have).__name__}, not a tensor")
         if have.shape != want.shape:
-            raise ValueError(
+            raise UserError(
                 f"its weight {key}[{name!r}] has shape {tuple(have.shape)} but its config "
                 f"({_model_summary(cfg)}) gives {tuple(want.shape)}"
             )
@@ -571,7 +571,7 @@ def _check_weights(state: Any, model: torch.nn.Module, key: str, cfg: Any) -> No
 
 def _check_finite(t: torch.Tensor, label: str) -> None:
     if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{label} holds NaN or infinite values")
+        raise UserError(f"{label} holds NaN or infinite values")
 
 
 def _check_counters(counters: Any) -> None:
@@ -579,14 +579,14 @@ def _check_counters(counters: Any) -> None:
         raise TypeError("its counters are not a mapping")
     step = counters.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"its counters have step={short_repr(step)}: expected an int >= 0")
+        raise UserError(f"its counters have step={short_repr(step)}: expected an int >= 0")
     for name, value in counters.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"its counter {short_repr(name)} is {short_repr(value)}, not a number")
 
 
 def _check_optimizer(state: Any, model: torch.nn.Module, cfg: Any) -> None:
-    from moglstm.lm.train import make_optimizer
+    from moglstm.lm.policies import make_optimizer
 
     if not isinstance(state, Mapping) or not isinstance(state.get("param_groups"), list):
         raise TypeError("its optimizer entry is not an optimizer state")
@@ -595,7 +595,7 @@ def _check_optimizer(state: Any, model: torch.nn.Module, cfg: Any) -> None:
     sizes = [len(g["params"]) for g in fresh.param_groups]
     saved = state["param_groups"]
     if [len(g.get("params", ())) if isinstance(g, Mapping) else None for g in saved] != sizes:
-        raise ValueError(
+        raise UserError(
             f"its optimizer state has groups of {short_repr([_count(g) for g in saved])} "
             f"parameters but its config's model has {sizes}"
         )
@@ -604,13 +604,13 @@ def _check_optimizer(state: Any, model: torch.nn.Module, cfg: Any) -> None:
         raise TypeError("its optimizer's state is not a mapping")
     for index, entry in moments.items():
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
-            raise ValueError(
+            raise UserError(
                 f"its optimizer state names parameter {short_repr(index)}, not one of its model's"
             )
         for name, value in (entry.items() if isinstance(entry, Mapping) else ()):
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 if value.shape != params[index].shape:
-                    raise ValueError(
+                    raise UserError(
                         f"its optimizer's {short_repr(name)} of parameter {index} has shape "
                         f"{tuple(value.shape)}, but the parameter has {tuple(params[index].shape)}"
                     )
