@@ -727,3 +727,27 @@ def test_every_test_the_reliability_tables_name_exists():
     table = readme[readme.index("### Reliability") :].split("\n\n")[2]
     for pattern in re.findall(r"`(test_[\w*]+)`", table):
         assert fnmatch.filter(defined["test_hardening.py"], pattern), pattern
+
+
+# --------------------------------------------------------------------------- later doors (audit)
+
+
+def test_tune_space_files_are_read_like_configs(tmp_path, capsys):
+    """Search-space files: no aliases, a size cap, errors that never quote the file."""
+    from moglstm.lm.tune import load_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text("space: {train.lr: &a [1, 2], train.seed: *a}\n")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="aliases"):
+        load_space(space)
+    assert time.perf_counter() - start < 1
+    space.write_text("space:\n  hunter2secret: [\n")
+    err = _error(capsys, ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)])
+    assert "not valid YAML" in err and "line" in err and "hunter2secret" not in err
+    space.write_text("space: {train.lr: {logfloat: [" + "1e-3, " * 200_000 + "1]}}\n")
+    err = _error(capsys, ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)])
+    assert "too long" in err
+    space.write_text("space: {train.lr: {logfloat: " + "x" * 5000 + "}}\n")
+    err = _error(capsys, ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)])
+    assert "takes a list" in err and len(err) < 400

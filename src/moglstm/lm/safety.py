@@ -62,6 +62,7 @@ __all__ = [
     "describe_path",
     "fsync_folder",
     "load_yaml",
+    "load_yaml_file",
     "open_regular",
     "read_regular",
     "short_repr",
@@ -201,6 +202,29 @@ def load_yaml(text: str, label: str) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def load_yaml_file(path: str | os.PathLike, label: str, *, in_run_folder: bool = False) -> Any:
+    """:func:`load_yaml` of a file, reading at most :data:`MAX_YAML_BYTES` + 1 bytes of it.
+
+    Args:
+        in_run_folder: open with :func:`open_regular` (no link followed, no FIFO waited on).
+
+    Raises:
+        ValueError: as :func:`load_yaml`, or the file is not UTF-8 (the offset only);
+            :class:`UnsafePathError` for a link or non-regular file in a run folder.
+        OSError: the file cannot be read.
+    """
+    fd = open_regular(path, os.O_RDONLY) if in_run_folder else os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise ValueError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
+    return load_yaml(text, label)
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
