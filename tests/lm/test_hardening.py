@@ -751,3 +751,26 @@ def test_tune_space_files_are_read_like_configs(tmp_path, capsys):
     space.write_text("space: {train.lr: {logfloat: " + "x" * 5000 + "}}\n")
     err = _error(capsys, ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)])
     assert "takes a list" in err and len(err) < 400
+
+
+def test_report_reads_run_configs_like_configs(trained, tmp_path, capsys, caplog):
+    """A hostile config.yaml costs its run's settings, in one short line; the report goes on."""
+    runs = [tmp_path / name for name in ("good", "bomb", "link", "broken")]
+    for run in runs:
+        shutil.copytree(trained["run"], run)
+    (runs[1] / "config.yaml").write_text(yaml_bomb())
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("model: {hidden_size: 8}\n")
+    (runs[2] / "config.yaml").unlink()
+    (runs[2] / "config.yaml").symlink_to(outside)
+    (runs[3] / "config.yaml").write_text("hunter2secret: [\n")
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        code = main(["report", *map(str, runs), "--no-plot", "--out", str(tmp_path / "r")])
+    assert code == 0 and time.perf_counter() - start < 20
+    table = capsys.readouterr().out
+    assert all(f"| {run.name} |" in table for run in runs)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 3 and all(len(w) < SHORT and "\n" not in w for w in warnings)
+    assert "aliases" in warnings[0] and "symbolic link" in warnings[1]
+    assert "not valid YAML" in warnings[2] and "hunter2secret" not in warnings[2]

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+
+from moglstm.lm.safety import load_yaml_file, short_repr
 
 __all__ = [
     "COMMAND",
@@ -221,10 +222,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     (and so also reads runs of other moglstm versions); unreadable gives ``{}``."""
     from moglstm.lm.train import _flat  # train imports evaluate, which imports this
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        logger.warning("cannot read %s: %s", path, exc)
+    try:  # a run folder may be hostile: no aliases, a size cap, no link followed
+        data = load_yaml_file(path, f"run config {short_repr(str(path))}", in_run_folder=True)
+    except (OSError, ValueError) as exc:  # one bounded line, then on with the other runs
+        why = exc if isinstance(exc, ValueError) else f"cannot read {str(path)!r}: {exc.strerror}"
+        logger.warning("%s; its settings are left out", why)
         return {}
     return _flat(data) if isinstance(data, dict) else {}
 
