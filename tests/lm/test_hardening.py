@@ -774,3 +774,26 @@ def test_report_reads_run_configs_like_configs(trained, tmp_path, capsys, caplog
     assert len(warnings) == 3 and all(len(w) < SHORT and "\n" not in w for w in warnings)
     assert "aliases" in warnings[0] and "symbolic link" in warnings[1]
     assert "not valid YAML" in warnings[2] and "hunter2secret" not in warnings[2]
+
+
+def test_planted_evaluations_and_dynamic_db_links_are_refused(run_copy, tmp_path, caplog, capsys):
+    """``evaluate`` appends to evaluations.jsonl and ``tune --dynamic`` opens dynamic.db
+    without following a link planted in the run folder."""
+    pytest.importorskip("optuna")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (run_copy / "evaluations.jsonl").symlink_to(victim)
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        evaluate(run_copy, "test", device="cpu")
+    assert "evaluations.jsonl" in caplog.text and "symbolic link" in caplog.text
+    assert victim.read_text() == "precious\n"
+    (run_copy / "evaluations.jsonl").unlink()
+    evaluate(run_copy, "test", device="cpu")  # a plain file is still recorded
+    assert len((run_copy / "evaluations.jsonl").read_text().splitlines()) == 1
+    (run_copy / "dynamic.db").symlink_to(tmp_path / "elsewhere.db")  # dangling: SQLite creates it
+    argv = ["tune", "--dynamic", str(run_copy), "--trials", "1", "--device", "cpu"]
+    err = _error(capsys, [*argv, "--max-tokens", "20"])
+    assert "dynamic.db" in err and "symbolic link" in err
+    assert not (tmp_path / "elsewhere.db").exists()
+    err = _error(capsys, [*argv, "--study", "../escape"])
+    assert "not a path" in err and not (tmp_path / "runs" / "escape.db").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from moglstm.lm.safety import load_yaml_file, short_repr
+from moglstm.lm.safety import UnsafePathError, load_yaml_file, open_regular, short_repr
 
 __all__ = [
     "COMMAND",
@@ -210,9 +211,12 @@ def record_evaluation(run_dir: Path, results: dict[str, Any]) -> None:
 
     A folder that cannot be written (a read-only copy of a run) only logs why.
     """
-    try:
-        with open(run_dir / EVALUATIONS_FILE, "a", encoding="utf-8") as f:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:  # no link planted in the run folder is followed, no FIFO blocks
+        with os.fdopen(open_regular(run_dir / EVALUATIONS_FILE, flags), "a", encoding="utf-8") as f:
             f.write(json.dumps(results) + "\n")
+    except UnsafePathError as exc:
+        logger.warning("evaluation not recorded: %s", exc)
     except OSError as exc:
         logger.debug("evaluation not recorded in %s: %s", run_dir, exc)
 

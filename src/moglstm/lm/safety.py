@@ -57,6 +57,7 @@ __all__ = [
     "REPR_LIMIT",
     "ArchiveError",
     "UnsafePathError",
+    "check_regular_or_absent",
     "check_tree_size",
     "decode_utf8",
     "describe_path",
@@ -301,6 +302,25 @@ def open_regular(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def check_regular_or_absent(path: str | os.PathLike) -> Path:
+    """``path``, if it is absent or a regular file that is not a link, for a library that
+    opens it by name (SQLite): call it right before that open.
+
+    Raises:
+        UnsafePathError: ``path`` is a symbolic link (even a dangling one) or not a regular file.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise UnsafePathError(
+            f"{str(path)!r} is a symbolic link: moglstm never follows links inside a "
+            "run folder (remove the link, or copy the file it points to in its place)"
+        )
+    kind = describe_path(path)
+    if kind not in (None, "does not exist"):
+        raise UnsafePathError(f"{str(path)!r} {kind}: remove it from the run folder")
+    return path
 
 
 def read_regular(path: str | os.PathLike) -> bytes:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from moglstm.lm.config import RunConfig, apply_overrides, load_preset, validate
-from moglstm.lm.safety import load_yaml, load_yaml_file, short_repr
+from moglstm.lm.safety import check_regular_or_absent, load_yaml, load_yaml_file, short_repr
 
 __all__ = [
     "COMMAND",
@@ -603,7 +603,10 @@ def tune_dynamic(
         return loss
 
     study_name = study or "dynamic"
-    storage = storage or f"sqlite:///{run_dir / (study_name + '.db')}"
+    if storage is None and (Path(study_name).name != study_name or study_name in (".", "..")):
+        raise ValueError(f"study={short_repr(study_name)}: give a name, not a path")
+    if storage is None:  # in the run folder: SQLite would follow a planted link out of it
+        storage = f"sqlite:///{check_regular_or_absent(run_dir / (study_name + '.db'))}"
     study_obj = optuna.create_study(
         study_name=study_name,
         storage=_storage(optuna, storage, heartbeat),
