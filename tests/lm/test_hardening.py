@@ -797,3 +797,25 @@ def test_planted_evaluations_and_dynamic_db_links_are_refused(run_copy, tmp_path
     assert not (tmp_path / "elsewhere.db").exists()
     err = _error(capsys, [*argv, "--study", "../escape"])
     assert "not a path" in err and not (tmp_path / "runs" / "escape.db").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "tune"])
+def test_out_of_memory_hint_fits_the_command(command, trained, tmp_path, capsys, monkeypatch):
+    """``report`` and ``tune`` never tell the user to lower training keys they did not set."""
+    from moglstm.lm import report as report_module
+    from moglstm.lm import tune as tune_module
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError
+
+    space = tmp_path / "space.yaml"
+    space.write_text("space: {train.lr: {logfloat: [1.0e-3, 1.0e-2]}}\n")
+    if command == "report":
+        monkeypatch.setattr(report_module, "_read_config", fail)
+        argv = ["report", str(trained["run"]), "--no-plot", "--out", str(tmp_path / "r")]
+    else:
+        monkeypatch.setattr(tune_module, "load_space", fail)
+        argv = ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)]
+    err = _error(capsys, argv, code=1)
+    assert "out of memory" in err and "model.hidden_size" not in err and "data." not in err
+    assert ("run folders" if command == "report" else "search-space") in err
