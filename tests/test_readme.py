@@ -108,3 +108,12 @@ def test_citation_and_licence():
     licence = (ROOT / "LICENSE").read_text()
     assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
     assert licence.startswith("MIT License")
+
+
+def test_docs_and_experiments_speak_to_the_user():
+    """No path or wording of the machines moglstm was developed on outside the README either."""
+    texts = {p: p.read_text() for p in [*ROOT.glob("docs/*.md"), *ROOT.glob("experiments/*.py")]}
+    for path, text in texts.items():
+        phrases = ("/work/", "../shared", "project's machine", "project's shared", "the shared ")
+        for phrase in phrases:  # "a shared machine" in general advice is fine
+            assert phrase not in text, f"{path.name}: {phrase}"
