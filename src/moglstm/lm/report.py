@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from moglstm.lm.errors import UserError
 from moglstm.lm.runs.folder import EVALUATIONS_FILE
+from moglstm.lm.safety import load_yaml_file, short_repr
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -207,10 +207,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     from moglstm.lm.config import upgrade
     from moglstm.lm.runs.folder import _flat  # runs imports nothing from here
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        logger.warning("cannot read %s: %s", path, exc)
+    try:  # a run folder may be hostile: no aliases, a size cap, no link followed
+        data = load_yaml_file(path, f"run config {short_repr(str(path))}", in_run_folder=True)
+    except (OSError, ValueError) as exc:  # one bounded line, then on with the other runs
+        why = exc if isinstance(exc, ValueError) else f"cannot read {str(path)!r}: {exc.strerror}"
+        logger.warning("%s; its settings are left out", why)
         return {}
     if not isinstance(data, dict):
         return {}
