@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from moglstm.lm.budget import check_training_fits
 from moglstm.lm.config import load_config
 from moglstm.lm.models import build_model
-from moglstm.lm.train import make_optimizer
+from moglstm.lm.policies import make_optimizer
 
 kind, hidden, vocab, batch, bptt, device = sys.argv[1:]
 vocab, batch, bptt = int(vocab), int(batch), int(bptt)

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra config override for both runs, e.g. model.implementation=reference",
+        help="extra config override for both runs, e.g. model.mogrifier.implementation=reference",
     )
     return p.parse_args(argv)
 

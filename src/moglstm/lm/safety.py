@@ -218,11 +218,11 @@ def load_yaml_file(path: str | os.PathLike, label: str, *, in_run_folder: bool =
     with os.fdopen(fd, "rb") as f:
         raw = f.read(MAX_YAML_BYTES + 1)
     if len(raw) > MAX_YAML_BYTES:
-        raise ValueError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
+        raise UserError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
+        raise UserError(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
     return load_yaml(text, label)
 
 
