@@ -24,12 +24,12 @@ from moglstm.lm.generate import generate, sample_next
 from moglstm.lm.runs import checkpoint as checkpoint_module
 from moglstm.lm.runs.checkpoint import (
     CheckpointError,
-    check_training_checkpoint,
     load_checkpoint,
     load_newest_checkpoint,
     previous_path,
     save_checkpoint,
 )
+from moglstm.lm.runs.payload import check_training_checkpoint
 from moglstm.lm.safety import UnsafePathError, check_tree_size, load_yaml, short_repr
 from moglstm.lm.train import train
 from tests.conftest import write_text_corpus

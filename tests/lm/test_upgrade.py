@@ -29,8 +29,9 @@ from moglstm.lm.config import (
 )
 from moglstm.lm.errors import ConfigError
 from moglstm.lm.evaluate import evaluate
-from moglstm.lm.runs.checkpoint import check_training_checkpoint, load_checkpoint
+from moglstm.lm.runs.checkpoint import load_checkpoint
 from moglstm.lm.runs.folder import load_run, resume_config
+from moglstm.lm.runs.payload import check_training_checkpoint
 from moglstm.lm.train import train
 
 V1 = Path(__file__).parent / "fixtures" / "v1"

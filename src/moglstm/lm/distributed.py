@@ -551,7 +551,7 @@ def seed_rank_generators(seed: int, ctx: DistContext) -> None:
 def gather_rng(ctx: DistContext) -> dict[str, Any]:
     """``{"rng_per_rank": [state of rank 0, rank 1, ...]}`` for a checkpoint; ``{}`` alone.
 
-    Each state is :func:`~moglstm.lm.checkpoint.capture_rng_state`'s plain data.
+    Each state is :func:`~moglstm.lm.runtime.capture_rng_state`'s plain data.
     """
     if not ctx.distributed:
         return {}

@@ -13,7 +13,7 @@ wrong type in a config, as ``from_dict`` always reported it).
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ConfigTypeError", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "ConfigTypeError", "UserError"]
 
 
 class UserError(ValueError):
@@ -26,3 +26,7 @@ class ConfigError(UserError):
 
 class ConfigTypeError(ConfigError, TypeError):
     """A config value has the wrong type (a list for an int, text for a bool)."""
+
+
+class CheckpointError(UserError):
+    """A file that is not a readable moglstm checkpoint (truncated, corrupt or foreign)."""

@@ -6,7 +6,7 @@ Several kinds of input reach a run from outside, and each has one rule here:
   unpickled, :func:`verify_archive` reads every member back and checks its CRC-32, so a
   truncated file or a flipped bit (which ``torch.load`` itself would accept silently
   inside tensor data) is reported by name. Unpickling then uses
-  ``torch.load(weights_only=True)`` (see :mod:`moglstm.lm.checkpoint`), which refuses to
+  ``torch.load(weights_only=True)`` (see :mod:`moglstm.lm.runs.checkpoint`), which refuses to
   run any code a crafted pickle carries.
 * **Text** (corpus files) must be UTF-8 at word and character level; anything else is
   a :class:`ValueError` naming the file, the byte offset, the line and the bytes

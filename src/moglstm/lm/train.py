@@ -1,5 +1,13 @@
 """Training: one loop, read top to bottom, with exact resumption.
 
+Why one module of about 900 lines: setting up a run, a step, validation, checkpoints,
+non-finite losses and stopping all read and write the one ``_Run`` record of a session,
+in the order the loop meets them; cut apart, each piece would take the whole record
+and the reader would jump between files to follow one step. What does not touch the
+record lives elsewhere: the schedule and optimiser (:mod:`moglstm.lm.policies`), the
+metrics file (:mod:`moglstm.lm.metrics`), run folders and resume rules
+(:mod:`moglstm.lm.runs`), devices and random state (:mod:`moglstm.lm.runtime`).
+
 :func:`train` runs a :class:`~moglstm.lm.config.RunConfig` in its run folder
 ``<out_dir>/<name>/``, which ends up holding::
 
@@ -18,13 +26,14 @@ Resuming (``resume=True``) rebuilds everything from ``last.pt`` alone: model,
 optimizer, learning-rate schedule, gradient scaler, counters, the stream's
 position, the carried state and every random generator, so on CPU a resumed run
 ends with bit-identical weights to one that never stopped. Only the settings in
-:data:`RESUMABLE_KEYS` may differ from the checkpoint's config.
+:data:`~moglstm.lm.runs.folder.RESUMABLE_KEYS` may differ from the checkpoint's
+config.
 
 Surviving faults: checkpoints are written atomically and read back before they
 replace anything; the previous ``last.pt`` is kept as ``last.prev.pt`` and
 resuming falls back to it (with a warning naming the bad file) when ``last.pt`` is
 missing, truncated, corrupt or inconsistent with its own config (checked before
-the model is built: :func:`~moglstm.lm.checkpoint.check_training_checkpoint`);
+the model is built: :func:`~moglstm.lm.runs.payload.check_training_checkpoint`);
 ``best.pt`` keeps ``best.prev.pt`` the same way. Nothing in the run folder is
 followed out of it (see :mod:`moglstm.lm.safety`). Before the model is built its
 training memory is estimated and a run that cannot fit is refused

@@ -30,6 +30,10 @@ reachable.
 ``--dynamic RUN`` tunes dynamic evaluation's settings (the space's ``dynamic.*``
 keys: ``lr``, ``decay``, ``eps``, ``bptt``, ``grad_batches``) of a trained run on its
 validation split instead; the study lives in the run folder (``dynamic.db``).
+
+Why about 620 lines: the two searches share the Optuna plumbing (storage, heartbeats
+and retries, pruners, budgets), which is most of the module; the command line that
+drives them is :mod:`moglstm.cli.tune`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,6 +50,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from moglstm.lm import stopping
 from moglstm.lm.config import RunConfig, apply_overrides, load_preset, validate
 from moglstm.lm.errors import UserError
 from moglstm.lm.safety import check_regular_or_absent, load_yaml, load_yaml_file, short_repr
@@ -68,8 +72,6 @@ PARAM_KINDS = ("float", "logfloat", "int", "logint", "choice")
 PRUNERS = ("median", "hyperband", "none")
 DYNAMIC_KEYS = ("lr", "decay", "eps", "bptt", "grad_batches")  # of DynamicEvalSettings
 _SPACE_KEYS = ("preset", "overrides", "space")
-_DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 # --------------------------------------------------------------------------- search spaces
@@ -305,13 +307,14 @@ def _pruner(optuna: Any, kind: str, startup: int, cfg: RunConfig | None) -> Any:
 
 
 def parse_duration(text: str | float | None) -> float | None:
-    """``"90"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1.5d"`` -> seconds (``None`` stays)."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
-    match = _DURATION.fullmatch(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"time budget {text!r}: give a positive number of s, m, h or d (30m)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """``"90"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1.5d"`` -> seconds (``None`` stays): the
+    durations ``train.max_time`` takes (:func:`moglstm.lm.stopping.parse_duration`)."""
+    if text is None:
+        return None
+    try:
+        return stopping.parse_duration(text)
+    except UserError as exc:
+        raise UserError(f"time budget {short_repr(text)}: {exc}") from None
 
 
 def _budget(trials: int | None, timeout: float | str | None) -> float | None:
