@@ -39,6 +39,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -235,7 +236,7 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _ptrs(ctype, values: Sequence) -> ctypes.Array:
+def _ptrs(ctype: Any, values: Sequence) -> ctypes.Array:
     return (ctype * max(1, len(values)))(*values)
 
 
@@ -318,7 +319,7 @@ _MADV_HUGEPAGE = 14
 
 
 @functools.cache
-def _madvise():
+def _madvise() -> Any:
     """libc's ``madvise`` on Linux, else None."""
     if not sys.platform.startswith("linux"):
         return None
@@ -385,13 +386,21 @@ def run_rows(
         raise MemoryError(f"the compiled step loop ({name}) could not allocate its workspace")
 
 
-def _call(name: str, ref: Tensor, *args) -> None:
+def _call(name: str, ref: Tensor, *args: Any) -> None:
     """Call kernel ``name`` for ``ref``'s dtype; tensors go by data pointer."""
     fn = getattr(load(), f"{name}_{_SUFFIX[ref.dtype]}")
     fn(*(a.data_ptr() if isinstance(a, Tensor) else a for a in args))
 
 
-def lstm_forward(gates, c_prev, c, h, peephole, coupled: bool, cap: bool) -> None:
+def lstm_forward(
+    gates: Tensor,
+    c_prev: Tensor,
+    c: Tensor,
+    h: Tensor,
+    peephole: tuple[Tensor, Tensor, Tensor] | None,
+    coupled: bool,
+    cap: bool,
+) -> None:
     """In place: activate ``gates`` (B, G*H); write ``c`` and ``h`` (B, H)."""
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
     _check_contiguous(gates=gates, c_prev=c_prev, c=c, h=h, p_i=p_i, p_f=p_f, p_o=p_o)
@@ -399,7 +408,16 @@ def lstm_forward(gates, c_prev, c, h, peephole, coupled: bool, cap: bool) -> Non
     _call("lstm_fwd", c, B, H, H, gates, c_prev, c, h, p_i, p_f, p_o, coupled, cap, None)
 
 
-def lstm_backward(gates, c_prev, c, dh, dc, peephole, coupled: bool, cap: bool) -> None:
+def lstm_backward(
+    gates: Tensor,
+    c_prev: Tensor,
+    c: Tensor,
+    dh: Tensor,
+    dc: Tensor,
+    peephole: tuple[Tensor, Tensor, Tensor] | None,
+    coupled: bool,
+    cap: bool,
+) -> None:
     """In place: ``gates`` activations -> pre-activation grads; ``dc`` -> ``dc_{t-1}``.
     ``c`` is ``c_t``, from which ``tanh(c_t)`` is recomputed."""
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -236,7 +237,7 @@ class MogrifierLSTM(nn.Module):
             t = getattr(self, f"{name}{suffix}", None)
             return t if t is None or dtype is None else t.to(dtype)
 
-        def cast(t):
+        def cast(t: Any) -> Any:  # a tensor, a tuple of tensors or None
             if dtype is None or t is None:
                 return t
             return tuple(w.to(dtype) for w in t) if isinstance(t, tuple) else t.to(dtype)
@@ -274,7 +275,12 @@ class MogrifierLSTM(nn.Module):
                 hx = tuple(v.to(amp) if isinstance(v, Tensor) else v for v in hx)
             return self._forward(input, hx, amp)
 
-    def _forward(self, input, hx, amp: torch.dtype | None):
+    def _forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: tuple[Tensor, Tensor] | None,
+        amp: torch.dtype | None,
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
         steps, batch, unbatched, packed = self._unpack_input(input, amp)
         order = input.sorted_indices if packed else None
         h0, c0 = self._initial_state(steps.x, hx, batch, unbatched, order)
@@ -314,7 +320,9 @@ class MogrifierLSTM(nn.Module):
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def _unpack_input(self, input, amp: torch.dtype | None = None):
+    def _unpack_input(
+        self, input: Tensor | PackedSequence, amp: torch.dtype | None = None
+    ) -> tuple[Steps, int, bool, bool]:
         """Return ``(Steps, batch, unbatched, packed)`` with time-major data."""
         if isinstance(input, PackedSequence):
             x = input.data
@@ -349,7 +357,14 @@ class MogrifierLSTM(nn.Module):
             name, x, weight if amp is None else weight.new_empty(0, dtype=amp), "weight_ih_l0"
         )
 
-    def _initial_state(self, x, hx, batch, unbatched, order):
+    def _initial_state(
+        self,
+        x: Tensor,
+        hx: Any,
+        batch: int,
+        unbatched: bool,
+        order: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         layers = self.num_layers * self.num_directions
         sizes = (self.proj_size or self.hidden_size, self.hidden_size)  # of h and c
         if hx is None:
@@ -367,7 +382,14 @@ class MogrifierLSTM(nn.Module):
             return h0.index_select(1, order), c0.index_select(1, order)
         return h0, c0
 
-    def _pack_output(self, out, h_n, c_n, input, unbatched):
+    def _pack_output(
+        self,
+        out: Tensor,
+        h_n: Tensor,
+        c_n: Tensor,
+        input: Tensor | PackedSequence,
+        unbatched: bool,
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
         if isinstance(input, PackedSequence):
             if input.unsorted_indices is not None:
                 h_n = h_n.index_select(1, input.unsorted_indices)

@@ -22,6 +22,8 @@ every step. A :class:`FusedBackend` runs the direction as one autograd node
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -81,7 +83,15 @@ class FusedBackend(Backend):
     ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         raise NotImplementedError
 
-    def run(self, steps, h, c, d, reverse=False, mask=None):
+    def run(
+        self,
+        steps: Steps,
+        h: Tensor,
+        c: Tensor,
+        d: Direction,
+        reverse: bool = False,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if steps.batch_sizes is not None:
             raise ValueError(f"the {self.name} backend does not take packed sequences")
         x = steps.x.flip(0) if reverse else steps.x
@@ -100,13 +110,21 @@ class FusedDirection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(backend: FusedBackend, spec: DirectionSpec, x, h0, c0, mask, *flat):
+    def forward(
+        backend: FusedBackend,
+        spec: DirectionSpec,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        mask: Tensor | None,
+        *flat: Tensor,
+    ) -> tuple[Tensor, ...]:
         with torch.autocast(x.device.type, enabled=False):  # it runs in x's dtype
             out, h_n, c_n, saved = backend.forward(spec, x, h0, c0, mask, flat)
         return out, h_n, c_n, *saved
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         backend, spec, x, h0, c0, mask, *flat = inputs
         saved = output[3:]
         ctx.mark_non_differentiable(*saved)
@@ -115,7 +133,9 @@ class FusedDirection(torch.autograd.Function):
         ctx.save_for_backward(x, h0, c0, mask, *flat, *saved)
 
     @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn, *_d_saved):
+    def backward(
+        ctx: Any, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None, *_d_saved: Any
+    ) -> tuple[Tensor | None, ...]:
         x, h0, c0, mask, *rest = ctx.saved_tensors
         flat, saved = tuple(rest[: ctx.n_flat]), tuple(rest[ctx.n_flat :])
         if torch.is_grad_enabled() or ctx.spent:
@@ -135,11 +155,11 @@ class FusedDirection(torch.autograd.Function):
         return None, None, dx, dh, dc, None, *grads
 
     @staticmethod
-    def vmap(info, in_dims, *args):
+    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
         raise NotImplementedError(_REFUSED.format("torch.func.vmap"))
 
     @staticmethod
-    def jvp(ctx, *tangents):
+    def jvp(ctx: Any, *tangents: Any) -> Any:
         raise NotImplementedError(_REFUSED.format("Forward-mode AD (torch.func.jvp)"))
 
 

@@ -133,7 +133,7 @@ def rows(v: Tensor) -> Tensor:
     return v.reshape(-1, v.shape[-1])
 
 
-def split_gates(spec: DirectionSpec, gates: Tensor):
+def split_gates(spec: DirectionSpec, gates: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """``(i, f, g, o)`` views of a ``(..., G)`` gate tensor (``i`` is None if coupled)."""
     if spec.coupled:
         f, g, o = gates.chunk(3, -1)

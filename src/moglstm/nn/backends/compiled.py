@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from moglstm.nn import _kernels
-from moglstm.nn.backends.base import FusedBackend
+from moglstm.nn.backends.base import FusedBackend, Saved
 from moglstm.nn.backends.buffers import (
     Buffers,
     arena_shape,
@@ -83,11 +83,19 @@ class CompiledLoop(FusedBackend):
 
     name = "compiled-loop"
 
-    def saved_shapes(self, spec, x):
+    def saved_shapes(self, spec: DirectionSpec, x: Tensor) -> list[tuple[int, ...]]:
         gates_in = spec.input_size + spec.hidden_size if spec.rounds else spec.hidden_size
         return [arena_shape(spec, x), (spec.gate_rows, gates_in)]  # the arena, [W_ih W_hh]
 
-    def forward(self, spec, x, h0, c0, mask, flat):
+    def forward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+    ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         d = Direction.from_flat(spec, flat)
         buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
@@ -100,7 +108,17 @@ class CompiledLoop(FusedBackend):
         _kernels.run_rows("mog_forward", layer, x.dtype, _kernels.row_slices(B))
         return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena, w_gates)
 
-    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+    def backward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+        saved: Saved,
+        d_out: Tensor | None,
+        d_hn: Tensor | None,
+        d_cn: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """Each thread adds the weight gradients of its rows into its own slice of the
         accumulators; the slices are summed here."""
         d = Direction.from_flat(spec, flat)

@@ -20,12 +20,14 @@ torch's custom-op autograd does not (in torch 2.13 it is an ``autograd.Function`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from moglstm.nn.backends.base import Backend, FusedBackend
 from moglstm.nn.backends.recompute import differentiable_backward
-from moglstm.nn.direction import Direction, DirectionSpec
+from moglstm.nn.direction import Direction, DirectionSpec, Steps
 
 
 def _backend(name: str, x: Tensor) -> FusedBackend:
@@ -70,7 +72,15 @@ def fused_direction(
 
 
 @fused_direction.register_fake
-def _(backend, spec, x, h0, c0, mask, flat):
+def _(
+    backend: str,
+    spec: list[int],
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    mask: Tensor | None,
+    flat: list[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     s = DirectionSpec.decode(spec)
     T, B, _ = x.shape
     saved = [x.new_empty(shape) for shape in _backend(backend, x).saved_shapes(s, x)]
@@ -104,7 +114,18 @@ def fused_direction_backward(
 
 
 @fused_direction_backward.register_fake
-def _(backend, spec, x, mask, flat, arena, kept, d_out, d_hn, d_cn):
+def _(
+    backend: str,
+    spec: list[int],
+    x: Tensor,
+    mask: Tensor | None,
+    flat: list[Tensor],
+    arena: Tensor,
+    kept: list[Tensor],
+    d_out: Tensor | None,
+    d_hn: Tensor | None,
+    d_cn: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     H = DirectionSpec.decode(spec).hidden_size
     B = x.shape[1]
     return (
@@ -115,13 +136,15 @@ def _(backend, spec, x, mask, flat, arena, kept, d_out, d_hn, d_cn):
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     backend, spec, x, h0, c0, mask, flat = inputs
     ctx.backend, ctx.spec, ctx.n_flat, ctx.spent = backend, spec, len(flat), False
     ctx.save_for_backward(x, h0, c0, mask, *flat, *output[3])
 
 
-def _backward(ctx, d_out, d_hn, d_cn, _d_saved):
+def _backward(
+    ctx: Any, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None, _d_saved: Any
+) -> tuple[Any, ...]:
     x, h0, c0, mask, *rest = ctx.saved_tensors
     flat, saved = list(rest[: ctx.n_flat]), list(rest[ctx.n_flat :])
     if torch.is_grad_enabled() or ctx.spent:
@@ -152,14 +175,28 @@ class LibraryOp(Backend):
     def __init__(self, backend: str = "auto") -> None:
         self.backend = backend
 
-    def run(self, steps, h, c, d, reverse=False, mask=None):
+    def run(
+        self,
+        steps: Steps,
+        h: Tensor,
+        c: Tensor,
+        d: Direction,
+        reverse: bool = False,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if steps.batch_sizes is not None:
             raise ValueError(f"the {self.name} backend does not take packed sequences")
         return run_op(self.backend, steps.x, h, c, d, reverse, mask)
 
 
 def run_op(
-    backend: str, x: Tensor, h: Tensor, c: Tensor, d: Direction, reverse: bool, mask
+    backend: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    d: Direction,
+    reverse: bool,
+    mask: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One direction over ``x (T, B, I)`` through the custom op with fused backend
     ``backend`` (a name, or ``"auto"``)."""

@@ -36,7 +36,7 @@ class Scan(Backend):
         if steps.batch_sizes is not None:
             raise ValueError("the scan backend does not take packed sequences")
 
-        def body(carry: tuple[Tensor, Tensor], x_t: Tensor):
+        def body(carry: tuple[Tensor, Tensor], x_t: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
             h, c = step(d, x_t, *carry, mask)
             return (h, c), h.clone()  # scan's outputs may not alias its carry
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moglstm.nn import _kernels
-from moglstm.nn.backends.base import FusedBackend
+from moglstm.nn.backends.base import FusedBackend, Saved
 from moglstm.nn.backends.buffers import (
     Buffers,
     arena_shape,
@@ -201,7 +201,9 @@ class TorchLoop(FusedBackend):
         torch.mul(s, d_new, out=d_old).mul_(2)
         s.mul_(1 - s).mul_(d_new).mul_(old).mul_(2)
 
-    def lstm_forward(self, spec: DirectionSpec, d: Direction, buf: Buffers, t: int, out: Tensor):
+    def lstm_forward(
+        self, spec: DirectionSpec, d: Direction, buf: Buffers, t: int, out: Tensor
+    ) -> None:
         """Activate ``buf.gates[t]`` in place, update the cell; writes ``h_t`` into ``out``."""
         i, f, g, o = split_gates(spec, buf.gates[t])
         c_prev, c = buf.c[t], buf.c[t + 1]
@@ -222,7 +224,9 @@ class TorchLoop(FusedBackend):
         o.sigmoid_()
         torch.mul(o, torch.tanh(c), out=out)
 
-    def lstm_backward(self, spec, d: Direction, buf: Buffers, t: int, dh: Tensor, dc: Tensor):
+    def lstm_backward(
+        self, spec: DirectionSpec, d: Direction, buf: Buffers, t: int, dh: Tensor, dc: Tensor
+    ) -> Tensor:
         """Gradients of step ``t``'s cell update: overwrites ``buf.gates[t]`` with the
         pre-activation gate gradients; returns ``dc_{t-1}``."""
         gates = buf.gates[t]
@@ -265,10 +269,18 @@ class TorchLoop(FusedBackend):
 
     # -- forward
 
-    def saved_shapes(self, spec, x):
+    def saved_shapes(self, spec: DirectionSpec, x: Tensor) -> list[tuple[int, ...]]:
         return [arena_shape(spec, x)]
 
-    def forward(self, spec, x, h0, c0, mask, flat):
+    def forward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+    ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         d = Direction.from_flat(spec, flat)
         buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
@@ -293,7 +305,16 @@ class TorchLoop(FusedBackend):
                 h = out[t]
         return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena,)
 
-    def forward_rounds(self, spec, buf: Buffers, t: int, h, mask, ops: StepOps, scratch) -> None:
+    def forward_rounds(
+        self,
+        spec: DirectionSpec,
+        buf: Buffers,
+        t: int,
+        h: Tensor,
+        mask: Tensor | None,
+        ops: StepOps,
+        scratch: tuple[Tensor, Tensor],
+    ) -> None:
         """Step ``t``'s Mogrifier rounds: writes every version of x and h into the buffers."""
         xs, hs = buf.xs, buf.hs
         store_state(hs[0][t], h, mask)
@@ -310,7 +331,17 @@ class TorchLoop(FusedBackend):
 
     # -- backward
 
-    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+    def backward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+        saved: Saved,
+        d_out: Tensor | None,
+        d_hn: Tensor | None,
+        d_cn: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         d = Direction.from_flat(spec, flat)
         buf = Buffers(spec, x, *saved)
         T, B, I = x.shape
@@ -382,18 +413,22 @@ class TorchLoopKernels(TorchLoop):
 
     name = "torch-loop+c-kernels"
 
-    def round_forward(self, s, old, new):
+    def round_forward(self, s: Tensor, old: Tensor, new: Tensor) -> None:
         _kernels.round_forward(s, old, new)
 
-    def round_backward(self, z, old, d_new, d_old):
+    def round_backward(self, z: Tensor, old: Tensor, d_new: Tensor, d_old: Tensor) -> None:
         _kernels.round_backward(z, old, d_new, d_old)
 
-    def lstm_forward(self, spec, d, buf, t, out):
+    def lstm_forward(
+        self, spec: DirectionSpec, d: Direction, buf: Buffers, t: int, out: Tensor
+    ) -> None:
         _kernels.lstm_forward(
             buf.gates[t], buf.c[t], buf.c[t + 1], out, d.peephole, spec.coupled, spec.cap_input_gate
         )
 
-    def lstm_backward(self, spec, d, buf, t, dh, dc):
+    def lstm_backward(
+        self, spec: DirectionSpec, d: Direction, buf: Buffers, t: int, dh: Tensor, dc: Tensor
+    ) -> Tensor:
         dc = dc.contiguous()
         _kernels.lstm_backward(
             buf.gates[t],
