@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moglstm.nn import MogrifierLSTMCell
-from moglstm.nn import functional as F
+from moglstm.nn import functional as mf  # moglstm's; "F" is always torch's
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 VARIANTS = [
@@ -59,7 +59,7 @@ def test_torch_state_dict_loads_with_mogrifier_non_strict():
 
 def reference_step(cell, x, h, c):
     """The cell's step written out from the equations, gate by gate."""
-    xm, hm = F.mogrify(x, h, cell.mogrifier.round_weights(), cell.mogrifier.round_biases())
+    xm, hm = mf.mogrify(x, h, cell.mogrifier.round_weights(), cell.mogrifier.round_biases())
     z = xm @ cell.weight_ih.T + hm @ cell.weight_hh.T
     if cell.bias:
         z = z + cell.bias_ih + cell.bias_hh

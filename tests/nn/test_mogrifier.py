@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moglstm.nn import Mogrifier
-from moglstm.nn import functional as F
+from moglstm.nn import functional as mf  # moglstm's; "F" is always torch's
 
 
 def full_matrix(mog: Mogrifier, i: int) -> torch.Tensor:
@@ -139,7 +139,7 @@ def test_gradcheck():
     def fn(x, h, *ps):
         weights = [(ps[3 * i], ps[3 * i + 1]) for i in range(4)]
         biases = [ps[3 * i + 2] for i in range(4)]
-        return F.mogrify(x, h, weights, biases)
+        return mf.mogrify(x, h, weights, biases)
 
     assert torch.autograd.gradcheck(fn, (x, h, *[p.detach().requires_grad_() for p in params]))
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moglstm.nn import functional as F
+from moglstm.nn import functional as mf  # moglstm's; "F" is always torch's
 from moglstm.nn._checks import (
     check_floating,
     check_like,
@@ -175,7 +175,7 @@ class MogrifierLSTMCell(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         h, c, unbatched = self._prepare(input, hx)
         x = input.unsqueeze(0) if unbatched else input
-        h, c = F.mogrifier_lstm_cell(
+        h, c = mf.mogrifier_lstm_cell(
             x,
             h,
             c,

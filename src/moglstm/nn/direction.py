@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from torch import Tensor
 
-from moglstm.nn import functional as F
+from moglstm.nn import functional as mf  # moglstm's; "F" is always torch's
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class RoundWeights:
     right: Tensor | None
     bias: Tensor | None
 
-    def as_functional(self) -> F.RoundWeight:
+    def as_functional(self) -> mf.RoundWeight:
         return self.left if self.right is None else (self.left, self.right)
 
 
@@ -98,7 +98,7 @@ class Direction:
     @classmethod
     def build(
         cls,
-        round_weights: list[F.RoundWeight],
+        round_weights: list[mf.RoundWeight],
         round_biases: list[Tensor | None],
         weight_ih: Tensor,
         weight_hh: Tensor,
@@ -127,7 +127,7 @@ class Direction:
 
     # -- the functional (reference) view
 
-    def round_weights(self) -> list[F.RoundWeight]:
+    def round_weights(self) -> list[mf.RoundWeight]:
         return [r.as_functional() for r in self.rounds]
 
     def round_biases(self) -> list[Tensor | None]:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moglstm.nn import functional as F
+from moglstm.nn import functional as mf  # moglstm's; "F" is always torch's
 from moglstm.nn._checks import (
     check_floating,
     check_like,
@@ -116,7 +116,7 @@ class Mogrifier(nn.Module):
                 if self.bias:
                     getattr(self, f"bias_{i}").zero_()
 
-    def round_weights(self) -> list[F.RoundWeight]:
+    def round_weights(self) -> list[mf.RoundWeight]:
         """The round matrices in order, full tensors or ``(left, right)`` pairs."""
         if self.rank is None:
             return [getattr(self, f"weight_{i}") for i in range(1, self.rounds + 1)]
@@ -130,7 +130,7 @@ class Mogrifier(nn.Module):
 
     def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         self.check_inputs(x, h)
-        return F.mogrify(x, h, self.round_weights(), self.round_biases())
+        return mf.mogrify(x, h, self.round_weights(), self.round_biases())
 
     def check_inputs(self, x: Tensor, h: Tensor) -> None:
         check_tensor("x", x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moglstm.nn import functional as F
+from moglstm.nn import functional as mf  # moglstm's; "F" is always torch's
 from moglstm.nn.backends.base import Backend
 from moglstm.nn.direction import Direction, Steps
 
@@ -26,9 +26,9 @@ def step(
     """One step of direction ``d``: the Mogrifier rounds on ``x`` and the (masked) ``h``,
     then the cell; ``gates_x``, if given, is ``x``'s projection with ``bias_ih``."""
     h_in = h if mask is None else h * mask
-    x, h_in = F.mogrify(x, h_in, d.round_weights(), d.round_biases())
+    x, h_in = mf.mogrify(x, h_in, d.round_weights(), d.round_biases())
     bias_ih = d.bias_ih if gates_x is None else None
-    return F.lstm_cell(
+    return mf.lstm_cell(
         x,
         h_in,
         c,
@@ -57,7 +57,7 @@ class Reference(Backend):
         """Sequences shorter than the batch (packed) keep their state after their last
         step."""
         precompute = not d.rounds  # with no rounds, x is not gated: one big matmul
-        gates_x = F.round_linear(steps.x, d.weight_ih, d.bias_ih) if precompute else None
+        gates_x = mf.round_linear(steps.x, d.weight_ih, d.bias_ih) if precompute else None
         if steps.batch_sizes is None:
             index = [(t, None) for t in range(steps.length)]
         else:
