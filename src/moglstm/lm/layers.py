@@ -19,7 +19,8 @@ every caller right: ``log_softmax(log p) = log p - log sum(p) = log p`` because 
 probabilities sum to one, so ``F.cross_entropy``, ``softmax(x / T)`` sampling and
 logit temperatures all work on them unchanged.
 
-Like :mod:`moglstm.nn`, this module imports torch only and does no I/O.
+Like :mod:`moglstm.nn`, this module imports torch only (and the plain argument checks)
+and does no I/O.
 """
 
 from __future__ import annotations
@@ -30,17 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["DROPOUT_MASKS", "LockedDropout", "MixtureOfSoftmaxes", "check_probability"]
+from moglstm.lm.arguments import check_probability
+
+__all__ = ["DROPOUT_MASKS", "LockedDropout", "MixtureOfSoftmaxes"]
 
 DROPOUT_MASKS = ("window", "step")
-
-
-def check_probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return float(value)
 
 
 def _check_mask(mask: Any) -> str:

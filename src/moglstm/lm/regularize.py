@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moglstm.lm.layers import LockedDropout, check_probability
+from moglstm.lm.arguments import check_probability
+from moglstm.lm.layers import LockedDropout
 from moglstm.lm.state import map_state, state_tensors
 from moglstm.nn import MogrifierLSTM
 

@@ -8,15 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moglstm.lm.arguments import check_int
+
 __all__ = ["BatchStream", "batchify", "iter_windows"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_ids(name: str, ids: object, dim: int) -> Tensor:
@@ -43,7 +37,7 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
         A contiguous tensor of shape ``(N, B)`` with ``N = L // B``, on ``ids``'s device.
     """
     ids = _check_ids("ids", ids, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     n = ids.numel() // batch_size
     if n < 2:
         raise ValueError(
@@ -72,10 +66,10 @@ def iter_windows(
         ``inputs`` and ``targets``, each shape ``(T, B)``.
     """
     data = _check_ids("data", data, 2)
-    _check_int("bptt", bptt, 1)
+    check_int("bptt", bptt, 1)
     end = data.size(0) - 1  # last row has no target
     if max_tokens is not None:
-        _check_int("max_tokens", max_tokens, 1)
+        check_int("max_tokens", max_tokens, 1)
         end = min(end, -(-max_tokens // data.size(1)))
     for pos in range(0, end, bptt):
         length = min(bptt, end - pos)
@@ -121,8 +115,8 @@ class BatchStream:
         max_length: int | None = None,
     ) -> None:
         self.data = _check_ids("data", data, 2)
-        self.bptt = _check_int("bptt", bptt, 1)
-        self.max_length = _check_int(
+        self.bptt = check_int("bptt", bptt, 1)
+        self.max_length = check_int(
             "max_length", bptt + 20 if max_length is None else max_length, bptt
         )
         if data.size(0) < bptt + 1:
@@ -132,7 +126,7 @@ class BatchStream:
                 " lower batch_size or bptt"
             )
         self.variable_length = bool(variable_length)
-        self.seed = _check_int("seed", seed, -(2**63))
+        self.seed = check_int("seed", seed, -(2**63))
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # row of the next window's first input
         self.epoch = 0  # completed passes
@@ -184,7 +178,7 @@ class BatchStream:
         missing = {"position", "epoch", "generator"} - set(state)
         if missing:
             raise ValueError(f"stream state lacks {sorted(missing)}")
-        position = _check_int("position", state["position"], 0)
+        position = check_int("position", state["position"], 0)
         if position >= self.steps - 1:
             raise ValueError(
                 f"position {position} is past the end of this split ({self.steps} steps);"
@@ -195,4 +189,4 @@ class BatchStream:
             raise TypeError("generator state must be a uint8 tensor")
         self.generator.set_state(gen.cpu())
         self.position = position
-        self.epoch = _check_int("epoch", state["epoch"], 0)
+        self.epoch = check_int("epoch", state["epoch"], 0)

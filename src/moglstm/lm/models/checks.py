@@ -1,4 +1,7 @@
-"""Checks of the arguments the models' methods take at run time (sizes, tokens)."""
+"""Checks of the arguments the models' methods take at run time (sizes, tokens).
+
+``check_int`` is :func:`moglstm.lm.arguments.check_int`, re-exported for the models.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moglstm.lm.arguments import check_int
+
 __all__ = ["check_int", "check_tokens"]
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def check_tokens(tokens: Any) -> None:
