@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from moglstm.lm.arguments import check_int
+from moglstm.lm.errors import UserError
 
 __all__ = ["BatchStream", "batchify", "iter_windows"]
 
@@ -174,19 +175,20 @@ class BatchStream:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` so the stream continues where it stopped."""
+        """Restore a :meth:`state_dict` so the stream continues where it stopped (a state
+        that does not fit this stream, read from a checkpoint, is a UserError)."""
         missing = {"position", "epoch", "generator"} - set(state)
         if missing:
-            raise ValueError(f"stream state lacks {sorted(missing)}")
+            raise UserError(f"stream state lacks {sorted(missing)}")
         position = check_int("position", state["position"], 0)
         if position >= self.steps - 1:
-            raise ValueError(
+            raise UserError(
                 f"position {position} is past the end of this split ({self.steps} steps);"
                 " was the state saved for another batch size?"
             )
         gen = state["generator"]
         if not isinstance(gen, Tensor) or gen.dtype != torch.uint8:
-            raise TypeError("generator state must be a uint8 tensor")
+            raise UserError("generator state must be a uint8 tensor")
         self.generator.set_state(gen.cpu())
         self.position = position
         self.epoch = check_int("epoch", state["epoch"], 0)
