@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moglstm.nn import MogrifierLSTM
+from moglstm.nn.backends import graphs
 from moglstm.nn.backends import triton as triton_backend
 
 LAUNCHERS = (
@@ -90,3 +91,150 @@ def test_step_loop_is_graph_safe(monkeypatch, kwargs):
         assert ops, "no aten op recorded inside the loop: the check would prove nothing"
         bad = [op for op in ops if op.split(".")[0].startswith(ALLOCATING + SYNCING)]
         assert not bad, f"allocations or host syncs inside the step loop: {bad}"
+
+
+# -- CUDA-graph capture of a window (moglstm.nn.backends.graphs), on CPU with a stand-in
+
+
+def _copy_into(dst, src) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src, strict=True):
+            _copy_into(d, s)
+
+
+def _poison(outputs) -> None:
+    if isinstance(outputs, torch.Tensor):
+        outputs.fill_(float("nan"))
+    elif isinstance(outputs, (tuple, list)):
+        for o in outputs:
+            _poison(o)
+
+
+class FakeGraph:
+    """A CUDA graph's contract on CPU: capture returns outputs at fixed addresses without
+    computing them (poisoned here), each replay recomputes from the same static inputs
+    and writes into those outputs."""
+
+    def capture(self, fn):
+        self.fn = fn
+        self.outputs = fn()
+        _poison(self.outputs)
+        return self.outputs
+
+    def replay(self):
+        _copy_into(self.outputs, self.fn())
+
+
+def fake_cache(monkeypatch, make_graph=FakeGraph, **kwargs) -> graphs.GraphCache:
+    cache = graphs.GraphCache(make_graph, devices=("cpu",), **kwargs)
+    monkeypatch.setattr(graphs, "GRAPHS", cache)
+    monkeypatch.setattr(graphs, "ENABLED", True)
+    return cache
+
+
+def test_graph_cache_eager_then_capture_then_replay(monkeypatch):
+    cache = fake_cache(monkeypatch)
+    calls = []
+
+    def fn(a):
+        calls.append(a[0].data_ptr())
+        return a[0] * 2 + a[1], [a[0].sum()]
+
+    x, y = torch.arange(4.0), torch.ones(4)
+    out, (s,) = cache.run("k", [x, y], fn)  # first sighting: eager, on the caller's tensors
+    assert calls == [x.data_ptr()] and cache.captures == 0
+    torch.testing.assert_close(out, x * 2 + 1)
+    for scale in (3.0, 5.0):  # capture (then replay), replay: inputs copied in each time
+        out, (s,) = cache.run("k", [x * scale, y], fn)
+        torch.testing.assert_close(out, x * scale * 2 + 1)
+        torch.testing.assert_close(s, (x * scale).sum())
+    assert cache.captures == 1 and cache.replays == 2
+    static = cache.entries["k"].inputs[0]
+    assert calls[1:] == [static.data_ptr()] * 3  # one capture, two replays, one buffer
+    kept = out.clone()
+    cache.run("k", [x, y], fn)
+    torch.testing.assert_close(out, kept)  # the caller's outputs are copies: not overwritten
+    cache.run("other", [x, y], fn)  # another key: eager first
+    assert cache.captures == 1
+
+
+def test_graph_cache_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
+    class Broken:
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    cache = fake_cache(monkeypatch, Broken)
+    fn = lambda a: a[0] + 1  # noqa: E731
+    x = torch.zeros(3)
+    cache.run("a", [x], fn)
+    with pytest.warns(RuntimeWarning, match="capture of a Triton window failed"):
+        torch.testing.assert_close(cache.run("a", [x], fn), x + 1)
+    cache.run("b", [x], fn)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: not again, for any key
+        for key in ("a", "b", "a"):
+            torch.testing.assert_close(cache.run(key, [x], fn), x + 1)
+    assert cache.entries == {"a": None, "b": None} and cache.replays == 0
+
+
+def test_graph_cache_keeps_the_most_recent_keys_and_can_be_turned_off(monkeypatch):
+    cache = fake_cache(monkeypatch, max_entries=2)
+    fn = lambda a: a[0] + 1  # noqa: E731
+    x = torch.zeros(3)
+    for key in ("a", "a", "b", "b", "a", "c", "c"):  # a, b captured; a used; c evicts b
+        cache.run(key, [x], fn)
+    assert list(cache.entries) == ["a", "c"]
+    assert cache.applies(x) and not cache.applies(x.to("meta"))
+    assert graphs.set_enabled(False) is True
+    assert not cache.applies(x) and not cache.entries and not cache.seen
+    graphs.set_enabled(True)
+    assert not graphs.GraphCache().applies(x)  # by default only CUDA tensors are captured
+
+
+@pytest.mark.parametrize("kwargs", [{"mogrify_rounds": 3, "mogrify_rank": 3}, {}])
+def test_triton_windows_replayed_from_graphs_equal_the_reference(monkeypatch, kwargs):
+    """Under the interpreter, with the stand-in graph: eager, captured and replayed windows
+    (forward and backward) equal the reference, with the weights changed in place (an
+    optimiser step) and given new storage (load_state_dict into a copy) between calls."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, agree, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=5, hidden_size=6, **kwargs)
+    for call in range(4):
+        if call == 2:
+            with torch.no_grad():
+                for p, q in zip(ref.parameters(), tri.parameters(), strict=True):
+                    p.mul_(0.5)
+                    q.mul_(0.5)
+        if call == 3:
+            state = tri.state_dict()
+            tri = MogrifierLSTM(5, 6, implementation="triton", **kwargs)
+            tri.load_state_dict(state)
+        agree(ref, tri, seed=call)
+    assert cache.captures == 2  # the forward and the backward window
+    assert cache.replays == 6  # calls 2, 3, 4
+
+
+def test_self_check_compares_replayed_graphs(monkeypatch):
+    """The self-check runs eager, captured and replayed windows; a wrong replay fails it."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE
+
+    class WrongReplay(FakeGraph):
+        def replay(self):
+            super().replay()
+            _poison(self.outputs[0])
+
+    cache = fake_cache(monkeypatch)
+    assert triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+    assert cache.replays == 4  # forward and backward, twice each
+    fake_cache(monkeypatch, WrongReplay)
+    with pytest.warns(RuntimeWarning, match="failed its self-check"):
+        assert not triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
