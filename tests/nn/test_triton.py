@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moglstm.nn import MogrifierLSTM, backends
+from moglstm.nn.backends import graphs
 from moglstm.nn.backends import triton as triton_backend
 from moglstm.nn.direction import Steps
 from tests.nn.test_fused import VARIANTS, run
@@ -26,6 +27,15 @@ pytest.importorskip("numpy")  # the interpreter needs it
 DEVICE = "cpu" if triton_backend.interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("neither a GPU nor TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_graphs():
+    """On a GPU, no test replays a window another test captured (with other kernels
+    patched in): every test starts with no CUDA graph."""
+    graphs.GRAPHS.clear()
+    yield
+    graphs.GRAPHS.clear()
 
 
 def twins(dtype=torch.float32, **kwargs):
@@ -213,3 +223,20 @@ def test_autocast_runs_the_kernels_in_half_precision(monkeypatch):
     assert results[1][3].dtype == torch.float32  # the gradients come back in float32
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b.float(), a.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a real CUDA graph (benchmarks/gpu_check.py)")
+def test_cuda_graph_replays_equal_the_reference():
+    """On a GPU: the first window runs eagerly, the second is captured in a CUDA graph and
+    replayed, later ones replayed; every one equals the reference, weights updated in
+    place between calls."""
+    before = graphs.GRAPHS.captures, graphs.GRAPHS.replays
+    ref, tri = twins(input_size=40, hidden_size=37, mogrify_rounds=5, mogrify_rank=21)
+    for seed in range(4):
+        agree(ref, tri, T=4, B=18, tol=5e-5, seed=seed)
+        with torch.no_grad():
+            for p, q in zip(ref.parameters(), tri.parameters(), strict=True):
+                p.mul_(0.9)
+                q.mul_(0.9)
+    assert graphs.GRAPHS.captures - before[0] == 2  # the forward and the backward window
+    assert graphs.GRAPHS.replays - before[1] == 6
