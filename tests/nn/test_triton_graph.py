@@ -238,3 +238,44 @@ def test_self_check_compares_replayed_graphs(monkeypatch):
     fake_cache(monkeypatch, WrongReplay)
     with pytest.warns(RuntimeWarning, match="failed its self-check"):
         assert not triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+
+
+def test_graph_cache_stops_capturing_new_shapes_after_its_limit(monkeypatch):
+    cache = fake_cache(monkeypatch, max_entries=2, max_captures=3)
+    fn = lambda a: a[0] + 1  # noqa: E731
+    x = torch.zeros(3)
+    for key in ("a", "a", "b", "b", "c", "c"):
+        cache.run(key, [x], fn)
+    cache.run("d", [x], fn)
+    with pytest.warns(RuntimeWarning, match="more than 3 window shapes"):
+        torch.testing.assert_close(cache.run("d", [x], fn), x + 1)
+    assert cache.captures == 3 and "d" not in cache.entries
+    cache.run("c", [x], fn)  # a captured key still replays
+    assert cache.replays == 4
+
+
+def test_whole_windows_are_capture_safe(monkeypatch):
+    """What a CUDA graph captures is the whole forward and backward (buffers, the weight
+    gradients after the loop): nowhere a host read or a copy from the host, which a
+    capture refuses (allocations are fine there: they come from the graph's pool)."""
+    events: list = []
+
+    class Kernels:
+        def __getattr__(self, name):
+            return type("Launch", (), {"__getitem__": lambda self, g: lambda *a, **k: None})()
+
+    monkeypatch.setattr(triton_backend, "_kernels", Kernels)
+    rnn = MogrifierLSTM(5, 6, mogrify_rounds=5, mogrify_rank=3, peephole=True)
+    d = rnn.direction(0, 0)
+    meta = {"device": "meta"}
+    flat = tuple(torch.empty(p.shape, **meta) for p in d.flat())
+    x, h0, c0, mask = (torch.empty(s, **meta) for s in ((4, 3, 5), (3, 6), (3, 6), (3, 6)))
+    with Recorder(events):
+        out, h_n, c_n, saved = triton_backend.TRITON.eager_forward(d.spec, x, h0, c0, mask, flat)
+        triton_backend.TRITON.eager_backward(
+            d.spec, x, mask, flat, saved, torch.ones_like(out), torch.ones_like(h_n), None
+        )
+    ops = [e[1] for e in events]
+    assert len(ops) > 20
+    bad = [op for op in ops if op.split(".")[0].startswith(SYNCING + ("lift_fresh", "_to_copy"))]
+    assert not bad, f"host reads or copies in a captured window: {bad}"

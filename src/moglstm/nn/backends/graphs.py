@@ -16,8 +16,9 @@ on later calls:
   of the outputs (the next replay overwrites them; two layers of equal shapes share one
   key).
 - a capture that fails (a driver, an op that cannot be captured) warns once and that key
-  runs eagerly from then on; :func:`set_enabled` turns capture off (and frees the graphs),
-  as does ``MOGLSTM_CUDA_GRAPHS=0`` in the environment.
+  runs eagerly from then on; so do new keys after ``max_captures`` captures.
+  :func:`set_enabled` turns capture off (and frees the graphs), as does
+  ``MOGLSTM_CUDA_GRAPHS=0`` in the environment.
 
 The graph object is injected (``make_graph``): :class:`CudaGraph` on a GPU; the tests
 inject a stand-in that re-runs the function, so the keying, the buffer copies and the
@@ -84,8 +85,11 @@ class GraphCache:
     """Captured windows by key, least recently used dropped past ``max_entries``.
 
     ``devices``: the device types whose calls are captured (``("cuda",)``; the tests add
-    ``"cpu"`` with a stand-in graph). ``captures`` counts the captures made, ``replays``
-    the replays, for tests and benchmarks.
+    ``"cpu"`` with a stand-in graph). After ``max_captures`` captures (shapes that keep
+    changing, e.g. windows of random length, would otherwise evict and recapture each
+    other, each capture costing about what a few eager windows do) new keys run eagerly,
+    with one warning. ``captures`` counts the captures made, ``replays`` the replays, for
+    tests and benchmarks.
     """
 
     def __init__(
@@ -93,8 +97,10 @@ class GraphCache:
         make_graph: Callable[[], Any] = CudaGraph,
         devices: tuple[str, ...] = ("cuda",),
         max_entries: int = 16,
+        max_captures: int = 64,
     ) -> None:
         self.make_graph, self.devices, self.max_entries = make_graph, devices, max_entries
+        self.max_captures = max_captures
         self.entries: OrderedDict[Hashable, Entry | None] = OrderedDict()  # None: eager
         self.seen: set[Hashable] = set()
         self.captures = self.replays = 0
@@ -120,6 +126,12 @@ class GraphCache:
             if key not in self.seen:  # first sighting: eager (compiles the kernels)
                 self.seen.add(key)
                 return fn(inputs)
+            if self.captures >= self.max_captures:
+                self._warn_once(
+                    f"more than {self.max_captures} window shapes were captured; new shapes "
+                    "run with eager launches"
+                )
+                return fn(inputs)
             entry = self._capture(key, inputs, fn)
             if entry is None:
                 return fn(inputs)
@@ -138,20 +150,21 @@ class GraphCache:
             outputs = graph.capture(lambda: fn(static))
         except Exception as err:  # a driver or an op that cannot be captured: eager
             self.entries[key] = None
-            if not self.warned:
-                self.warned = True
-                warnings.warn(
-                    f"moglstm: CUDA-graph capture of a Triton window failed "
-                    f"({type(err).__name__}: {err}); that shape runs with eager launches",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            self._warn_once(
+                f"CUDA-graph capture of a Triton window failed ({type(err).__name__}: "
+                f"{err}); that shape runs with eager launches"
+            )
             return None
         self.captures += 1
         entry = self.entries[key] = Entry(graph, static, outputs)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
         return entry
+
+    def _warn_once(self, message: str) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"moglstm: {message}", RuntimeWarning, stacklevel=5)
 
     def clear(self) -> None:
         """Drop every graph (and its memory) and what was seen."""
