@@ -114,17 +114,17 @@ def _poison(outputs) -> None:
 
 class FakeGraph:
     """A CUDA graph's contract on CPU: capture returns outputs at fixed addresses without
-    computing them (poisoned here), each replay recomputes from the same static inputs
-    and writes into those outputs."""
+    computing them (poisoned here) or touching the inputs (it runs on copies), each replay
+    recomputes from the same static inputs and writes into those outputs."""
 
-    def capture(self, fn):
-        self.fn = fn
-        self.outputs = fn()
+    def capture(self, fn, inputs):
+        self.fn, self.inputs = fn, inputs
+        self.outputs = fn([None if t is None else t.clone() for t in inputs])
         _poison(self.outputs)
         return self.outputs
 
     def replay(self):
-        _copy_into(self.outputs, self.fn())
+        _copy_into(self.outputs, self.fn(self.inputs))
 
 
 def fake_cache(monkeypatch, make_graph=FakeGraph, **kwargs) -> graphs.GraphCache:
@@ -152,7 +152,7 @@ def test_graph_cache_eager_then_capture_then_replay(monkeypatch):
         torch.testing.assert_close(s, (x * scale).sum())
     assert cache.captures == 1 and cache.replays == 2
     static = cache.entries["k"].inputs[0]
-    assert calls[1:] == [static.data_ptr()] * 3  # one capture, two replays, one buffer
+    assert calls[2:] == [static.data_ptr()] * 2  # the capture (on copies), two replays
     kept = out.clone()
     cache.run("k", [x, y], fn)
     torch.testing.assert_close(out, kept)  # the caller's outputs are copies: not overwritten
@@ -162,7 +162,7 @@ def test_graph_cache_eager_then_capture_then_replay(monkeypatch):
 
 def test_graph_cache_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
     class Broken:
-        def capture(self, fn):
+        def capture(self, fn, inputs):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     cache = fake_cache(monkeypatch, Broken)
@@ -218,8 +218,10 @@ def test_triton_windows_replayed_from_graphs_equal_the_reference(monkeypatch, kw
             tri = MogrifierLSTM(5, 6, implementation="triton", **kwargs)
             tri.load_state_dict(state)
         agree(ref, tri, seed=call)
-    assert cache.captures == 2  # the forward and the backward window
-    assert cache.replays == 6  # calls 2, 3, 4
+    # the forward: eager, captured (its buffers lent to the backward), replayed twice; the
+    # backward: eager, eager (a new key: it reads the lent buffers in place), captured, replayed
+    assert cache.captures == 2
+    assert cache.replays == 5
 
 
 def test_self_check_compares_replayed_graphs(monkeypatch):
@@ -234,7 +236,7 @@ def test_self_check_compares_replayed_graphs(monkeypatch):
 
     cache = fake_cache(monkeypatch)
     assert triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
-    assert cache.replays == 4  # forward and backward, twice each
+    assert cache.replays == 3  # the forward's capture and replay, the backward's capture
     fake_cache(monkeypatch, WrongReplay)
     with pytest.warns(RuntimeWarning, match="failed its self-check"):
         assert not triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
@@ -279,3 +281,50 @@ def test_whole_windows_are_capture_safe(monkeypatch):
     assert len(ops) > 20
     bad = [op for op in ops if op.split(".")[0].startswith(SYNCING + ("lift_fresh", "_to_copy"))]
     assert not bad, f"host reads or copies in a captured window: {bad}"
+
+
+def test_graph_cache_lends_buffers_and_takes_another_slot_while_they_are_held(monkeypatch):
+    cache = fake_cache(monkeypatch, max_slots=2)
+    fn = lambda a: [a[0] + 1, a[0] * 2]  # noqa: E731
+    x = torch.ones(3)
+    cache.run("k", [x], fn, lend=(1,))  # eager
+    _, lent = cache.run("k", [x], fn, lend=(1,))  # slot 0 captured, its buffer lent
+    assert cache.lent(lent) is cache.entries[("k", 0)].outputs[1]
+    _, first = cache.run("k", [x * 3], fn, lend=(1,))  # slot 0 held: slot 1, eager
+    _, second = cache.run("k", [x * 5], fn, lend=(1,))  # slot 1 captured
+    _, third = cache.run("k", [x * 7], fn, lend=(1,))  # both held: eager
+    assert cache.captures == 2 and cache.lent(first) is None and cache.lent(third) is None
+    for got, want in ((lent, 2), (first, 6), (second, 10), (third, 14)):
+        torch.testing.assert_close(got, x * want)  # nothing overwritten while held
+    del lent
+    _, again = cache.run("k", [x * 9], fn, lend=(1,))  # slot 0 free again: replayed
+    assert cache.lent(again) is cache.entries[("k", 0)].outputs[1]
+    torch.testing.assert_close(again, x * 18)
+    torch.testing.assert_close(second, x * 10)
+
+
+def test_windows_held_together_keep_their_buffers(monkeypatch):
+    """Two layers of equal shapes (one key) and two windows before one backward: four
+    windows' buffers held at once, each in its own slot, gradients equal the reference."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=6, hidden_size=6, num_layers=2, mogrify_rounds=1)
+    for call in range(3):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            torch.manual_seed(call)
+            outs = [rnn(torch.randn(2, 2, 6))[0] for _ in range(2)]
+            sum((o * o).sum() for o in outs).backward()
+            results.append([*outs, *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    # each key's first sighting runs eagerly: forward slots 0-2 captured (slot 3 seen once);
+    # backward graphs for slots 0-2 and one for a forward's eager buffers (copied in)
+    assert cache.captures == 7
+    slots = sorted(k[1] for k, e in cache.entries.items() if k[0][0] == "forward" and e)
+    assert slots == [0, 1, 2]

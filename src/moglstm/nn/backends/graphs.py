@@ -13,8 +13,11 @@ on later calls:
   copies its inputs (the weights included, so in-place optimiser updates, new weight
   storage after ``load_state_dict`` or ``.to()``, and autocast's per-call casts are all
   seen: nothing can go stale) into the key's static buffers, replays, and returns copies
-  of the outputs (the next replay overwrites them; two layers of equal shapes share one
-  key).
+  of the outputs, which the next replay overwrites. The large ones (a forward's window
+  buffers, kept for backward) are *lent* instead: handed out as views, the graph is not
+  replayed while one lives (its storage's reference count says so), a second graph of
+  the key (a *slot*) serves the call meanwhile (two layers of equal shapes, two windows
+  before one backward), and the backward's graph reads them where they are.
 - a capture that fails (a driver, an op that cannot be captured) warns once and that key
   runs eagerly from then on; so do new keys after ``max_captures`` captures.
   :func:`set_enabled` turns capture off (and frees the graphs), as does
@@ -27,6 +30,7 @@ fallback are tested on CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections import OrderedDict
@@ -45,30 +49,49 @@ class CudaGraph:
     def __init__(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
 
-    def capture(self, fn: Callable[[], Any]) -> Any:
-        """Record ``fn``'s launches (they do not run) and return its outputs, tensors in
-        the graph's own memory pool that every replay overwrites."""
+    def capture(self, fn: Callable[[Inputs], Any], inputs: Inputs) -> Any:
+        """Record the launches of ``fn(inputs)`` (they do not run) and return its outputs,
+        tensors in the graph's own memory pool that every replay overwrites."""
         with torch.cuda.graph(self.graph):
-            return fn()
+            return fn(inputs)
 
     def replay(self) -> None:
         self.graph.replay()
 
 
 class Entry:
-    """One captured key: its graph, static inputs and the outputs the graph writes."""
+    """One captured key: its graph, static inputs (``fixed`` ones are the caller's own),
+    the outputs the graph writes, which of them are lent out (``lend``) and how many
+    references their storage had when nothing was lent (``base``)."""
 
-    def __init__(self, graph, inputs: list[Tensor | None], outputs: Any) -> None:
+    def __init__(self, graph, inputs, outputs, fixed=(), lend=()) -> None:
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        self.fixed, self.lend = fixed, lend
+        self.base = [_uses(outputs[i]) for i in lend]
+
+    def held(self) -> bool:
+        """Whether a view lent out by the last replay is still alive (a pending backward
+        keeps the forward's window buffers: replaying would overwrite them)."""
+        return any(_uses(self.outputs[i]) > n for i, n in zip(self.lend, self.base, strict=True))
+
+
+def _uses(t: Tensor) -> int:
+    """References to ``t``'s storage (tensors viewing it)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+# lending needs the storage's reference count (torch's own CUDA-graph trees read it the same
+# way); without it every output is copied
+LENDING = hasattr(torch._C, "_storage_Use_Count")
 
 
 def _static(t: Tensor | None) -> Tensor | None:
     return None if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _fill(static: list[Tensor | None], inputs: Inputs) -> None:
-    for s, t in zip(static, inputs, strict=True):
-        if s is not None:
+def _fill(static: list[Tensor | None], inputs: Inputs, fixed=()) -> None:
+    for i, (s, t) in enumerate(zip(static, inputs, strict=True)):
+        if s is not None and i not in fixed:
             s.copy_(t)
 
 
@@ -98,9 +121,10 @@ class GraphCache:
         devices: tuple[str, ...] = ("cuda",),
         max_entries: int = 16,
         max_captures: int = 64,
+        max_slots: int = 4,
     ) -> None:
         self.make_graph, self.devices, self.max_entries = make_graph, devices, max_entries
-        self.max_captures = max_captures
+        self.max_captures, self.max_slots = max_captures, max_slots
         self.entries: OrderedDict[Hashable, Entry | None] = OrderedDict()  # None: eager
         self.seen: set[Hashable] = set()
         self.captures = self.replays = 0
@@ -115,10 +139,45 @@ class GraphCache:
             return False
         return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
-    def run(self, key: Hashable, inputs: Inputs, fn: Callable[[Inputs], Any]) -> Any:
+    def run(
+        self,
+        key: Hashable,
+        inputs: Inputs,
+        fn: Callable[[Inputs], Any],
+        *,
+        fixed: tuple[int, ...] = (),
+        lend: tuple[int, ...] = (),
+    ) -> Any:
         """``fn(inputs)`` (a nest of tensors), by replaying the graph of ``key`` if there is
         one. ``fn`` must launch the same work for any inputs of the key's shapes, read only
-        ``inputs`` and what it allocates, and return what it allocated."""
+        ``inputs`` and what it allocates, and return what it allocated.
+
+        ``fixed``: indices of inputs the graph reads where they are, never copied (the key
+        must name their addresses). ``lend``: indices of outputs (``fn`` then returns a
+        list) handed out as views of the graph's own buffers instead of copies; while
+        such a view lives the key's graph is not replayed: the call takes the next slot,
+        ``(key, 1)`` and on (its own graph), up to ``max_slots``, else runs eagerly."""
+        if not lend:
+            return self._run(key, inputs, fn, fixed, ())
+        if not LENDING:  # no way to tell whether a lent buffer is still held: copies
+            return self._run(key, inputs, fn, fixed, ())
+        for slot in range(self.max_slots):
+            entry = self.entries.get((key, slot))
+            if not (isinstance(entry, Entry) and entry.held()):
+                return self._run((key, slot), inputs, fn, fixed, lend)
+        return fn(inputs)  # every slot's buffers are held
+
+    def lent(self, t: Tensor) -> Tensor | None:
+        """The graph buffer that ``t`` is a lent view of (the buffer itself, so that the
+        caller can hand it to another graph as a ``fixed`` input), or None."""
+        for entry in self.entries.values():
+            for i in entry.lend if entry is not None else ():
+                out = entry.outputs[i]
+                if out.data_ptr() == t.data_ptr() and out.shape == t.shape:
+                    return out
+        return None
+
+    def _run(self, key, inputs, fn, fixed, lend) -> Any:
         entry = self.entries.get(key, False)
         if entry is None:  # its capture failed: eager
             return fn(inputs)
@@ -132,22 +191,27 @@ class GraphCache:
                     "run with eager launches"
                 )
                 return fn(inputs)
-            entry = self._capture(key, inputs, fn)
+            entry = self._capture(key, inputs, fn, fixed, lend)
             if entry is None:
                 return fn(inputs)
         else:
             self.entries.move_to_end(key)
-        _fill(entry.inputs, inputs)
+        _fill(entry.inputs, inputs, entry.fixed)
         entry.graph.replay()
         self.replays += 1
-        return _copy_out(entry.outputs)
+        if not entry.lend:
+            return _copy_out(entry.outputs)
+        return [
+            o.view(o.shape) if i in entry.lend else _copy_out(o)
+            for i, o in enumerate(entry.outputs)
+        ]
 
-    def _capture(self, key: Hashable, inputs: Inputs, fn) -> Entry | None:
-        static = [_static(t) for t in inputs]
-        _fill(static, inputs)
+    def _capture(self, key: Hashable, inputs: Inputs, fn, fixed, lend) -> Entry | None:
+        static = [t if i in fixed else _static(t) for i, t in enumerate(inputs)]
+        _fill(static, inputs, fixed)
         try:
             graph = self.make_graph()
-            outputs = graph.capture(lambda: fn(static))
+            outputs = graph.capture(fn, static)
         except Exception as err:  # a driver or an op that cannot be captured: eager
             self.entries[key] = None
             self._warn_once(
@@ -156,7 +220,8 @@ class GraphCache:
             )
             return None
         self.captures += 1
-        entry = self.entries[key] = Entry(graph, static, outputs)
+        gc.collect()  # no stray view of a lent buffer may inflate its reference count
+        entry = self.entries[key] = Entry(graph, static, outputs, fixed, lend)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
         return entry

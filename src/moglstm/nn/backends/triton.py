@@ -396,12 +396,13 @@ class TritonLoop(FusedBackend):
         if not graphs.GRAPHS.applies(x):
             return self.eager_forward(spec, x, h0, c0, mask, flat)
         key = ("forward", spec, *window_key(x, mask, flat))
-        out, h_n, c_n, saved = graphs.GRAPHS.run(
-            key,
-            [x, h0, c0, mask, *flat],
-            lambda a: self.eager_forward(spec, a[0], a[1], a[2], a[3], tuple(a[4:])),
-        )
-        return out, h_n, c_n, tuple(saved)
+
+        def fn(a):  # a: x, h0, c0, mask, *flat; the window buffers (the arena) lent out
+            out, h_n, c_n, (arena,) = self.eager_forward(spec, *a[:4], tuple(a[4:]))
+            return [out, h_n, c_n, arena]
+
+        out, h_n, c_n, arena = graphs.GRAPHS.run(key, [x, h0, c0, mask, *flat], fn, lend=(3,))
+        return out, h_n, c_n, (arena,)
 
     def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
         if not graphs.GRAPHS.applies(x):
@@ -409,13 +410,18 @@ class TritonLoop(FusedBackend):
         n, s = len(flat), len(saved)
         present = tuple(g is not None for g in (d_out, d_hn, d_cn))
         key = ("backward", spec, *window_key(x, mask, flat), present)
+        lent = graphs.GRAPHS.lent(saved[0])  # the forward graph's own buffers: read in place
+        fixed = ()
+        if lent is not None:
+            saved, fixed = (lent, *saved[1:]), (2 + n,)
+            key = (*key, lent.data_ptr())
 
         def fn(a):  # a: x, mask, *flat, *saved, d_out, d_hn, d_cn
             d_out, d_hn, d_cn = a[2 + n + s :]
             args = (tuple(a[2 : 2 + n]), tuple(a[2 + n : 2 + n + s]), d_out, d_hn, d_cn)
             return self.eager_backward(spec, a[0], a[1], *args)
 
-        return graphs.GRAPHS.run(key, [x, mask, *flat, *saved, d_out, d_hn, d_cn], fn)
+        return graphs.GRAPHS.run(key, [x, mask, *flat, *saved, d_out, d_hn, d_cn], fn, fixed=fixed)
 
     def eager_forward(self, spec, x, h0, c0, mask, flat):
         """The forward with one launch after another (what a CUDA graph captures)."""
