@@ -238,7 +238,7 @@ def test_cuda_graph_replays_equal_the_reference():
             for p, q in zip(ref.parameters(), tri.parameters(), strict=True):
                 p.mul_(0.9)
                 q.mul_(0.9)
-    # the forward: eager, captured, replayed twice; the backward: eager on copied buffers,
-    # eager on the forward graph's lent buffers (a new key), captured, replayed
+    # the forward: eager, captured, replayed twice; the backward: eager (after the eager
+    # forward), eager (the forward graph's lent buffers seen first), captured, replayed
     assert graphs.GRAPHS.captures - before[0] == 2
     assert graphs.GRAPHS.replays - before[1] == 5

@@ -405,23 +405,24 @@ class TritonLoop(FusedBackend):
         return out, h_n, c_n, (arena,)
 
     def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
-        if not graphs.GRAPHS.applies(x):
+        # captured when the forward's window buffers are a forward graph's own (lent):
+        # read in place, one graph per forward slot; after an eager forward (a shape's
+        # first call, or every slot held) the backward is eager too
+        lent = graphs.GRAPHS.lent(saved[0]) if graphs.GRAPHS.applies(x) else None
+        if lent is None:
             return self.eager_backward(spec, x, mask, flat, saved, d_out, d_hn, d_cn)
         n, s = len(flat), len(saved)
         present = tuple(g is not None for g in (d_out, d_hn, d_cn))
-        key = ("backward", spec, *window_key(x, mask, flat), present)
-        lent = graphs.GRAPHS.lent(saved[0])  # the forward graph's own buffers: read in place
-        fixed = ()
-        if lent is not None:
-            saved, fixed = (lent, *saved[1:]), (2 + n,)
-            key = (*key, lent.data_ptr())
+        key = ("backward", spec, *window_key(x, mask, flat), present, lent.data_ptr())
+        saved = (lent, *saved[1:])
 
         def fn(a):  # a: x, mask, *flat, *saved, d_out, d_hn, d_cn
             d_out, d_hn, d_cn = a[2 + n + s :]
             args = (tuple(a[2 : 2 + n]), tuple(a[2 + n : 2 + n + s]), d_out, d_hn, d_cn)
             return self.eager_backward(spec, a[0], a[1], *args)
 
-        return graphs.GRAPHS.run(key, [x, mask, *flat, *saved, d_out, d_hn, d_cn], fn, fixed=fixed)
+        inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
+        return graphs.GRAPHS.run(key, inputs, fn, fixed=(2 + n,))
 
     def eager_forward(self, spec, x, h0, c0, mask, flat):
         """The forward with one launch after another (what a CUDA graph captures)."""
