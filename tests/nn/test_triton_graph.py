@@ -117,7 +117,7 @@ class FakeGraph:
     computing them (poisoned here) or touching the inputs (it runs on copies), each replay
     recomputes from the same static inputs and writes into those outputs."""
 
-    def capture(self, fn, inputs):
+    def capture(self, fn, inputs, warmup):
         self.fn, self.inputs = fn, inputs
         self.outputs = fn([None if t is None else t.clone() for t in inputs])
         _poison(self.outputs)
@@ -162,7 +162,7 @@ def test_graph_cache_eager_then_capture_then_replay(monkeypatch):
 
 def test_graph_cache_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
     class Broken:
-        def capture(self, fn, inputs):
+        def capture(self, fn, inputs, warmup):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     cache = fake_cache(monkeypatch, Broken)
@@ -329,3 +329,63 @@ def test_windows_held_together_keep_their_buffers(monkeypatch):
     assert cache.captures == 6
     slots = sorted(k[1] for k, e in cache.entries.items() if k[0][0] == "forward" and e)
     assert slots == [0, 1, 2]
+
+
+def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
+    """CudaGraph's calls into torch.cuda, recorded (a CPU build cannot make them): the
+    warm-up runs on a side stream that waits for the current one, on copies of the fixed
+    inputs; then the capture records fn on the static inputs; a replay replays."""
+    import contextlib
+
+    log = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"on {stream.name}")
+        yield
+        log.append(f"off {stream.name}")
+
+    @contextlib.contextmanager
+    def capturing(graph):
+        log.append("capture")
+        yield
+        log.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    cache = fake_cache(monkeypatch, graphs.CudaGraph)
+    mine = torch.ones(2)
+
+    def fn(a):
+        log.append(("fn", a[0] is mine, a[1].data_ptr() == mine.data_ptr()))
+        return a[0] + a[1]
+
+    x = torch.zeros(2)
+    cache.run("k", [x, mine], fn, fixed=(1,))
+    log.clear()
+    cache.run("k", [x, mine], fn, fixed=(1,))
+    assert log == [
+        "side waits for current",
+        "on side",
+        ("fn", False, False),  # the warm-up: static x, a copy of the fixed input
+        "off side",
+        "current waits for side",
+        "capture",
+        ("fn", False, True),  # the capture: static x, the fixed input itself
+        "captured",
+        "replay",
+    ]

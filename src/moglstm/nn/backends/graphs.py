@@ -49,9 +49,18 @@ class CudaGraph:
     def __init__(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
 
-    def capture(self, fn: Callable[[Inputs], Any], inputs: Inputs) -> Any:
+    def capture(self, fn: Callable[[Inputs], Any], inputs: Inputs, warmup: Inputs) -> Any:
         """Record the launches of ``fn(inputs)`` (they do not run) and return its outputs,
-        tensors in the graph's own memory pool that every replay overwrites."""
+        tensors in the graph's own memory pool that every replay overwrites.
+
+        ``fn(warmup)`` runs first on a side stream, as torch advises: Triton compiles a
+        kernel for each alignment of its pointers, and the static buffers' may differ
+        from the eager call's; compiling inside a capture could fail."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(warmup)
+        torch.cuda.current_stream().wait_stream(stream)
         with torch.cuda.graph(self.graph):
             return fn(inputs)
 
@@ -211,7 +220,10 @@ class GraphCache:
         _fill(static, inputs, fixed)
         try:
             graph = self.make_graph()
-            outputs = graph.capture(fn, static)
+            # the warm-up may overwrite its inputs (a backward does): the caller's own
+            # (fixed) ones are copied for it
+            warmup = [t.clone() if i in fixed else t for i, t in enumerate(static)]
+            outputs = graph.capture(fn, static, warmup)
         except Exception as err:  # a driver or an op that cannot be captured: eager
             self.entries[key] = None
             self._warn_once(
