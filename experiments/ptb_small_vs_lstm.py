@@ -7,7 +7,7 @@ validation perplexity of each against the step into ``docs/ptb-small-curves.png`
 
 Usage (from the repository root; corpora in $MOGLSTM_DATA or --data-dir)::
 
-    MOGLSTM_DATA=/work/shared/data python experiments/ptb_small_vs_lstm.py \
+    python experiments/ptb_small_vs_lstm.py --data-dir /path/to/data \
         --steps 400 --eval-every 50 --out-dir /tmp/ptb-small-vs-lstm
     python experiments/ptb_small_vs_lstm.py --plot-only --out-dir /tmp/ptb-small-vs-lstm
 

@@ -5,9 +5,9 @@ it barely counts) and reports the training speed that ``train`` measures (the
 steps alone: forward, backward, clip, update). Time per 1000 steps is
 ``1000 * batch * bptt / tokens_per_s``, an extrapolation from the steps timed.
 
-Usage (from the repository root)::
+Usage (from the repository root; corpora in $MOGLSTM_DATA or --data-dir)::
 
-    MOGLSTM_DATA=/work/shared/data python experiments/time_presets.py \
+    python experiments/time_presets.py --data-dir /path/to/data \
         --preset ptb-paper:20 --preset ptb-paper-lstm:20 --device cpu
 
 Each ``--preset NAME:STEPS[:KEY=VALUE,...]`` times NAME for STEPS steps, with
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", action="append", required=True, metavar="NAME:STEPS[:K=V,..]")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--data-dir", default=None, help="corpora folder (default: $MOGLSTM_DATA)")
     args = p.parse_args(argv)
     where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             name, _, rest = item.partition(":")
             steps, _, extra = rest.partition(":")
             overrides = [o for o in extra.split(",") if o]
+            if args.data_dir:
+                overrides.insert(0, f"data.data_dir={args.data_dir}")
             rows.append(time_preset(name, int(steps or 20), args.device, out_dir, overrides))
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.device} ({where}), torch {torch.__version__}\n")

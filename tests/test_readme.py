@@ -108,3 +108,32 @@ def test_citation_and_licence():
     licence = (ROOT / "LICENSE").read_text()
     assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
     assert licence.startswith("MIT License")
+
+
+def test_docs_and_experiments_speak_to_the_user():
+    """No path or wording of the machines moglstm was developed on outside the README either."""
+    texts = {p: p.read_text() for p in [*ROOT.glob("docs/*.md"), *ROOT.glob("experiments/*.py")]}
+    for path, text in texts.items():
+        phrases = ("/work/", "../shared", "project's machine", "project's shared", "the shared ")
+        for phrase in phrases:  # "a shared machine" in general advice is fine
+            assert phrase not in text, f"{path.name}: {phrase}"
+
+
+def test_results_table_gives_the_exact_command():
+    """The README's 'measured with' command sets what docs/reproduce.md says the run used."""
+    import importlib.util
+
+    path = ROOT / "experiments" / "ptb_small_vs_lstm.py"
+    spec = importlib.util.spec_from_file_location("ptb_small_vs_lstm", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = TEXT.split("## Results", 1)[1]
+    readme = re.search(r"`python experiments/ptb_small_vs_lstm\.py ([^`]*)`", table).group(1)
+    block = re.search(
+        r"```bash\n(python experiments/ptb_small_vs_lstm\.py[^`]*--steps 1500[^`]*)```",
+        (ROOT / "docs" / "reproduce.md").read_text(),
+    ).group(1)
+    used = shlex.split(block.replace("\\\n", " "))[2:]
+    settings = ("steps", "eval_every", "eval_tokens", "set")
+    want, got = script.parse_args(used), script.parse_args(shlex.split(readme))
+    assert {k: getattr(got, k) for k in settings} == {k: getattr(want, k) for k in settings}

@@ -869,7 +869,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"moglstm {args.command}: failed: {_one_line(exc)}", file=sys.stderr)
         return 1
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        message = allocation_failure(exc)
+        message = allocation_failure(exc, args.command)
         if message is None or args.debug:
             raise  # not an allocation: an internal error shows its traceback
         print(f"moglstm {args.command}: failed: {message}", file=sys.stderr)

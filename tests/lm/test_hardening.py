@@ -727,3 +727,95 @@ def test_every_test_the_reliability_tables_name_exists():
     table = readme[readme.index("### Reliability") :].split("\n\n")[2]
     for pattern in re.findall(r"`(test_[\w*]+)`", table):
         assert fnmatch.filter(defined["test_hardening.py"], pattern), pattern
+
+
+# --------------------------------------------------------------------------- later doors (audit)
+
+
+def test_tune_space_files_are_read_like_configs(tmp_path, capsys):
+    """Search-space files: no aliases, a size cap, errors that never quote the file."""
+    from moglstm.lm.tune import load_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text("space: {train.lr: &a [1, 2], train.seed: *a}\n")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="aliases"):
+        load_space(space)
+    assert time.perf_counter() - start < 1
+    space.write_text("space:\n  hunter2secret: [\n")
+    err = _error(capsys, ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)])
+    assert "not valid YAML" in err and "line" in err and "hunter2secret" not in err
+    space.write_text("space: {train.lr: {logfloat: [" + "1e-3, " * 200_000 + "1]}}\n")
+    err = _error(capsys, ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)])
+    assert "too long" in err
+    space.write_text("space: {train.lr: {logfloat: " + "x" * 5000 + "}}\n")
+    err = _error(capsys, ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)])
+    assert "takes a list" in err and len(err) < 400
+
+
+def test_report_reads_run_configs_like_configs(trained, tmp_path, capsys, caplog):
+    """A hostile config.yaml costs its run's settings, in one short line; the report goes on."""
+    runs = [tmp_path / name for name in ("good", "bomb", "link", "broken")]
+    for run in runs:
+        shutil.copytree(trained["run"], run)
+    (runs[1] / "config.yaml").write_text(yaml_bomb())
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("model: {hidden_size: 8}\n")
+    (runs[2] / "config.yaml").unlink()
+    (runs[2] / "config.yaml").symlink_to(outside)
+    (runs[3] / "config.yaml").write_text("hunter2secret: [\n")
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        code = main(["report", *map(str, runs), "--no-plot", "--out", str(tmp_path / "r")])
+    assert code == 0 and time.perf_counter() - start < 20
+    table = capsys.readouterr().out
+    assert all(f"| {run.name} |" in table for run in runs)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 3 and all(len(w) < SHORT and "\n" not in w for w in warnings)
+    assert "aliases" in warnings[0] and "symbolic link" in warnings[1]
+    assert "not valid YAML" in warnings[2] and "hunter2secret" not in warnings[2]
+
+
+def test_planted_evaluations_and_dynamic_db_links_are_refused(run_copy, tmp_path, caplog, capsys):
+    """``evaluate`` appends to evaluations.jsonl and ``tune --dynamic`` opens dynamic.db
+    without following a link planted in the run folder."""
+    pytest.importorskip("optuna")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (run_copy / "evaluations.jsonl").symlink_to(victim)
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        evaluate(run_copy, "test", device="cpu")
+    assert "evaluations.jsonl" in caplog.text and "symbolic link" in caplog.text
+    assert victim.read_text() == "precious\n"
+    (run_copy / "evaluations.jsonl").unlink()
+    evaluate(run_copy, "test", device="cpu")  # a plain file is still recorded
+    assert len((run_copy / "evaluations.jsonl").read_text().splitlines()) == 1
+    (run_copy / "dynamic.db").symlink_to(tmp_path / "elsewhere.db")  # dangling: SQLite creates it
+    argv = ["tune", "--dynamic", str(run_copy), "--trials", "1", "--device", "cpu"]
+    err = _error(capsys, [*argv, "--max-tokens", "20"])
+    assert "dynamic.db" in err and "symbolic link" in err
+    assert not (tmp_path / "elsewhere.db").exists()
+    err = _error(capsys, [*argv, "--study", "../escape"])
+    assert "not a path" in err and not (tmp_path / "runs" / "escape.db").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "tune"])
+def test_out_of_memory_hint_fits_the_command(command, trained, tmp_path, capsys, monkeypatch):
+    """``report`` and ``tune`` never tell the user to lower training keys they did not set."""
+    from moglstm.lm import report as report_module
+    from moglstm.lm import tune as tune_module
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError
+
+    space = tmp_path / "space.yaml"
+    space.write_text("space: {train.lr: {logfloat: [1.0e-3, 1.0e-2]}}\n")
+    if command == "report":
+        monkeypatch.setattr(report_module, "_read_config", fail)
+        argv = ["report", str(trained["run"]), "--no-plot", "--out", str(tmp_path / "r")]
+    else:
+        monkeypatch.setattr(tune_module, "load_space", fail)
+        argv = ["tune", str(space), "--trials", "1", "--out-dir", str(tmp_path)]
+    err = _error(capsys, argv, code=1)
+    assert "out of memory" in err and "model.hidden_size" not in err and "data." not in err
+    assert ("run folders" if command == "report" else "search-space") in err

@@ -125,6 +125,34 @@ def test_triton_state_carried_across_windows():
     torch.testing.assert_close(c2, c, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", [{}, {"peephole": True, "mogrify_rank": None}])
+def test_triton_second_derivatives_equal_the_reference(variant):
+    """create_graph=True through the Triton path (its backward recomputes the window with
+    the reference, backends/recompute.py): a Hessian-vector product of every input equals
+    the reference path's. Triton takes no float64, so this compares in float32 instead
+    of a gradgradcheck (tests/nn/test_double_backward.py has those on the other paths)."""
+    kw = {"input_size": 3, "hidden_size": 4, "mogrify_rounds": 3, "mogrify_rank": 2, **variant}
+    ref, tri = twins(**kw)
+    torch.manual_seed(1)
+    x0 = torch.randn(3, 2, 3, device=DEVICE)
+    h0, c0 = torch.randn(2, 1, 2, 4, device=DEVICE)
+    results = []
+    for rnn in (ref, tri):
+        x, h, c = (t.clone().requires_grad_() for t in (x0, h0, c0))
+        inputs = [x, h, c, *rnn.parameters()]
+        out, (hn, cn) = rnn(x, (h, c))
+        loss = out.pow(2).sum() + (hn * cn).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        assert all(g.grad_fn is not None for g in grads)  # second-order terms kept
+        torch.manual_seed(2)
+        hvp = sum((g * torch.randn_like(g)).sum() for g in grads)
+        results.append([*grads, *torch.autograd.grad(hvp, inputs, allow_unused=True)])
+    for a, b in zip(*results, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU behaviour")
 def test_triton_refuses_cpu_without_the_interpreter(monkeypatch):
     rnn = MogrifierLSTM(5, 6, mogrify_rounds=2, implementation="triton")

@@ -312,8 +312,19 @@ def check_training_fits(
     return estimate
 
 
-def allocation_failure(exc: BaseException) -> str | None:
-    """One line for an allocation that failed (CPU or GPU); ``None`` for other errors."""
+#: What to lower after an allocation failure, by command (``train``'s for any other).
+_OOM_HINTS = {
+    "report": "a file in one of the run folders may be too large: report the runs one at a time "
+    "to find it",
+    "tune": "a trial (or the search-space file) needs more than there is: narrow the space's "
+    "upper bounds or its preset's sizes",
+}
+_TRAIN_HINT = "lower model.hidden_size, data.batch_size or data.bptt"
+
+
+def allocation_failure(exc: BaseException, command: str = "train") -> str | None:
+    """One line for an allocation that failed (CPU or GPU) in ``moglstm command``, with a
+    hint that fits the command; ``None`` for other errors."""
     import torch
 
     text = str(exc)
@@ -322,10 +333,7 @@ def allocation_failure(exc: BaseException) -> str | None:
         or (isinstance(exc, RuntimeError) and _ALLOCATION_FAILED.search(text))
     ):
         return None
-    return (
-        f"out of memory ({_first_line(exc)}); lower model.hidden_size, data.batch_size or "
-        "data.bptt"
-    )
+    return f"out of memory ({_first_line(exc)}); {_OOM_HINTS.get(command, _TRAIN_HINT)}"
 
 
 _ALLOCATION_FAILED = re.compile(r"can't allocate memory|out of memory|DefaultCPUAllocator", re.I)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+
+from moglstm.lm.safety import UnsafePathError, load_yaml_file, open_regular, short_repr
 
 __all__ = [
     "COMMAND",
@@ -209,9 +211,12 @@ def record_evaluation(run_dir: Path, results: dict[str, Any]) -> None:
 
     A folder that cannot be written (a read-only copy of a run) only logs why.
     """
-    try:
-        with open(run_dir / EVALUATIONS_FILE, "a", encoding="utf-8") as f:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:  # no link planted in the run folder is followed, no FIFO blocks
+        with os.fdopen(open_regular(run_dir / EVALUATIONS_FILE, flags), "a", encoding="utf-8") as f:
             f.write(json.dumps(results) + "\n")
+    except UnsafePathError as exc:
+        logger.warning("evaluation not recorded: %s", exc)
     except OSError as exc:
         logger.debug("evaluation not recorded in %s: %s", run_dir, exc)
 
@@ -221,10 +226,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     (and so also reads runs of other moglstm versions); unreadable gives ``{}``."""
     from moglstm.lm.train import _flat  # train imports evaluate, which imports this
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        logger.warning("cannot read %s: %s", path, exc)
+    try:  # a run folder may be hostile: no aliases, a size cap, no link followed
+        data = load_yaml_file(path, f"run config {short_repr(str(path))}", in_run_folder=True)
+    except (OSError, ValueError) as exc:  # one bounded line, then on with the other runs
+        why = exc if isinstance(exc, ValueError) else f"cannot read {str(path)!r}: {exc.strerror}"
+        logger.warning("%s; its settings are left out", why)
         return {}
     return _flat(data) if isinstance(data, dict) else {}
 

@@ -57,11 +57,13 @@ __all__ = [
     "REPR_LIMIT",
     "ArchiveError",
     "UnsafePathError",
+    "check_regular_or_absent",
     "check_tree_size",
     "decode_utf8",
     "describe_path",
     "fsync_folder",
     "load_yaml",
+    "load_yaml_file",
     "open_regular",
     "read_regular",
     "short_repr",
@@ -203,6 +205,29 @@ def load_yaml(text: str, label: str) -> Any:
             loader.dispose()
 
 
+def load_yaml_file(path: str | os.PathLike, label: str, *, in_run_folder: bool = False) -> Any:
+    """:func:`load_yaml` of a file, reading at most :data:`MAX_YAML_BYTES` + 1 bytes of it.
+
+    Args:
+        in_run_folder: open with :func:`open_regular` (no link followed, no FIFO waited on).
+
+    Raises:
+        ValueError: as :func:`load_yaml`, or the file is not UTF-8 (the offset only);
+            :class:`UnsafePathError` for a link or non-regular file in a run folder.
+        OSError: the file cannot be read.
+    """
+    fd = open_regular(path, os.O_RDONLY) if in_run_folder else os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise ValueError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
+    return load_yaml(text, label)
+
+
 def _yaml_reason(exc: yaml.YAMLError) -> str:
     """The parser's reason and position, without the snippet of text PyYAML quotes."""
     if not isinstance(exc, yaml.MarkedYAMLError):
@@ -277,6 +302,25 @@ def open_regular(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def check_regular_or_absent(path: str | os.PathLike) -> Path:
+    """``path``, if it is absent or a regular file that is not a link, for a library that
+    opens it by name (SQLite): call it right before that open.
+
+    Raises:
+        UnsafePathError: ``path`` is a symbolic link (even a dangling one) or not a regular file.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise UnsafePathError(
+            f"{str(path)!r} is a symbolic link: moglstm never follows links inside a "
+            "run folder (remove the link, or copy the file it points to in its place)"
+        )
+    kind = describe_path(path)
+    if kind not in (None, "does not exist"):
+        raise UnsafePathError(f"{str(path)!r} {kind}: remove it from the run folder")
+    return path
 
 
 def read_regular(path: str | os.PathLike) -> bytes:

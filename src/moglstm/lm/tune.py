@@ -48,9 +48,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moglstm.lm.config import RunConfig, apply_overrides, load_preset, validate
+from moglstm.lm.safety import check_regular_or_absent, load_yaml, load_yaml_file, short_repr
 
 __all__ = [
     "COMMAND",
@@ -88,22 +87,28 @@ class Param:
     values: tuple[Any, ...]  # (low, high) for numbers, the options for choice
 
     def __post_init__(self) -> None:
-        where = f"search space key {self.key!r}"
+        where = f"search space key {short_repr(self.key)}"
         if self.kind not in PARAM_KINDS:
-            raise ValueError(f"{where}: kind {self.kind!r} is not one of: {', '.join(PARAM_KINDS)}")
+            raise ValueError(
+                f"{where}: kind {short_repr(self.kind)} is not one of: {', '.join(PARAM_KINDS)}"
+            )
         if self.kind == "choice":
             if not self.values:
                 raise ValueError(f"{where}: choice needs a non-empty list of values")
             return
         if len(self.values) != 2:
-            raise ValueError(f"{where}: {self.kind} needs [low, high], got {list(self.values)}")
+            raise ValueError(
+                f"{where}: {self.kind} needs [low, high], got {short_repr(list(self.values))}"
+            )
         low, high = self.values
         number = int if self.kind.endswith("int") else (int, float)
         for v in (low, high):
             if isinstance(v, bool) or not isinstance(v, number):
-                raise ValueError(f"{where}: {self.kind} bounds must be numbers, got {v!r}")
+                raise ValueError(
+                    f"{where}: {self.kind} bounds must be numbers, got {short_repr(v)}"
+                )
         if not low <= high:
-            raise ValueError(f"{where}: low {low!r} is above high {high!r}")
+            raise ValueError(f"{where}: low {short_repr(low)} is above high {short_repr(high)}")
         if self.kind.startswith("log") and low <= 0:
             raise ValueError(f"{where}: {self.kind} needs low > 0, got {low!r}")
 
@@ -174,20 +179,20 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"search space {text!r} not found: give a YAML file or a shipped space "
+                f"search space {short_repr(text)} not found: give a YAML file or a shipped space "
                 f"({', '.join(list_spaces())})"
             )
-        raw, label = path.read_text(encoding="utf-8"), f"search space file {text!r}"
-        name = path.stem
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{label} is not valid YAML: {exc}") from None
+        label, name = f"search space file {short_repr(text)}", path.stem
+        raw = None
+    # no aliases, at most MAX_YAML_BYTES, errors that never quote the file (issue 11)
+    data = load_yaml(raw, label) if raw is not None else load_yaml_file(path, label)
     if not isinstance(data, dict) or not isinstance(data.get("space"), dict) or not data["space"]:
         raise ValueError(f"{label} must be a mapping with a non-empty 'space:' mapping")
     unknown = sorted(set(data) - set(_SPACE_KEYS))
     if unknown:
-        raise ValueError(f"{label}: unknown key(s) {unknown}; allowed: {', '.join(_SPACE_KEYS)}")
+        raise ValueError(
+            f"{label}: unknown key(s) {short_repr(unknown)}; allowed: {', '.join(_SPACE_KEYS)}"
+        )
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ValueError(f"{label}: overrides must be a list of KEY=VALUE strings")
@@ -198,12 +203,14 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
 def _param(key: str, spec: Any, label: str) -> Param:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ValueError(
-            f"{label}: {key!r} must be one of {{kind: values}} with kind in "
-            f"{', '.join(PARAM_KINDS)}, e.g. {{logfloat: [1.0e-4, 1.0e-2]}}; got {spec!r}"
+            f"{label}: {short_repr(key)} must be one of {{kind: values}} with kind in "
+            f"{', '.join(PARAM_KINDS)}, e.g. {{logfloat: [1.0e-4, 1.0e-2]}}; got {short_repr(spec)}"
         )
     ((kind, values),) = spec.items()
     if not isinstance(values, list):
-        raise ValueError(f"{label}: {key!r}: {kind} takes a list, got {values!r}")
+        raise ValueError(
+            f"{label}: {short_repr(key)}: {short_repr(kind)} takes a list, got {short_repr(values)}"
+        )
     if kind in ("float", "logfloat"):  # YAML reads 1e-5 (no dot) as a string
         values = [_number(v) for v in values]
     return Param(key, str(kind), tuple(values))
@@ -229,7 +236,9 @@ def check_space(space: SearchSpace, base: RunConfig) -> None:
             try:
                 validate(_apply(base, {param.key: value}))
             except (ValueError, TypeError) as exc:
-                raise ValueError(f"search space key {param.key!r} = {value!r}: {exc}") from None
+                raise ValueError(
+                    f"search space key {short_repr(param.key)} = {short_repr(value)}: {exc}"
+                ) from None
 
 
 # --------------------------------------------------------------------------- optuna plumbing
@@ -594,7 +603,10 @@ def tune_dynamic(
         return loss
 
     study_name = study or "dynamic"
-    storage = storage or f"sqlite:///{run_dir / (study_name + '.db')}"
+    if storage is None and (Path(study_name).name != study_name or study_name in (".", "..")):
+        raise ValueError(f"study={short_repr(study_name)}: give a name, not a path")
+    if storage is None:  # in the run folder: SQLite would follow a planted link out of it
+        storage = f"sqlite:///{check_regular_or_absent(run_dir / (study_name + '.db'))}"
     study_obj = optuna.create_study(
         study_name=study_name,
         storage=_storage(optuna, storage, heartbeat),
