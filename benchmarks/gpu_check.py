@@ -4,8 +4,9 @@
    same comparisons with the reference path, compiled kernels), and the backend's
    self-check;
 2. the benchmark grid: torch.nn.LSTM (cuDNN), the old torch-ops loop and the Triton
-   backend, forward and training step, float32, TF32 and bfloat16, with peak memory,
-   at the issue's target shape (B=64 T=70 H=1024 L=2 r=5 k=84) and at H=512;
+   backend with and without CUDA-graph capture of its windows, forward and training
+   step, float32, TF32 and bfloat16, with peak memory, at the issue's target shape
+   (B=64 T=70 H=1024 L=2 r=5 k=84) and at H=512;
 3. 300 training steps of the ``ptb-paper`` preset (tokens/s), and a few steps of the
    same with the old torch-ops loop for the ratio.
 
@@ -102,29 +103,37 @@ def self_check(device: str) -> dict:
 
 
 def run_grid(device: str, dry: bool, deadline: float) -> list[dict]:
+    """Each shape and dtype: torch.nn.LSTM, the old torch-ops loop and the Triton backend
+    with its windows in CUDA graphs (the default), then the Triton backend with eager
+    launches (``cuda_graphs: false`` in its rows)."""
+    from moglstm.nn.backends import graphs
+
     rows: list[dict] = []
     shapes = (Shape(batch=4, seq_len=3, hidden=16, layers=1, rounds=2, rank=3),) if dry else GRID
-    impls = ("torch", "torch-loop", "triton")
     for shape in shapes:
         for dtype in ("float32",) if dry else DTYPES:
-            if time.perf_counter() > deadline:
-                rows.append({"shape": asdict(shape), "dtype": dtype, "skipped": "out of time"})
-                continue
-            try:
-                results = run_benchmark(
-                    [shape],
-                    impls,
-                    runs=1 if dry else 10,
-                    warmup=0 if dry else 3,
-                    device=device,
-                    dtype=dtype,
-                    memory=not dry,
-                    log=print,
-                )
-                rows += [asdict(r) for r in results]
-            except Exception as err:  # one failing cell (e.g. cuDNN without bf16) is data
-                rows.append({"shape": asdict(shape), "dtype": dtype, "error": repr(err)})
-                traceback.print_exc()
+            for impls, capture in ((("torch", "torch-loop", "triton"), True), (("triton",), False)):
+                if time.perf_counter() > deadline:
+                    rows.append({"shape": asdict(shape), "dtype": dtype, "skipped": "out of time"})
+                    continue
+                previous = graphs.set_enabled(capture)
+                try:
+                    results = run_benchmark(
+                        [shape],
+                        impls,
+                        runs=1 if dry else 10,
+                        warmup=0 if dry else 3,  # the Triton windows: eager, captured, replayed
+                        device=device,
+                        dtype=dtype,
+                        memory=not dry,
+                        log=print,
+                    )
+                    rows += [{**asdict(r), "cuda_graphs": capture} for r in results]
+                except Exception as err:  # one failing cell (e.g. cuDNN without bf16) is data
+                    rows.append({"shape": asdict(shape), "dtype": dtype, "error": repr(err)})
+                    traceback.print_exc()
+                finally:
+                    graphs.set_enabled(previous)
     return rows
 
 
@@ -231,9 +240,13 @@ def table(summary: dict) -> str:
     for r in summary.get("benchmark", []):
         if "median_ms" in r:
             ratio = r.get("ratio_to_torch")
+            how = ""
+            if r["implementation"] == "triton":
+                how = "graph" if r["cuda_graphs"] else "eager"
             lines.append(
                 f"H={r['shape']['hidden']:5d} {r['dtype']:8s} {r['mode']:7s} "
-                f"{r['implementation']:10s} {r['median_ms']:9.2f} ms  x{ratio or 1:.2f} torch  "
+                f"{r['implementation']:10s} {how:5s} "
+                f"{r['median_ms']:9.2f} ms  x{ratio or 1:.2f} torch  "
                 f"mem {r.get('peak_memory_mb') or 0:.0f} MiB"
             )
         else:

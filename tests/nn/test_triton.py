@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moglstm.nn import MogrifierLSTM, backends
+from moglstm.nn.backends import graphs
 from moglstm.nn.backends import triton as triton_backend
 from moglstm.nn.direction import Steps
 from tests.nn.test_fused import VARIANTS, run
@@ -26,6 +27,15 @@ pytest.importorskip("numpy")  # the interpreter needs it
 DEVICE = "cpu" if triton_backend.interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("neither a GPU nor TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_graphs():
+    """On a GPU, no test replays a window another test captured (with other kernels
+    patched in): every test starts with no CUDA graph."""
+    graphs.GRAPHS.clear()
+    yield
+    graphs.GRAPHS.clear()
 
 
 def twins(dtype=torch.float32, **kwargs):
@@ -209,3 +219,54 @@ def test_triton_under_torch_compile_is_the_custom_op():
     want, (h2, c2) = ref(x)
     torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(c, c2, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU autocast stands in for CUDA's here")
+def test_autocast_runs_the_kernels_in_half_precision(monkeypatch):
+    """Under autocast a float32 module's call is cast (input, state, weights) and "auto"
+    takes the Triton backend for the cast tensors where it is ready (on CUDA after its
+    self-check for that dtype; forced here): the kernels run float16 operands with float32
+    accumulation, and outputs and gradients equal the reference under the same autocast."""
+    asked = []
+    monkeypatch.setattr(backends, "_triton_ready", lambda x: asked.append(x.dtype) or True)
+    ran = []
+    original = triton_backend.TRITON.eager_forward
+
+    def recorded(spec, x, *args):
+        ran.append(x.dtype)
+        return original(spec, x, *args)
+
+    monkeypatch.setattr(triton_backend.TRITON, "eager_forward", recorded)
+    ref, tri = twins(input_size=5, hidden_size=6, mogrify_rounds=3, mogrify_rank=3)
+    tri.implementation = "auto"
+    results = []
+    for rnn in (ref, tri):
+        x = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out, (h, c) = rnn(x)
+        (out.float().square().sum() + c.float().sum()).backward()
+        results.append([out, h, c, x.grad, *(p.grad for p in rnn.parameters())])
+    assert asked == [torch.float16] and ran == [torch.float16]
+    assert results[1][0].dtype == torch.float16
+    assert results[1][3].dtype == torch.float32  # the gradients come back in float32
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a real CUDA graph (benchmarks/gpu_check.py)")
+def test_cuda_graph_replays_equal_the_reference():
+    """On a GPU: the first window runs eagerly, the second is captured in a CUDA graph and
+    replayed, later ones replayed; every one equals the reference, weights updated in
+    place between calls."""
+    before = graphs.GRAPHS.captures, graphs.GRAPHS.replays
+    ref, tri = twins(input_size=40, hidden_size=37, mogrify_rounds=5, mogrify_rank=21)
+    for seed in range(4):
+        agree(ref, tri, T=4, B=18, tol=5e-5, seed=seed)
+        with torch.no_grad():
+            for p, q in zip(ref.parameters(), tri.parameters(), strict=True):
+                p.mul_(0.9)
+                q.mul_(0.9)
+    # the forward: eager, captured, replayed twice; the backward: eager (after the eager
+    # forward), eager (the forward graph's lent buffers seen first), captured, replayed
+    assert graphs.GRAPHS.captures - before[0] == 2
+    assert graphs.GRAPHS.replays - before[1] == 5

@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moglstm.nn import MogrifierLSTM
+from moglstm.nn.backends import graphs
 from moglstm.nn.backends import triton as triton_backend
 
 LAUNCHERS = (
@@ -90,3 +91,301 @@ def test_step_loop_is_graph_safe(monkeypatch, kwargs):
         assert ops, "no aten op recorded inside the loop: the check would prove nothing"
         bad = [op for op in ops if op.split(".")[0].startswith(ALLOCATING + SYNCING)]
         assert not bad, f"allocations or host syncs inside the step loop: {bad}"
+
+
+# -- CUDA-graph capture of a window (moglstm.nn.backends.graphs), on CPU with a stand-in
+
+
+def _copy_into(dst, src) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src, strict=True):
+            _copy_into(d, s)
+
+
+def _poison(outputs) -> None:
+    if isinstance(outputs, torch.Tensor):
+        outputs.fill_(float("nan"))
+    elif isinstance(outputs, (tuple, list)):
+        for o in outputs:
+            _poison(o)
+
+
+class FakeGraph:
+    """A CUDA graph's contract on CPU: capture returns outputs at fixed addresses without
+    computing them (poisoned here) or touching the inputs (it runs on copies), each replay
+    recomputes from the same static inputs and writes into those outputs."""
+
+    def capture(self, fn, inputs, warmup):
+        self.fn, self.inputs = fn, inputs
+        self.outputs = fn([None if t is None else t.clone() for t in inputs])
+        _poison(self.outputs)
+        return self.outputs
+
+    def replay(self):
+        _copy_into(self.outputs, self.fn(self.inputs))
+
+
+def fake_cache(monkeypatch, make_graph=FakeGraph, **kwargs) -> graphs.GraphCache:
+    cache = graphs.GraphCache(make_graph, devices=("cpu",), **kwargs)
+    monkeypatch.setattr(graphs, "GRAPHS", cache)
+    monkeypatch.setattr(graphs, "ENABLED", True)
+    return cache
+
+
+def test_graph_cache_eager_then_capture_then_replay(monkeypatch):
+    cache = fake_cache(monkeypatch)
+    calls = []
+
+    def fn(a):
+        calls.append(a[0].data_ptr())
+        return a[0] * 2 + a[1], [a[0].sum()]
+
+    x, y = torch.arange(4.0), torch.ones(4)
+    out, (s,) = cache.run("k", [x, y], fn)  # first sighting: eager, on the caller's tensors
+    assert calls == [x.data_ptr()] and cache.captures == 0
+    torch.testing.assert_close(out, x * 2 + 1)
+    for scale in (3.0, 5.0):  # capture (then replay), replay: inputs copied in each time
+        out, (s,) = cache.run("k", [x * scale, y], fn)
+        torch.testing.assert_close(out, x * scale * 2 + 1)
+        torch.testing.assert_close(s, (x * scale).sum())
+    assert cache.captures == 1 and cache.replays == 2
+    static = cache.entries["k"].inputs[0]
+    assert calls[2:] == [static.data_ptr()] * 2  # the capture (on copies), two replays
+    kept = out.clone()
+    cache.run("k", [x, y], fn)
+    torch.testing.assert_close(out, kept)  # the caller's outputs are copies: not overwritten
+    cache.run("other", [x, y], fn)  # another key: eager first
+    assert cache.captures == 1
+
+
+def test_graph_cache_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
+    class Broken:
+        def capture(self, fn, inputs, warmup):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    cache = fake_cache(monkeypatch, Broken)
+    fn = lambda a: a[0] + 1  # noqa: E731
+    x = torch.zeros(3)
+    cache.run("a", [x], fn)
+    with pytest.warns(RuntimeWarning, match="capture of a Triton window failed"):
+        torch.testing.assert_close(cache.run("a", [x], fn), x + 1)
+    cache.run("b", [x], fn)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: not again, for any key
+        for key in ("a", "b", "a"):
+            torch.testing.assert_close(cache.run(key, [x], fn), x + 1)
+    assert cache.entries == {"a": None, "b": None} and cache.replays == 0
+
+
+def test_graph_cache_keeps_the_most_recent_keys_and_can_be_turned_off(monkeypatch):
+    cache = fake_cache(monkeypatch, max_entries=2)
+    fn = lambda a: a[0] + 1  # noqa: E731
+    x = torch.zeros(3)
+    for key in ("a", "a", "b", "b", "a", "c", "c"):  # a, b captured; a used; c evicts b
+        cache.run(key, [x], fn)
+    assert list(cache.entries) == ["a", "c"]
+    assert cache.applies(x) and not cache.applies(x.to("meta"))
+    assert graphs.set_enabled(False) is True
+    assert not cache.applies(x) and not cache.entries and not cache.seen
+    graphs.set_enabled(True)
+    assert not graphs.GraphCache().applies(x)  # by default only CUDA tensors are captured
+
+
+@pytest.mark.parametrize("kwargs", [{"mogrify_rounds": 3, "mogrify_rank": 3}, {}])
+def test_triton_windows_replayed_from_graphs_equal_the_reference(monkeypatch, kwargs):
+    """Under the interpreter, with the stand-in graph: eager, captured and replayed windows
+    (forward and backward) equal the reference, with the weights changed in place (an
+    optimiser step) and given new storage (load_state_dict into a copy) between calls."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, agree, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=5, hidden_size=6, **kwargs)
+    for call in range(4):
+        if call == 2:
+            with torch.no_grad():
+                for p, q in zip(ref.parameters(), tri.parameters(), strict=True):
+                    p.mul_(0.5)
+                    q.mul_(0.5)
+        if call == 3:
+            state = tri.state_dict()
+            tri = MogrifierLSTM(5, 6, implementation="triton", **kwargs)
+            tri.load_state_dict(state)
+        agree(ref, tri, seed=call)
+    # the forward: eager, captured (its buffers lent to the backward), replayed twice; the
+    # backward: eager (after an eager forward), eager (the lent buffers' first), captured,
+    # replayed
+    assert cache.captures == 2
+    assert cache.replays == 5
+
+
+def test_self_check_compares_replayed_graphs(monkeypatch):
+    """The self-check runs eager, captured and replayed windows; a wrong replay fails it."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE
+
+    class WrongReplay(FakeGraph):
+        def replay(self):
+            super().replay()
+            _poison(self.outputs[0])
+
+    cache = fake_cache(monkeypatch)
+    assert triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+    assert cache.replays == 3  # the forward's capture and replay, the backward's capture
+    fake_cache(monkeypatch, WrongReplay)
+    with pytest.warns(RuntimeWarning, match="failed its self-check"):
+        assert not triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+
+
+def test_graph_cache_stops_capturing_new_shapes_after_its_limit(monkeypatch):
+    cache = fake_cache(monkeypatch, max_entries=2, max_captures=3)
+    fn = lambda a: a[0] + 1  # noqa: E731
+    x = torch.zeros(3)
+    for key in ("a", "a", "b", "b", "c", "c"):
+        cache.run(key, [x], fn)
+    cache.run("d", [x], fn)
+    with pytest.warns(RuntimeWarning, match="more than 3 window shapes"):
+        torch.testing.assert_close(cache.run("d", [x], fn), x + 1)
+    assert cache.captures == 3 and "d" not in cache.entries
+    cache.run("c", [x], fn)  # a captured key still replays
+    assert cache.replays == 4
+
+
+def test_whole_windows_are_capture_safe(monkeypatch):
+    """What a CUDA graph captures is the whole forward and backward (buffers, the weight
+    gradients after the loop): nowhere a host read or a copy from the host, which a
+    capture refuses (allocations are fine there: they come from the graph's pool)."""
+    events: list = []
+
+    class Kernels:
+        def __getattr__(self, name):
+            return type("Launch", (), {"__getitem__": lambda self, g: lambda *a, **k: None})()
+
+    monkeypatch.setattr(triton_backend, "_kernels", Kernels)
+    rnn = MogrifierLSTM(5, 6, mogrify_rounds=5, mogrify_rank=3, peephole=True)
+    d = rnn.direction(0, 0)
+    meta = {"device": "meta"}
+    flat = tuple(torch.empty(p.shape, **meta) for p in d.flat())
+    x, h0, c0, mask = (torch.empty(s, **meta) for s in ((4, 3, 5), (3, 6), (3, 6), (3, 6)))
+    with Recorder(events):
+        out, h_n, c_n, saved = triton_backend.TRITON.eager_forward(d.spec, x, h0, c0, mask, flat)
+        triton_backend.TRITON.eager_backward(
+            d.spec, x, mask, flat, saved, torch.ones_like(out), torch.ones_like(h_n), None
+        )
+    ops = [e[1] for e in events]
+    assert len(ops) > 20
+    bad = [op for op in ops if op.split(".")[0].startswith(SYNCING + ("lift_fresh", "_to_copy"))]
+    assert not bad, f"host reads or copies in a captured window: {bad}"
+
+
+def test_graph_cache_lends_buffers_and_takes_another_slot_while_they_are_held(monkeypatch):
+    cache = fake_cache(monkeypatch, max_slots=2)
+    fn = lambda a: [a[0] + 1, a[0] * 2]  # noqa: E731
+    x = torch.ones(3)
+    cache.run("k", [x], fn, lend=(1,))  # eager
+    _, lent = cache.run("k", [x], fn, lend=(1,))  # slot 0 captured, its buffer lent
+    assert cache.lent(lent) is cache.entries[("k", 0)].outputs[1]
+    _, first = cache.run("k", [x * 3], fn, lend=(1,))  # slot 0 held: slot 1, eager
+    _, second = cache.run("k", [x * 5], fn, lend=(1,))  # slot 1 captured
+    _, third = cache.run("k", [x * 7], fn, lend=(1,))  # both held: eager
+    assert cache.captures == 2 and cache.lent(first) is None and cache.lent(third) is None
+    for got, want in ((lent, 2), (first, 6), (second, 10), (third, 14)):
+        torch.testing.assert_close(got, x * want)  # nothing overwritten while held
+    del lent
+    _, again = cache.run("k", [x * 9], fn, lend=(1,))  # slot 0 free again: replayed
+    assert cache.lent(again) is cache.entries[("k", 0)].outputs[1]
+    torch.testing.assert_close(again, x * 18)
+    torch.testing.assert_close(second, x * 10)
+
+
+def test_windows_held_together_keep_their_buffers(monkeypatch):
+    """Two layers of equal shapes (one key) and two windows before one backward: four
+    windows' buffers held at once, each in its own slot, gradients equal the reference."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=6, hidden_size=6, num_layers=2, mogrify_rounds=1)
+    for call in range(3):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            torch.manual_seed(call)
+            outs = [rnn(torch.randn(2, 2, 6))[0] for _ in range(2)]
+            sum((o * o).sum() for o in outs).backward()
+            results.append([*outs, *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    # each key's first sighting runs eagerly: forward slots 0-2 captured (slot 3 seen once),
+    # a backward graph for each (after an eager forward the backward is eager)
+    assert cache.captures == 6
+    slots = sorted(k[1] for k, e in cache.entries.items() if k[0][0] == "forward" and e)
+    assert slots == [0, 1, 2]
+
+
+def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
+    """CudaGraph's calls into torch.cuda, recorded (a CPU build cannot make them): the
+    warm-up runs on a side stream that waits for the current one, on copies of the fixed
+    inputs; then the capture records fn on the static inputs; a replay replays."""
+    import contextlib
+
+    log = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"on {stream.name}")
+        yield
+        log.append(f"off {stream.name}")
+
+    @contextlib.contextmanager
+    def capturing(graph):
+        log.append("capture")
+        yield
+        log.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    cache = fake_cache(monkeypatch, graphs.CudaGraph)
+    mine = torch.ones(2)
+
+    def fn(a):
+        log.append(("fn", a[0] is mine, a[1].data_ptr() == mine.data_ptr()))
+        return a[0] + a[1]
+
+    x = torch.zeros(2)
+    cache.run("k", [x, mine], fn, fixed=(1,))
+    log.clear()
+    cache.run("k", [x, mine], fn, fixed=(1,))
+    assert log == [
+        "side waits for current",
+        "on side",
+        ("fn", False, False),  # the warm-up: static x, a copy of the fixed input
+        "off side",
+        "current waits for side",
+        "capture",
+        ("fn", False, True),  # the capture: static x, the fixed input itself
+        "captured",
+        "replay",
+    ]

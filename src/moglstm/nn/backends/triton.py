@@ -16,8 +16,10 @@ after the backward loop
     the weight gradients as a few large products over ``T * B`` rows (cuBLAS), as the
     other step-loop backends do (:func:`~moglstm.nn.backends.buffers.weight_grads`).
 
-Nothing in the step loop allocates, synchronises with the host, or depends on data (so
-it can be captured in a CUDA graph; tests/nn/test_triton.py checks this on CPU). All
+Nothing in the step loop allocates, synchronises with the host, or depends on data, so
+a whole window, forward or backward, is captured in one CUDA graph and replayed on later
+calls of the same shapes (:mod:`moglstm.nn.backends.graphs`; tests/nn/test_triton_graph.py
+checks the loop on CPU). All
 kernels accumulate in float32: float32 operands run as TF32 on the tensor cores when
 ``torch.backends.cuda.matmul.allow_tf32`` is set (exact IEEE float32 otherwise), float16
 and bfloat16 operands as themselves.
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moglstm.nn.backends import graphs
 from moglstm.nn.backends.base import FusedBackend
 from moglstm.nn.backends.buffers import (
     Buffers,
@@ -110,6 +113,13 @@ def warps(dtype: torch.dtype | str) -> int:
     TF32 tiles need twice the registers: with 4 warps the 64-row and rank-128 tiles
     spilled to local memory in the ahead-of-time compile check), else Triton's 4."""
     return 8 if dtype in (torch.float32, "fp32") else 4
+
+
+def linear_warps(dtype: torch.dtype | str, t: Tiles) -> int:
+    """Warps per program of ``linear_kernel``: as :func:`warps`, and 8 for 64-row tiles of
+    16-bit operands too (with 4, Triton 3.6 spilled registers in the round-forward
+    epilogue on sm_80; Triton 3.9 did not)."""
+    return 8 if t.m == BATCH_TILES[1] else warps(dtype)
 
 
 def rank_tile(rank: int, dtype: torch.dtype) -> int | None:
@@ -202,7 +212,7 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict, int]]:
             for mode, bias, acc in linear_flags:
                 tiles = Tiles(m, LINEAR_N, REDUCTION)
                 cx = linear_constexprs(mode, bias, acc, prec, tiles)
-                out.append(("linear_kernel", dtype, cx, warps(dtype)))
+                out.append(("linear_kernel", dtype, cx, linear_warps(dtype, tiles)))
             for kp in RANK_TILES if (dtype, prec) != ("fp32", "ieee") else ():
                 for mode, bias, acc in two_product_flags:
                     tiles = Tiles(m, LINEAR_N, REDUCTION)
@@ -267,7 +277,7 @@ def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None
         w.stride(1),
         *stride0,
         **linear_constexprs(mode, bias is not None, accumulate, precision(a.dtype), t),
-        num_warps=warps(a.dtype),
+        num_warps=linear_warps(a.dtype, t),
     )
 
 
@@ -383,6 +393,39 @@ class TritonLoop(FusedBackend):
         return [arena_shape(spec, x)]
 
     def forward(self, spec, x, h0, c0, mask, flat):
+        if not graphs.GRAPHS.applies(x):
+            return self.eager_forward(spec, x, h0, c0, mask, flat)
+        key = ("forward", spec, *window_key(x, mask, flat))
+
+        def fn(a):  # a: x, h0, c0, mask, *flat; the window buffers (the arena) lent out
+            out, h_n, c_n, (arena,) = self.eager_forward(spec, *a[:4], tuple(a[4:]))
+            return [out, h_n, c_n, arena]
+
+        out, h_n, c_n, arena = graphs.GRAPHS.run(key, [x, h0, c0, mask, *flat], fn, lend=(3,))
+        return out, h_n, c_n, (arena,)
+
+    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+        # captured when the forward's window buffers are a forward graph's own (lent):
+        # read in place, one graph per forward slot; after an eager forward (a shape's
+        # first call, or every slot held) the backward is eager too
+        lent = graphs.GRAPHS.lent(saved[0]) if graphs.GRAPHS.applies(x) else None
+        if lent is None:
+            return self.eager_backward(spec, x, mask, flat, saved, d_out, d_hn, d_cn)
+        n, s = len(flat), len(saved)
+        present = tuple(g is not None for g in (d_out, d_hn, d_cn))
+        key = ("backward", spec, *window_key(x, mask, flat), present, lent.data_ptr())
+        saved = (lent, *saved[1:])
+
+        def fn(a):  # a: x, mask, *flat, *saved, d_out, d_hn, d_cn
+            d_out, d_hn, d_cn = a[2 + n + s :]
+            args = (tuple(a[2 : 2 + n]), tuple(a[2 + n : 2 + n + s]), d_out, d_hn, d_cn)
+            return self.eager_backward(spec, a[0], a[1], *args)
+
+        inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
+        return graphs.GRAPHS.run(key, inputs, fn, fixed=(2 + n,))
+
+    def eager_forward(self, spec, x, h0, c0, mask, flat):
+        """The forward with one launch after another (what a CUDA graph captures)."""
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
@@ -426,7 +469,8 @@ class TritonLoop(FusedBackend):
             h = out[t]
         return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena,)
 
-    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+    def eager_backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+        """The backward with one launch after another (what a CUDA graph captures)."""
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf = Buffers(spec, x, *saved)
         T, B, I = x.shape
@@ -495,6 +539,13 @@ class TritonLoop(FusedBackend):
 TRITON = TritonLoop()
 
 
+def window_key(x: Tensor, mask: Tensor | None, flat) -> tuple:
+    """What a captured window depends on besides the spec: shapes, dtype, device, the
+    mask's presence, the products' precision (TF32 or not) and the weights' shapes."""
+    shapes = tuple(tuple(w.shape) for w in flat)
+    return (tuple(x.shape), x.dtype, str(x.device), mask is not None, precision(x.dtype), shapes)
+
+
 def self_check_problem(device: torch.device, dtype: torch.dtype):
     """A small problem exercising rounds, low rank, peepholes, ragged sizes and state."""
     from moglstm.nn import MogrifierLSTM
@@ -511,8 +562,9 @@ def self_check_problem(device: torch.device, dtype: torch.dtype):
 @functools.cache
 def self_check(device: str, dtype: torch.dtype) -> bool:
     """Whether the Triton backend matches the reference on a small problem on ``device``
-    (outputs and every gradient, relative error under 1e-2 for 16-bit dtypes, 1e-3 for
-    float32); warns once on a mismatch or an error. Cached per device and dtype."""
+    (outputs and every gradient, relative error under 2e-2 for 16-bit dtypes, 1e-3 for
+    float32; with CUDA-graph capture on, eagerly, captured and replayed); warns once on
+    a mismatch or an error. Cached per device and dtype."""
     dev = torch.device(device)
     try:  # whatever the caller's mode (no_grad, inference, autocast): the check's own
         with (
@@ -543,21 +595,26 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
 
 
-def _run_both(ref, x, hx):
+def _run_both(ref, x, hx) -> list[tuple[Tensor, Tensor]]:
+    """``(reference, triton)`` pairs of outputs and gradients; where windows are captured
+    in CUDA graphs, for each of the three ways a call runs: eager (a key's first call),
+    captured and replayed, and replayed."""
     from moglstm.nn.backends import REFERENCE
+
+    runs = 3 if graphs.GRAPHS.applies(x) else 1
+    want = _run(REFERENCE, ref, x, hx)
+    return [pair for _ in range(runs) for pair in zip(want, _run(TRITON, ref, x, hx), strict=True)]
+
+
+def _run(backend, ref, x, hx) -> list[Tensor]:
     from moglstm.nn.direction import Steps
 
-    results = []
-    for backend in (REFERENCE, TRITON):
-        xs = x.clone().requires_grad_()
-        h, c = (v[0].clone().requires_grad_() for v in hx)
-        d = ref.direction(0, 0)
-        out, hn, cn = backend.run(Steps(xs, None), h, c, d, False, None)
-        params = [p for p in ref.parameters()]
-        loss = (
-            out.float() * torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out)
-        ).sum()
-        loss = loss + hn.float().sum() * 2 - cn.float().sum()
-        grads = torch.autograd.grad(loss, [xs, h, c, *params], allow_unused=True)
-        results.append([out, hn, cn, *[g for g in grads if g is not None]])
-    return list(zip(results[0], results[1], strict=True))
+    xs = x.clone().requires_grad_()
+    h, c = (v[0].clone().requires_grad_() for v in hx)
+    d = ref.direction(0, 0)
+    out, hn, cn = backend.run(Steps(xs, None), h, c, d, False, None)
+    params = list(ref.parameters())
+    loss = (out.float() * torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out)).sum()
+    loss = loss + hn.float().sum() * 2 - cn.float().sum()
+    grads = torch.autograd.grad(loss, [xs, h, c, *params], allow_unused=True)
+    return [out, hn, cn, *[g for g in grads if g is not None]]
