@@ -73,7 +73,14 @@ class Entry:
     the outputs the graph writes, which of them are lent out (``lend``) and how many
     references their storage had when nothing was lent (``base``)."""
 
-    def __init__(self, graph, inputs, outputs, fixed=(), lend=()) -> None:
+    def __init__(
+        self,
+        graph: Any,
+        inputs: list[Tensor | None],
+        outputs: Any,
+        fixed: Sequence[int] = (),
+        lend: Sequence[int] = (),
+    ) -> None:
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
         self.fixed, self.lend = fixed, lend
         self.base = [_uses(outputs[i]) for i in lend]
@@ -98,7 +105,7 @@ def _static(t: Tensor | None) -> Tensor | None:
     return None if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _fill(static: list[Tensor | None], inputs: Inputs, fixed=()) -> None:
+def _fill(static: list[Tensor | None], inputs: Inputs, fixed: Sequence[int] = ()) -> None:
     for i, (s, t) in enumerate(zip(static, inputs, strict=True)):
         if s is not None and i not in fixed:
             s.copy_(t)
@@ -186,7 +193,14 @@ class GraphCache:
                     return out
         return None
 
-    def _run(self, key, inputs, fn, fixed, lend) -> Any:
+    def _run(
+        self,
+        key: Hashable,
+        inputs: Inputs,
+        fn: Callable[[Inputs], Any],
+        fixed: Sequence[int],
+        lend: Sequence[int],
+    ) -> Any:
         entry = self.entries.get(key, False)
         if entry is None:  # its capture failed: eager
             return fn(inputs)
@@ -215,7 +229,14 @@ class GraphCache:
             for i, o in enumerate(entry.outputs)
         ]
 
-    def _capture(self, key: Hashable, inputs: Inputs, fn, fixed, lend) -> Entry | None:
+    def _capture(
+        self,
+        key: Hashable,
+        inputs: Inputs,
+        fn: Callable[[Inputs], Any],
+        fixed: Sequence[int],
+        lend: Sequence[int],
+    ) -> Entry | None:
         static = [t if i in fixed else _static(t) for i, t in enumerate(inputs)]
         _fill(static, inputs, fixed)
         try:

@@ -23,6 +23,11 @@ checks the loop on CPU). All
 kernels accumulate in float32: float32 operands run as TF32 on the tensor cores when
 ``torch.backends.cuda.matmul.allow_tf32`` is set (exact IEEE float32 otherwise), float16
 and bfloat16 operands as themselves.
+
+Why one module of about 700 lines: the tile, warp and precision choices at its top are read
+by every launch wrapper, by the forward and backward step loops and by the self-check
+below them; split, each part would import the others' internals. The kernels themselves
+(``@triton.jit``) are apart, in :mod:`moglstm.nn.backends.triton_kernels`.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from moglstm.nn.backends import graphs
-from moglstm.nn.backends.base import FusedBackend
+from moglstm.nn.backends.base import FusedBackend, Saved
 from moglstm.nn.backends.buffers import (
     Buffers,
     arena_shape,
@@ -151,11 +158,13 @@ def linear_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Til
     }
 
 
-def two_product_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles, kp: int):
+def two_product_constexprs(
+    mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles, kp: int
+) -> dict:
     return {**linear_constexprs(mode, bias, accumulate, prec, t), "KP": kp}
 
 
-def variant_constexprs(spec_or_flags) -> dict:
+def variant_constexprs(spec_or_flags: Any) -> dict:  # a DirectionSpec, or its flags
     s = spec_or_flags
     return {"COUPLED": s.coupled, "CAP": s.cap_input_gate, "PEEP": s.peephole}
 
@@ -231,13 +240,15 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict, int]]:
     return out
 
 
-def _kernels():
+def _kernels() -> Any:  # the module of @triton.jit kernels, imported on first use
     from moglstm.nn.backends import triton_kernels
 
     return triton_kernels
 
 
-def linear(a: Tensor, w: Tensor, out: Tensor, bias: Tensor | None = None, *, accumulate=False):
+def linear(
+    a: Tensor, w: Tensor, out: Tensor, bias: Tensor | None = None, *, accumulate: bool = False
+) -> None:
     """``out (+)= a @ w.T + bias``: ``a (M, K)``, ``w (N, K)`` (any strides), ``out (M, N)``
     with rows of unit stride."""
     _launch_linear(a, w, bias, out, None, None, None, STORE, accumulate)
@@ -248,13 +259,31 @@ def round_forward(v: Tensor, w: Tensor, bias: Tensor | None, old: Tensor, new: T
     _launch_linear(v, w, bias, new, old, None, None, ROUND_FORWARD, False)
 
 
-def round_backward(v, w, bias, old, d_new, dz, d_old) -> None:
+def round_backward(
+    v: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    old: Tensor,
+    d_new: Tensor,
+    dz: Tensor,
+    d_old: Tensor,
+) -> None:
     """With ``s = sigmoid(v @ w.T + bias)``: ``dz = 2 old d_new s (1 - s)``,
     ``d_old = 2 s d_new`` (``d_old`` may be ``d_new`` itself)."""
     _launch_linear(v, w, bias, dz, old, d_new, d_old, ROUND_BACKWARD, False)
 
 
-def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None:
+def _launch_linear(
+    a: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
+    old: Tensor | None,
+    d_new: Tensor | None,
+    d_old: Tensor | None,
+    mode: int,
+    accumulate: bool,
+) -> None:
     M, K = a.shape
     N = w.shape[0]
     t = linear_tiles(M)
@@ -281,7 +310,18 @@ def _launch_linear(a, w, bias, out, old, d_new, d_old, mode, accumulate) -> None
     )
 
 
-def two_products(a, w1, w2, p, out, bias=None, old=None, *, mode: int, accumulate=False):
+def two_products(
+    a: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    p: Tensor,
+    out: Tensor,
+    bias: Tensor | None = None,
+    old: Tensor | None = None,
+    *,
+    mode: int,
+    accumulate: bool = False,
+) -> None:
     """``p = a @ w1.T`` (written), then ``out (+)= z`` or ``out = 2 sigmoid(z) old`` for
     ``z = p @ w2.T + bias``, in one launch (``rank_tile(w1.shape[0])`` must not be None).
     ``a``, ``p``, ``out``, ``old``: rows of unit stride; ``w1``, ``w2`` any strides."""
@@ -326,7 +366,7 @@ def gates_cell(
     gates: Tensor,
     c: Tensor,
     h: Tensor,
-    peephole,
+    peephole: tuple[Tensor, Tensor, Tensor] | None,
 ) -> None:
     """``gates = act(xh @ w.T + bias + pre)``, ``c``, ``h`` of one step (``w`` contiguous,
     ``c_prev``, ``c``, ``h`` contiguous ``(B, H)``)."""
@@ -360,7 +400,16 @@ def gates_cell(
     )
 
 
-def cell_backward(spec, gates, c_prev, c, dh, d_out, dc, peephole) -> None:
+def cell_backward(
+    spec: DirectionSpec,
+    gates: Tensor,
+    c_prev: Tensor,
+    c: Tensor,
+    dh: Tensor,
+    d_out: Tensor | None,
+    dc: Tensor,
+    peephole: tuple[Tensor, Tensor, Tensor] | None,
+) -> None:
     """In place: ``gates`` (activations) -> pre-activation gradients, ``dc`` ->
     ``dc_{t-1}``, for the gradient ``dh (+ d_out)`` of ``h_t``."""
     B, H = dc.shape
@@ -389,22 +438,40 @@ class TritonLoop(FusedBackend):
 
     name = "triton"
 
-    def saved_shapes(self, spec, x):
+    def saved_shapes(self, spec: DirectionSpec, x: Tensor) -> list[tuple[int, ...]]:
         return [arena_shape(spec, x)]
 
-    def forward(self, spec, x, h0, c0, mask, flat):
+    def forward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+    ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         if not graphs.GRAPHS.applies(x):
             return self.eager_forward(spec, x, h0, c0, mask, flat)
         key = ("forward", spec, *window_key(x, mask, flat))
 
-        def fn(a):  # a: x, h0, c0, mask, *flat; the window buffers (the arena) lent out
+        def fn(a: list[Any]) -> list[Tensor]:  # a: x, h0, c0, mask, *flat; arena lent out
             out, h_n, c_n, (arena,) = self.eager_forward(spec, *a[:4], tuple(a[4:]))
             return [out, h_n, c_n, arena]
 
         out, h_n, c_n, arena = graphs.GRAPHS.run(key, [x, h0, c0, mask, *flat], fn, lend=(3,))
         return out, h_n, c_n, (arena,)
 
-    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+    def backward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+        saved: Saved,
+        d_out: Tensor | None,
+        d_hn: Tensor | None,
+        d_cn: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         # captured when the forward's window buffers are a forward graph's own (lent):
         # read in place, one graph per forward slot; after an eager forward (a shape's
         # first call, or every slot held) the backward is eager too
@@ -416,7 +483,7 @@ class TritonLoop(FusedBackend):
         key = ("backward", spec, *window_key(x, mask, flat), present, lent.data_ptr())
         saved = (lent, *saved[1:])
 
-        def fn(a):  # a: x, mask, *flat, *saved, d_out, d_hn, d_cn
+        def fn(a: list[Any]) -> tuple[Any, ...]:  # a: x, mask, *flat, *saved, d_out, ...
             d_out, d_hn, d_cn = a[2 + n + s :]
             args = (tuple(a[2 : 2 + n]), tuple(a[2 + n : 2 + n + s]), d_out, d_hn, d_cn)
             return self.eager_backward(spec, a[0], a[1], *args)
@@ -424,7 +491,15 @@ class TritonLoop(FusedBackend):
         inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
         return graphs.GRAPHS.run(key, inputs, fn, fixed=(2 + n,))
 
-    def eager_forward(self, spec, x, h0, c0, mask, flat):
+    def eager_forward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+    ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         """The forward with one launch after another (what a CUDA graph captures)."""
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf, out = start_window(spec, x, c0)
@@ -469,7 +544,17 @@ class TritonLoop(FusedBackend):
             h = out[t]
         return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena,)
 
-    def eager_backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+    def eager_backward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+        saved: Saved,
+        d_out: Tensor | None,
+        d_hn: Tensor | None,
+        d_cn: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """The backward with one launch after another (what a CUDA graph captures)."""
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf = Buffers(spec, x, *saved)
@@ -510,7 +595,19 @@ class TritonLoop(FusedBackend):
         return dx_all, dh, dc, weight_grads(spec, buf, rg.grads, None)
 
     @staticmethod
-    def round_back(spec, d, buf, t, slot, r, slot_r, dx, dh, rg, dx_out):
+    def round_back(
+        spec: DirectionSpec,
+        d: Direction,
+        buf: Buffers,
+        t: int,
+        slot: int,
+        r: int,
+        slot_r: tuple[int, int],
+        dx: Tensor,
+        dh: Tensor,
+        rg: RoundGrads,
+        dx_out: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         """Back through round ``r`` of step ``t``; returns the new ``(dx, dh)``. The gated
         vector's gradient replaces ``d_new`` in place (into ``dx_out`` for round 1)."""
         tgt, src = slot_r
@@ -539,14 +636,16 @@ class TritonLoop(FusedBackend):
 TRITON = TritonLoop()
 
 
-def window_key(x: Tensor, mask: Tensor | None, flat) -> tuple:
+def window_key(x: Tensor, mask: Tensor | None, flat: Sequence[Tensor]) -> tuple:
     """What a captured window depends on besides the spec: shapes, dtype, device, the
     mask's presence, the products' precision (TF32 or not) and the weights' shapes."""
     shapes = tuple(tuple(w.shape) for w in flat)
     return (tuple(x.shape), x.dtype, str(x.device), mask is not None, precision(x.dtype), shapes)
 
 
-def self_check_problem(device: torch.device, dtype: torch.dtype):
+def self_check_problem(
+    device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module, Tensor, tuple[Tensor, ...]]:
     """A small problem exercising rounds, low rank, peepholes, ragged sizes and state."""
     from moglstm.nn import MogrifierLSTM
 
@@ -595,7 +694,9 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
 
 
-def _run_both(ref, x, hx) -> list[tuple[Tensor, Tensor]]:
+def _run_both(
+    ref: torch.nn.Module, x: Tensor, hx: tuple[Tensor, ...]
+) -> list[tuple[Tensor, Tensor]]:
     """``(reference, triton)`` pairs of outputs and gradients; where windows are captured
     in CUDA graphs, for each of the three ways a call runs: eager (a key's first call),
     captured and replayed, and replayed."""
@@ -606,7 +707,7 @@ def _run_both(ref, x, hx) -> list[tuple[Tensor, Tensor]]:
     return [pair for _ in range(runs) for pair in zip(want, _run(TRITON, ref, x, hx), strict=True)]
 
 
-def _run(backend, ref, x, hx) -> list[Tensor]:
+def _run(backend: Any, ref: torch.nn.Module, x: Tensor, hx: tuple[Tensor, ...]) -> list[Tensor]:
     from moglstm.nn.direction import Steps
 
     xs = x.clone().requires_grad_()
