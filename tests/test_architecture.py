@@ -167,6 +167,25 @@ def test_evaluate_epilog_and_options_give_the_dynamic_defaults():
         assert getattr(args, f"dynamic_{key}") == value
 
 
+def test_benchmark_epilog_shows_the_default_grid():
+    from moglstm.benchmark import DEFAULT_GRID, parse_shape
+    from moglstm.cli import benchmark as benchmark_command
+
+    grid = _flat(benchmark_command.epilog()).split("The default grid: ", 1)[1].split(".")[0]
+    base = parse_shape(grid.split(", ")[0].replace(" ", ","))
+    shown = [base] + [
+        parse_shape(",".join([*_spec_items(base), *spec.split()]))
+        for spec in grid.split(", ")[1:]
+    ]
+    assert shown == list(DEFAULT_GRID)
+
+
+def _spec_items(shape) -> list[str]:
+    from moglstm.benchmark import shape_spec
+
+    return shape_spec(shape).split()
+
+
 def test_checkpoint_docstring_lists_every_payload_key():
     assert list(PAYLOAD_KEYS) == list(CheckpointPayload.__annotations__)
     doc = checkpoint.__doc__

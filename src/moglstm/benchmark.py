@@ -33,7 +33,9 @@ from moglstm.nn import MogrifierLSTM, backends
 
 # "torch-loop" is the fused path's Python loop of torch ops (the CUDA path before the
 # Triton backend); "triton" the Triton backend (CUDA)
-IMPLEMENTATIONS = ("torch", "reference", "fused", "torch-loop", "triton")
+#: What ``--impl`` can time: torch.nn.LSTM, and MogrifierLSTM by path (not the layer's
+#: ``implementation`` argument, :data:`moglstm.nn.backends.IMPLEMENTATIONS`).
+BENCHMARKED = ("torch", "reference", "fused", "torch-loop", "triton")
 DEFAULT_IMPLEMENTATIONS = {
     "cpu": ("torch", "reference", "fused"),
     "cuda": ("torch", "torch-loop", "triton"),
@@ -349,8 +351,8 @@ def format_row(r: Result) -> str:
 
 def check_options(implementations, modes, runs, warmup, dtype) -> None:
     for impl in implementations:
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        if impl not in BENCHMARKED:
+            raise ValueError(f"implementation must be one of {BENCHMARKED}, got {impl!r}")
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -370,6 +372,18 @@ _SHAPE_KEYS = {
     "k": "rank",
 }
 _SHAPE_LETTERS = {name: letter for letter, name in _SHAPE_KEYS.items()}
+
+
+def shape_spec(shape: Shape, base: Shape | None = None) -> str:
+    """``shape`` in ``--shape``'s keys (``B=64 T=70 H=512 L=2 r=5 k=84``); with ``base``,
+    only the keys in which it differs."""
+    items = []
+    for letter, name in _SHAPE_KEYS.items():
+        value = getattr(shape, name)
+        if (base is not None and value == getattr(base, name)) or (letter == "I" and value is None):
+            continue  # I=none (the default) is the hidden size
+        items.append(f"{letter}={'none' if value is None else value}")
+    return " ".join(items)
 
 
 def parse_shape(text: str) -> Shape:

@@ -11,18 +11,19 @@ from typing import Any
 import torch
 
 from moglstm.benchmark import (
+    BENCHMARKED,
     DEFAULT_GRID,
     DEFAULT_IMPLEMENTATIONS,
     DTYPES,
-    IMPLEMENTATIONS,
     MODES,
     parse_shape,
     run_benchmark,
+    shape_spec,
 )
 from moglstm.cli.common import POSITIVE, int_at_least, subparser
 from moglstm.lm.errors import UserError
 
-__all__ = ["add", "run"]
+__all__ = ["add", "epilog", "run"]
 
 _EPILOG = """\
 Times torch.nn.LSTM and MogrifierLSTM (reference and fused paths) of the same
@@ -30,7 +31,7 @@ shape in one process, interleaved, and prints the median milliseconds, the
 ratio to torch.nn.LSTM, that ratio over the arithmetic floor 1 + r*k(I+H)/(4H(I+H))
 (the Mogrifier's extra multiply-adds), tokens/s and the peak memory of a
 training step. 'forward' is inference (no autograd); 'train' is forward +
-backward. The default grid: B=64 T=70 H=512 L=2 r=5 k=84, B=16 H=256, B=64 H=1024.
+backward. The default grid: {grid}.
 
 examples:
   moglstm benchmark                                   # the default grid
@@ -41,6 +42,13 @@ examples:
 """
 
 
+def epilog() -> str:
+    """The help's epilog; the default grid in it comes from the code."""
+    base = DEFAULT_GRID[0]
+    grid = [shape_spec(base), *(shape_spec(s, base) for s in DEFAULT_GRID[1:])]
+    return _EPILOG.format(grid=", ".join(grid))
+
+
 def add(sub: Any) -> None:
     """Add ``moglstm benchmark`` to the subcommands ``sub``."""
     p = subparser(
@@ -48,7 +56,7 @@ def add(sub: Any) -> None:
         "benchmark",
         "time MogrifierLSTM against torch.nn.LSTM",
         "Time MogrifierLSTM against torch.nn.LSTM of the same shape.",
-        _EPILOG,
+        epilog(),
     )
     p.add_argument(
         "--shape",
@@ -60,7 +68,7 @@ def add(sub: Any) -> None:
     )
     defaults = "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_IMPLEMENTATIONS.items())
     p.add_argument(
-        "--impl", nargs="+", choices=IMPLEMENTATIONS, help=f"default by device ({defaults})"
+        "--impl", nargs="+", choices=BENCHMARKED, help=f"default by device ({defaults})"
     )
     p.add_argument(
         "--mode", nargs="+", choices=MODES, default=list(MODES), help="what to time"

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import textwrap
 from typing import Any
 
 from moglstm.cli.common import POSITIVE, int_at_least, print_results, subparser
 from moglstm.lm.data.sources import SPLITS
 from moglstm.lm.dynamic_eval import DynamicEvalSettings
 from moglstm.lm.errors import UserError
+from moglstm.lm.evaluate import evaluate
 from moglstm.lm.runs.folder import CHECKPOINT_CHOICES
 from moglstm.lm.runtime import DEVICE_HELP
 
 __all__ = ["add", "epilog", "run"]
+
+# the library's defaults, shown and used by the options that pass them on
+_EVALUATE_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(evaluate).parameters.items()
+}
 
 _EPILOG = """\
 Scores the whole split with the model state carried across windows. Word-level
@@ -26,7 +34,7 @@ the first --temperature-tokens of the validation split, applied to the split
 scored), --mc-samples S (mean probability over S dropout samples, rates times
 --mc-dropout-scale) and --dynamic (dynamic evaluation: the model keeps learning
 on the split as it scores it; RMS variant, see docs/reproduce.md). Defaults:
-{dynamic_defaults} (windows of the training split for the gradient RMS).
+{dynamic_defaults}
 
 examples:
   moglstm evaluate runs/ptb-small                          # valid split, best.pt
@@ -44,7 +52,8 @@ def epilog() -> str:
         f"--dynamic-{key.replace('_', '-')} {'all' if value is None else f'{value:g}'}"
         for key, value in defaults.items()
     )
-    return _EPILOG.format(dynamic_defaults=shown)
+    tail = f"{shown} (windows of the training split for the gradient RMS)."
+    return _EPILOG.format(dynamic_defaults=textwrap.fill(tail, 79, break_on_hyphens=False))
 
 
 def add(sub: Any) -> None:
@@ -91,9 +100,9 @@ def _add_protocol_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--temperature-tokens",
         type=POSITIVE,
-        default=20000,
+        default=_EVALUATE_DEFAULTS["temperature_tokens"],
         metavar="N",
-        help="validation tokens --temperature auto searches on (default: 20000)",
+        help="validation tokens --temperature auto searches on",
     )
     p.add_argument(
         "--mc-samples",
@@ -105,9 +114,9 @@ def _add_protocol_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mc-dropout-scale",
         type=float,
-        default=1.0,
+        default=_EVALUATE_DEFAULTS["mc_dropout_scale"],
         metavar="M",
-        help="multiply every dropout rate by M while sampling (default: 1)",
+        help="multiply every dropout rate by M while sampling",
     )
     p.add_argument("--dynamic", action="store_true", help="dynamic evaluation")
     p.add_argument("--dynamic-lr", type=float, default=d.lr, metavar="LR", help="step size")
@@ -135,8 +144,6 @@ def _add_protocol_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``moglstm evaluate``; returns the exit status."""
-    from moglstm.lm.evaluate import evaluate
-
     results = evaluate(
         args.run,
         args.split,

@@ -61,7 +61,7 @@ examples:
 Under torchrun each process takes data.batch_size / N of the streams (the batch
 size must divide by N) and only rank 0 writes files; a dead or stalled process
 stops the others after train.dist_timeout seconds ({dist_timeout:g}). train.nonfinite=skip or
-rollback keeps a run going through a NaN/inf loss (default: stop). A model whose
+rollback keeps a run going through a NaN/inf loss (default: {nonfinite}). A model whose
 training cannot fit in memory is refused before it is built, with the numbers
 (train.check_memory=false tries anyway). See docs/reliability.md.
 """
@@ -70,7 +70,8 @@ training cannot fit in memory is refused before it is built, with the numbers
 def epilog() -> str:
     """The help's epilog; the lists and defaults in it come from the code."""
     resumable = textwrap.fill(", ".join(sorted(RESUMABLE_KEYS)), 79, break_on_hyphens=False)
-    return _EPILOG.format(resumable=resumable, dist_timeout=TrainConfig().dist_timeout)
+    t = TrainConfig()
+    return _EPILOG.format(resumable=resumable, dist_timeout=t.dist_timeout, nonfinite=t.nonfinite)
 
 
 def add(sub: Any) -> None:
@@ -91,7 +92,11 @@ def add(sub: Any) -> None:
         "with a data.corpus override, the built-in defaults)",
     )
     p.add_argument("--name", help="run name: the run folder's name (default: the preset's)")
-    p.add_argument("--out-dir", metavar="DIR", help="folder holding run folders (default: runs)")
+    p.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        help=f"folder holding run folders (default: {RunConfig().out_dir})",
+    )
     p.add_argument(
         "--resume",
         nargs="?",

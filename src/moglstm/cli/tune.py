@@ -56,9 +56,9 @@ def add(sub: Any) -> None:
     p.add_argument("--trials", type=int, metavar="N", help="the study's trial budget")
     p.add_argument("--timeout", metavar="TIME", help="time budget: 3600, 90m, 2h, 1d")
     p.add_argument("--study", metavar="NAME", help="study name (default: the space's)")
-    p.add_argument("--out-dir", default="runs/tune", metavar="DIR", help="(default: runs/tune)")
+    p.add_argument("--out-dir", default="runs/tune", metavar="DIR", help="where studies live")
     p.add_argument("--storage", metavar="URL", help="Optuna storage (default: SQLite in the study)")
-    p.add_argument("--pruner", choices=PRUNERS, default="median", help="(default: median)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="how poor trials stop early")
     p.add_argument(
         "--prune-startup", type=int, default=5, metavar="N", help="unpruned trials first"
     )
