@@ -29,6 +29,7 @@ from moglstm.lm.config import (
 )
 from moglstm.lm.errors import ConfigError
 from moglstm.lm.evaluate import evaluate
+from moglstm.lm.report import read_run
 from moglstm.lm.runs.checkpoint import load_checkpoint
 from moglstm.lm.runs.folder import load_run, resume_config
 from moglstm.lm.runs.payload import check_training_checkpoint
@@ -70,6 +71,13 @@ def test_version_1_checkpoint_loads_and_evaluates(v1_run: Path):
     assert logits.shape == (3, 2, len(loaded.vocab)) and torch.isfinite(logits).all()
     result = evaluate(v1_run, "valid", checkpoint="last", device="cpu")
     assert result["loss"] > 0
+
+
+def test_reports_compare_version_1_runs_by_the_current_key_names(v1_run: Path):
+    record = read_run(v1_run)
+    assert record.config["model.mogrifier.rounds"] == 2
+    assert "model.mogrify_rounds" not in record.config
+    assert record.params is not None  # counted from its (upgraded) checkpoint
 
 
 def test_version_1_run_resumes_with_old_key_names(v1_run: Path):
