@@ -157,7 +157,7 @@ class _Run:
 
 
 def _setup(
-    cfg: RunConfig, checkpoint: dict[str, Any] | None, ctx: DistContext | None = None
+    cfg: RunConfig, checkpoint: CheckpointPayload | None, ctx: DistContext | None = None
 ) -> _Run:
     """Build data, model and optimizer; restore them from ``checkpoint`` when resuming.
 
@@ -213,7 +213,7 @@ def _setup(
     return run
 
 
-def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
+def _restore(run: _Run, ckpt: CheckpointPayload) -> None:
     # "model" holds the averaged weights once averaging started; training goes on from
     # the raw ones, saved beside them (see _model_entries)
     run.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
