@@ -20,7 +20,7 @@ from moglstm.lm.config import (
     to_yaml,
 )
 from moglstm.lm.errors import UserError
-from moglstm.lm.runs.folder import RESUMABLE_KEYS
+from moglstm.lm.runs.folder import RESUMABLE_KEYS, resume_config
 
 __all__ = ["QUICKSTART", "add", "epilog", "interrupted_note", "run"]
 
@@ -115,8 +115,7 @@ def add(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``moglstm train``; returns the exit status."""
-    from moglstm.lm.runs.folder import resume_config
-    from moglstm.lm.train import train
+    from moglstm.lm.train import train  # the training loop's imports, for this command only
 
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
         # `--resume key=value`: argparse took the first override for the optional RUN
