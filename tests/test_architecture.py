@@ -47,7 +47,7 @@ ALLOWED = {
     "lm.config": {"lm.data", "lm.errors", "lm.layers", "lm.models", "lm.policies",
                   "lm.runtime", "lm.safety", "nn"},
     "lm.models": {"lm.arguments", "lm.budget", "lm.errors", "lm.layers", "lm.state", "nn"},
-    "lm.regularize": {"lm.arguments", "lm.layers", "lm.state", "nn"},
+    "lm.regularize": {"lm.arguments", "lm.errors", "lm.layers", "lm.state", "nn"},
     "lm.runs": {"lm.config", "lm.data", "lm.errors", "lm.models", "lm.runtime", "lm.safety"},
     "lm.dynamic_eval": {"lm.data", "lm.errors", "lm.models", "lm.progress", "lm.state"},
     "lm.distributed": {"lm.errors", "lm.runtime", "lm.safety", "lm.state"},

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moglstm.lm.arguments import check_probability
+from moglstm.lm.errors import UserError
 from moglstm.lm.layers import LockedDropout
 from moglstm.lm.state import map_state, state_tensors
 from moglstm.nn import MogrifierLSTM
@@ -184,11 +185,11 @@ class WeightAverager:
             averaged: a state dict as :meth:`averaged_state_dict` returns.
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"count must be an int >= 0, got {count!r}")
+            raise UserError(f"count must be an int >= 0, got {count!r}")  # a checkpoint's
         named = self._named()
         if count and not set(named) <= set(averaged):
             missing = sorted(set(named) - set(averaged))
-            raise ValueError(f"averaged weights lack {missing[:5]}")
+            raise UserError(f"averaged weights lack {missing[:5]}")
         self.count = count
         self.average = {}
         if count:
@@ -217,13 +218,13 @@ def scaled_dropout(model: nn.Module, scale: float) -> Iterator[nn.Module]:
         ValueError: a scaled rate would reach 1.
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
-        raise ValueError(f"scale must be a number >= 0, got {scale!r}")
+        raise UserError(f"scale must be a number >= 0, got {scale!r}")
     changed: list[tuple[Any, str, float]] = []
     for module in model.modules():
         for attr in _rate_attributes(module):
             rate = getattr(module, attr)
             if rate * scale >= 1.0:
-                raise ValueError(
+                raise UserError(
                     f"dropout scale {scale} makes a rate of {rate} reach {rate * scale:.3g} >= 1"
                 )
             changed.append((module, attr, rate))

@@ -41,7 +41,7 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
     check_int("batch_size", batch_size, 1)
     n = ids.numel() // batch_size
     if n < 2:
-        raise ValueError(
+        raise UserError(
             f"corpus too small: {ids.numel()} tokens give {n} per stream with "
             f"batch_size={batch_size}; need at least 2 (an input and its target)"
         )
@@ -121,7 +121,7 @@ class BatchStream:
             "max_length", bptt + 20 if max_length is None else max_length, bptt
         )
         if data.size(0) < bptt + 1:
-            raise ValueError(
+            raise UserError(
                 f"corpus too small: {data.size(0)} steps per stream (batch of {data.size(1)}"
                 f" streams, {data.numel()} tokens) but bptt={bptt} needs at least {bptt + 1};"
                 " lower batch_size or bptt"

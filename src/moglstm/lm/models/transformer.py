@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moglstm.lm.errors import UserError
 from moglstm.lm.models.checks import check_int, check_tokens
 from moglstm.lm.state import State
 
@@ -131,7 +132,7 @@ class TransformerLanguageModel(nn.Module):
             )
         length = tokens.shape[0]
         if length > self.max_len:
-            raise ValueError(f"window length {length} exceeds max_len {self.max_len}")
+            raise UserError(f"window length {length} exceeds max_len {self.max_len}")
         x = self.embedding(tokens) * math.sqrt(self.d_model)  # (T, B, D)
         if self.position is not None:
             x = x + self.position.weight[:length].unsqueeze(1)
