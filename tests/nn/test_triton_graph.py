@@ -334,12 +334,16 @@ def test_windows_held_together_keep_their_buffers(monkeypatch):
 def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
     """CudaGraph's calls into torch.cuda, recorded (a CPU build cannot make them): the
     warm-up runs on a side stream that waits for the current one, on copies of the fixed
-    inputs; then the capture records fn on the static inputs; a replay replays."""
+    inputs; then the capture (thread-local error mode: other threads' CUDA calls are not
+    refused) records fn on the static inputs; a replay replays, and a replay on another
+    stream than the last one first waits for it."""
     import contextlib
 
     log = []
 
     class Stream:
+        device_index = 0
+
         def __init__(self, name="side"):
             self.name = name
 
@@ -357,16 +361,19 @@ def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
         log.append(f"off {stream.name}")
 
     @contextlib.contextmanager
-    def capturing(graph):
-        log.append("capture")
+    def capturing(graph, capture_error_mode="global"):
+        log.append(f"capture ({capture_error_mode})")
         yield
         log.append("captured")
 
+    streams = {"current": Stream("current"), "other": Stream("other")}
+    current = ["current"]
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[current[0]])
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.cuda, "graph", capturing)
+    monkeypatch.setattr(graphs.CudaGraph, "last_stream", {})
     cache = fake_cache(monkeypatch, graphs.CudaGraph)
     mine = torch.ones(2)
 
@@ -378,14 +385,84 @@ def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
     cache.run("k", [x, mine], fn, fixed=(1,))
     log.clear()
     cache.run("k", [x, mine], fn, fixed=(1,))
+    cache.run("k", [x, mine], fn, fixed=(1,))
+    current[0] = "other"
+    cache.run("k", [x, mine], fn, fixed=(1,))
     assert log == [
         "side waits for current",
         "on side",
         ("fn", False, False),  # the warm-up: static x, a copy of the fixed input
         "off side",
         "current waits for side",
-        "capture",
+        "capture (thread_local)",
         ("fn", False, True),  # the capture: static x, the fixed input itself
         "captured",
         "replay",
+        "replay",  # the same stream: no wait
+        "other waits for current",
+        "replay",
     ]
+
+
+def test_graph_cache_serialises_threads(monkeypatch):
+    """A second thread's call of the same key, arriving between the first's filling of
+    the static inputs and its replay, waits: it would overwrite the first's inputs."""
+    import threading
+
+    results = {}
+
+    class Interrupted(FakeGraph):
+        def replay(self):
+            if not results:  # the first replay: another thread calls in meanwhile
+                other = threading.Thread(target=lambda: results.update(b=run(5.0)))
+                other.start()
+                other.join(timeout=0.5)  # blocked by the lock (without it: done by now)
+                results["a_waited"] = other.is_alive()
+                results["other"] = other
+            super().replay()
+
+    cache = fake_cache(monkeypatch, Interrupted)
+    run = lambda scale: cache.run("k", [torch.ones(3) * scale], lambda a: a[0] * 2)  # noqa: E731
+    run(0.0)  # eager
+    run(0.0)  # captured, replayed
+    results.clear()
+    torch.testing.assert_close(run(3.0), torch.full((3,), 6.0))
+    results["other"].join()
+    assert results["a_waited"]
+    torch.testing.assert_close(results["b"], torch.full((3,), 10.0))
+
+
+def test_graph_keys_name_every_input_shape_and_dtype():
+    a = torch.zeros(2, 3)
+    sig = graphs.signature([a, None])
+    assert sig == graphs.signature([torch.ones(2, 3), None])
+    assert sig != graphs.signature([a.double(), None])
+    assert sig != graphs.signature([torch.zeros(1, 3), None])
+    assert sig != graphs.signature([a, a])
+
+
+def test_window_captured_under_inference_mode_then_trained(monkeypatch):
+    """A shape first captured during evaluation under inference_mode (its static buffers
+    would be inference tensors, which a training call cannot fill) then trains."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=4, hidden_size=4, mogrify_rounds=2)
+    x = torch.randn(2, 2, 4)
+    with torch.inference_mode():
+        for _ in range(3):
+            tri(x)
+    assert cache.captures == 1
+    for _ in range(2):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            out = rnn(x)[0]
+            (out * out).sum().backward()
+            results.append([out, *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    assert cache.replays >= 4

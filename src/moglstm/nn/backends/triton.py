@@ -27,6 +27,7 @@ and bfloat16 operands as themselves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -393,18 +394,27 @@ class TritonLoop(FusedBackend):
         return [arena_shape(spec, x)]
 
     def forward(self, spec, x, h0, c0, mask, flat):
+        with on_device(x):
+            return self.graphed_forward(spec, x, h0, c0, mask, flat)
+
+    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+        with on_device(x):
+            return self.graphed_backward(spec, x, mask, flat, saved, d_out, d_hn, d_cn)
+
+    def graphed_forward(self, spec, x, h0, c0, mask, flat):
         if not graphs.GRAPHS.applies(x):
             return self.eager_forward(spec, x, h0, c0, mask, flat)
-        key = ("forward", spec, *window_key(x, mask, flat))
+        inputs = [x, h0, c0, mask, *flat]
+        key = ("forward", spec, window_key(x), graphs.signature(inputs))
 
         def fn(a):  # a: x, h0, c0, mask, *flat; the window buffers (the arena) lent out
             out, h_n, c_n, (arena,) = self.eager_forward(spec, *a[:4], tuple(a[4:]))
             return [out, h_n, c_n, arena]
 
-        out, h_n, c_n, arena = graphs.GRAPHS.run(key, [x, h0, c0, mask, *flat], fn, lend=(3,))
+        out, h_n, c_n, arena = graphs.GRAPHS.run(key, inputs, fn, lend=(3,))
         return out, h_n, c_n, (arena,)
 
-    def backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
+    def graphed_backward(self, spec, x, mask, flat, saved, d_out, d_hn, d_cn):
         # captured when the forward's window buffers are a forward graph's own (lent):
         # read in place, one graph per forward slot; after an eager forward (a shape's
         # first call, or every slot held) the backward is eager too
@@ -412,16 +422,15 @@ class TritonLoop(FusedBackend):
         if lent is None:
             return self.eager_backward(spec, x, mask, flat, saved, d_out, d_hn, d_cn)
         n, s = len(flat), len(saved)
-        present = tuple(g is not None for g in (d_out, d_hn, d_cn))
-        key = ("backward", spec, *window_key(x, mask, flat), present, lent.data_ptr())
         saved = (lent, *saved[1:])
+        inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
+        key = ("backward", spec, window_key(x), graphs.signature(inputs), lent.data_ptr())
 
         def fn(a):  # a: x, mask, *flat, *saved, d_out, d_hn, d_cn
             d_out, d_hn, d_cn = a[2 + n + s :]
             args = (tuple(a[2 : 2 + n]), tuple(a[2 + n : 2 + n + s]), d_out, d_hn, d_cn)
             return self.eager_backward(spec, a[0], a[1], *args)
 
-        inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
         return graphs.GRAPHS.run(key, inputs, fn, fixed=(2 + n,))
 
     def eager_forward(self, spec, x, h0, c0, mask, flat):
@@ -539,11 +548,23 @@ class TritonLoop(FusedBackend):
 TRITON = TritonLoop()
 
 
-def window_key(x: Tensor, mask: Tensor | None, flat) -> tuple:
-    """What a captured window depends on besides the spec: shapes, dtype, device, the
-    mask's presence, the products' precision (TF32 or not) and the weights' shapes."""
-    shapes = tuple(tuple(w.shape) for w in flat)
-    return (tuple(x.shape), x.dtype, str(x.device), mask is not None, precision(x.dtype), shapes)
+def on_device(x: Tensor):
+    """``x``'s CUDA device made current: Triton launches on the current device's stream
+    and a CUDA graph is captured and replayed there (a module on ``cuda:1`` while
+    ``cuda:0`` is current would otherwise launch on the wrong device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def window_key(x: Tensor) -> tuple:
+    """What a captured window depends on besides the spec and its inputs' shapes, dtypes
+    and devices (:func:`graphs.signature`): the products' precision (TF32 or not) and
+    the cuBLAS reduced-precision settings the products after the loop were captured with."""
+    matmul = torch.backends.cuda.matmul
+    reduced = (
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+    )
+    return (precision(x.dtype), reduced)
 
 
 def self_check_problem(device: torch.device, dtype: torch.dtype):
