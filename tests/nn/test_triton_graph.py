@@ -334,8 +334,9 @@ def test_windows_held_together_keep_their_buffers(monkeypatch):
 def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
     """CudaGraph's calls into torch.cuda, recorded (a CPU build cannot make them): the
     warm-up runs on a side stream that waits for the current one, on copies of the fixed
-    inputs; then the capture (thread-local error mode: other threads' CUDA calls are not
-    refused) records fn on the static inputs; a replay replays, and a replay on another
+    inputs; then the capture, on that side stream (torch's default capture stream belongs
+    to the device first used) in thread-local error mode (other threads' CUDA calls are
+    not refused), records fn on the static inputs; a replay replays, and a replay on another
     stream than the last one first waits for it."""
     import contextlib
 
@@ -361,8 +362,8 @@ def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
         log.append(f"off {stream.name}")
 
     @contextlib.contextmanager
-    def capturing(graph, capture_error_mode="global"):
-        log.append(f"capture ({capture_error_mode})")
+    def capturing(graph, stream=None, capture_error_mode="global"):
+        log.append(f"capture on {stream.name} ({capture_error_mode})")
         yield
         log.append("captured")
 
@@ -394,7 +395,7 @@ def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
         ("fn", False, False),  # the warm-up: static x, a copy of the fixed input
         "off side",
         "current waits for side",
-        "capture (thread_local)",
+        "capture on side (thread_local)",
         ("fn", False, True),  # the capture: static x, the fixed input itself
         "captured",
         "replay",
@@ -466,3 +467,39 @@ def test_window_captured_under_inference_mode_then_trained(monkeypatch):
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
     assert cache.replays >= 4
+
+
+def test_replayed_windows_under_checkpointing_and_a_retained_graph(monkeypatch):
+    """Activation checkpointing (the forward rerun in backward takes a slot again) and a
+    graph kept with retain_graph while another window runs, then backward again (the
+    second backward recomputes): outputs and gradients equal the reference's."""
+    pytest.importorskip("numpy")
+    from torch.utils.checkpoint import checkpoint
+
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=4, hidden_size=4, mogrify_rounds=1)
+
+    def step(rnn):
+        torch.manual_seed(1)
+        x = torch.randn(2, 2, 4, requires_grad=True)
+        kept = checkpoint(lambda x: rnn(x)[0], x, use_reentrant=False)
+        retained = rnn(torch.randn(2, 2, 4))[0]
+        loss = (retained * retained).sum()
+        loss.backward(retain_graph=True)
+        other = rnn(torch.randn(2, 2, 4))[0]  # while the retained graph holds its buffers
+        loss.backward()
+        (kept.sum() + other.sum()).backward()
+        return [kept, retained, other, x.grad]
+
+    for _ in range(3):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            results.append([*step(rnn), *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    assert cache.replays >= 6

@@ -2,8 +2,8 @@
 
 A window of the Triton backend is a few thousand short kernel launches (7 per step and
 layer forward, about 13 backward); launched one by one from Python they cost far more than
-their arithmetic. :class:`GraphCache` captures the whole window once per key (shapes,
-dtype, variant, device, which optional inputs are present) in one graph and replays it
+their arithmetic. :class:`GraphCache` captures the whole window once per key (the
+variant; each input's shape, dtype and device, or its absence) in one graph and replays it
 on later calls:
 
 - the first call of a key runs eagerly (it compiles the kernels, and a shape seen once,
@@ -22,6 +22,9 @@ on later calls:
   runs eagerly from then on; so do new keys after ``max_captures`` captures.
   :func:`set_enabled` turns capture off (and frees the graphs), as does
   ``MOGLSTM_CUDA_GRAPHS=0`` in the environment.
+- one lock serialises the cache's bookkeeping, fills, replays and copies across threads;
+  a replay on another stream than the last one first waits for it; the graph's buffers
+  are made outside inference mode (a training call fills them after an evaluation).
 
 The graph object is injected (``make_graph``): :class:`CudaGraph` on a GPU; the tests
 inject a stand-in that re-runs the function, so the keying, the buffer copies and the
@@ -67,9 +70,10 @@ class CudaGraph:
         with torch.cuda.stream(stream):
             fn(warmup)
         torch.cuda.current_stream().wait_stream(stream)
-        # thread_local: CUDA calls of other threads (a DataLoader's pinning thread) are
-        # not refused while this thread captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # captured on the same side stream, of x's device (torch's default capture stream
+        # is made once, on whichever device was current first); thread_local: CUDA calls
+        # of other threads (a DataLoader's pinning thread) are not refused meanwhile
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             return fn(inputs)
 
     def prepare(self) -> None:
