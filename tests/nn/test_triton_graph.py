@@ -503,3 +503,20 @@ def test_replayed_windows_under_checkpointing_and_a_retained_graph(monkeypatch):
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
     assert cache.replays >= 6
+
+
+def test_tf32_read_from_either_torch_api():
+    """Once the new ``fp32_precision`` API is used, reading the legacy ``allow_tf32``
+    raises; the products' precision (and the graphs' keys) read the new one."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only allow_tf32")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert triton_backend.tf32_allowed()
+        triton_backend.window_key(torch.zeros(1))  # does not raise
+        matmul.fp32_precision = "ieee"
+        assert not triton_backend.tf32_allowed()
+    finally:
+        matmul.fp32_precision = before

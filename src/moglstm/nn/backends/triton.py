@@ -21,7 +21,8 @@ a whole window, forward or backward, is captured in one CUDA graph and replayed 
 calls of the same shapes (:mod:`moglstm.nn.backends.graphs`; tests/nn/test_triton_graph.py
 checks the loop on CPU). All
 kernels accumulate in float32: float32 operands run as TF32 on the tensor cores when
-``torch.backends.cuda.matmul.allow_tf32`` is set (exact IEEE float32 otherwise), float16
+torch allows TF32 for matmuls (``allow_tf32``, or the newer ``fp32_precision = "tf32"``;
+exact IEEE float32 otherwise), float16
 and bfloat16 operands as themselves.
 """
 
@@ -133,9 +134,18 @@ def rank_tile(rank: int, dtype: torch.dtype) -> int | None:
     return next((k for k in RANK_TILES if rank <= k), None)
 
 
+def tf32_allowed() -> bool:
+    """Whether torch runs float32 matmuls as TF32, set by either API: reading the legacy
+    ``allow_tf32`` raises once the new ``fp32_precision`` was set, which reflects both."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
 def precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: TF32 for float32 when torch allows it for matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+    if dtype == torch.float32 and not interpreting() and tf32_allowed():
         return "tf32"
     return "ieee"
 
