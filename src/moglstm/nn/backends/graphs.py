@@ -23,7 +23,7 @@ on later calls:
   :func:`set_enabled` turns capture off (and frees the graphs), as does
   ``MOGLSTM_CUDA_GRAPHS=0`` in the environment.
 - one lock serialises the cache's bookkeeping, fills, replays and copies across threads;
-  a replay on another stream than the last one first waits for it; the graph's buffers
+  a call on another stream than the last call's first waits for it; the graph's buffers
   are made outside inference mode (a training call fills them after an evaluation).
 
 The graph object is injected (``make_graph``): :class:`CudaGraph` on a GPU; the tests
@@ -50,9 +50,9 @@ Inputs = Sequence[Tensor | None]
 class CudaGraph:
     """``torch.cuda.CUDAGraph`` behind the calls :class:`GraphCache` makes."""
 
-    # per device, the stream of the last replay of any graph: a replay on another stream
+    # per device, the stream of the last call through the cache: a call on another stream
     # first waits for it (the static inputs, the outputs being copied out and the lent
-    # buffers a backward graph reads are shared by every stream)
+    # buffers a backward reads are shared by every stream)
     last_stream: dict[int, Any] = {}
 
     def __init__(self) -> None:
@@ -77,8 +77,14 @@ class CudaGraph:
             return fn(inputs)
 
     def prepare(self) -> None:
-        """Called before the static inputs are filled: order this stream after the
-        previous replay's if that ran on another stream."""
+        """Called before the static inputs are filled: :meth:`order`."""
+        CudaGraph.order()
+
+    @staticmethod
+    def order() -> None:
+        """Order the current stream after the stream of the previous call through the
+        cache on this device, if that was another (every call, eager ones too: an eager
+        backward reads and overwrites a forward graph's lent buffers)."""
         now = torch.cuda.current_stream()
         before = CudaGraph.last_stream.get(now.device_index)
         if before is not None and before != now:
@@ -204,6 +210,8 @@ class GraphCache:
         the lock."""
         with self.lock:
             result = self._locked_run(key, inputs, fn, fixed, lend)
+            if result is _EAGER and any(t is not None and t.is_cuda for t in inputs):
+                CudaGraph.order()
         return fn(inputs) if result is _EAGER else result
 
     def _locked_run(self, key, inputs, fn, fixed, lend) -> Any:
