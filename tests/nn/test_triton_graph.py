@@ -520,3 +520,28 @@ def test_tf32_read_from_either_torch_api():
         assert not triton_backend.tf32_allowed()
     finally:
         matmul.fp32_precision = before
+
+
+def test_second_derivatives_of_replayed_windows(monkeypatch):
+    """create_graph=True recomputes with the reference (the graphs take no part); then a
+    plain backward of the same window still finds its lent buffers intact."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=4, hidden_size=4, mogrify_rounds=1)
+    for seed in range(3):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            torch.manual_seed(seed)
+            x = torch.randn(2, 2, 4, requires_grad=True)
+            out = rnn(x)[0]
+            (g,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+            ((g * g).sum() + out.sum()).backward()
+            results.append([out, g, *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    assert cache.replays >= 2
