@@ -334,12 +334,17 @@ def test_windows_held_together_keep_their_buffers(monkeypatch):
 def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
     """CudaGraph's calls into torch.cuda, recorded (a CPU build cannot make them): the
     warm-up runs on a side stream that waits for the current one, on copies of the fixed
-    inputs; then the capture records fn on the static inputs; a replay replays."""
+    inputs; then the capture, on that side stream (torch's default capture stream belongs
+    to the device first used) in thread-local error mode (other threads' CUDA calls are
+    not refused), records fn on the static inputs; a replay replays, and a replay on another
+    stream than the last one first waits for it."""
     import contextlib
 
     log = []
 
     class Stream:
+        device_index = 0
+
         def __init__(self, name="side"):
             self.name = name
 
@@ -357,16 +362,19 @@ def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
         log.append(f"off {stream.name}")
 
     @contextlib.contextmanager
-    def capturing(graph):
-        log.append("capture")
+    def capturing(graph, stream=None, capture_error_mode="global"):
+        log.append(f"capture on {stream.name} ({capture_error_mode})")
         yield
         log.append("captured")
 
+    streams = {"current": Stream("current"), "other": Stream("other")}
+    current = ["current"]
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[current[0]])
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.cuda, "graph", capturing)
+    monkeypatch.setattr(graphs.CudaGraph, "last_stream", {})
     cache = fake_cache(monkeypatch, graphs.CudaGraph)
     mine = torch.ones(2)
 
@@ -378,14 +386,162 @@ def test_cuda_graph_warms_up_on_a_side_stream_then_captures(monkeypatch):
     cache.run("k", [x, mine], fn, fixed=(1,))
     log.clear()
     cache.run("k", [x, mine], fn, fixed=(1,))
+    cache.run("k", [x, mine], fn, fixed=(1,))
+    current[0] = "other"
+    cache.run("k", [x, mine], fn, fixed=(1,))
     assert log == [
         "side waits for current",
         "on side",
         ("fn", False, False),  # the warm-up: static x, a copy of the fixed input
         "off side",
         "current waits for side",
-        "capture",
+        "capture on side (thread_local)",
         ("fn", False, True),  # the capture: static x, the fixed input itself
         "captured",
         "replay",
+        "replay",  # the same stream: no wait
+        "other waits for current",
+        "replay",
     ]
+
+
+def test_graph_cache_serialises_threads(monkeypatch):
+    """A second thread's call of the same key, arriving between the first's filling of
+    the static inputs and its replay, waits: it would overwrite the first's inputs."""
+    import threading
+
+    results = {}
+
+    class Interrupted(FakeGraph):
+        def replay(self):
+            if not results:  # the first replay: another thread calls in meanwhile
+                other = threading.Thread(target=lambda: results.update(b=run(5.0)))
+                other.start()
+                other.join(timeout=0.5)  # blocked by the lock (without it: done by now)
+                results["a_waited"] = other.is_alive()
+                results["other"] = other
+            super().replay()
+
+    cache = fake_cache(monkeypatch, Interrupted)
+    run = lambda scale: cache.run("k", [torch.ones(3) * scale], lambda a: a[0] * 2)  # noqa: E731
+    run(0.0)  # eager
+    run(0.0)  # captured, replayed
+    results.clear()
+    torch.testing.assert_close(run(3.0), torch.full((3,), 6.0))
+    results["other"].join()
+    assert results["a_waited"]
+    torch.testing.assert_close(results["b"], torch.full((3,), 10.0))
+
+
+def test_graph_keys_name_every_input_shape_and_dtype():
+    a = torch.zeros(2, 3)
+    sig = graphs.signature([a, None])
+    assert sig == graphs.signature([torch.ones(2, 3), None])
+    assert sig != graphs.signature([a.double(), None])
+    assert sig != graphs.signature([torch.zeros(1, 3), None])
+    assert sig != graphs.signature([a, a])
+
+
+def test_window_captured_under_inference_mode_then_trained(monkeypatch):
+    """A shape first captured during evaluation under inference_mode (its static buffers
+    would be inference tensors, which a training call cannot fill) then trains."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=4, hidden_size=4, mogrify_rounds=2)
+    x = torch.randn(2, 2, 4)
+    with torch.inference_mode():
+        for _ in range(3):
+            tri(x)
+    assert cache.captures == 1
+    for _ in range(2):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            out = rnn(x)[0]
+            (out * out).sum().backward()
+            results.append([out, *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    assert cache.replays >= 4
+
+
+def test_replayed_windows_under_checkpointing_and_a_retained_graph(monkeypatch):
+    """Activation checkpointing (the forward rerun in backward takes a slot again) and a
+    graph kept with retain_graph while another window runs, then backward again (the
+    second backward recomputes): outputs and gradients equal the reference's."""
+    pytest.importorskip("numpy")
+    from torch.utils.checkpoint import checkpoint
+
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=4, hidden_size=4, mogrify_rounds=1)
+
+    def step(rnn):
+        torch.manual_seed(1)
+        x = torch.randn(2, 2, 4, requires_grad=True)
+        kept = checkpoint(lambda x: rnn(x)[0], x, use_reentrant=False)
+        retained = rnn(torch.randn(2, 2, 4))[0]
+        loss = (retained * retained).sum()
+        loss.backward(retain_graph=True)
+        other = rnn(torch.randn(2, 2, 4))[0]  # while the retained graph holds its buffers
+        loss.backward()
+        (kept.sum() + other.sum()).backward()
+        return [kept, retained, other, x.grad]
+
+    for _ in range(3):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            results.append([*step(rnn), *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    assert cache.replays >= 6
+
+
+def test_tf32_read_from_either_torch_api():
+    """Once the new ``fp32_precision`` API is used, reading the legacy ``allow_tf32``
+    raises; the products' precision (and the graphs' keys) read the new one."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only allow_tf32")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert triton_backend.tf32_allowed()
+        triton_backend.window_key(torch.zeros(1))  # does not raise
+        matmul.fp32_precision = "ieee"
+        assert not triton_backend.tf32_allowed()
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_second_derivatives_of_replayed_windows(monkeypatch):
+    """create_graph=True recomputes with the reference (the graphs take no part); then a
+    plain backward of the same window still finds its lent buffers intact."""
+    pytest.importorskip("numpy")
+    from tests.nn.test_triton import DEVICE, twins
+
+    if DEVICE != "cpu":
+        pytest.skip("the stand-in graph runs on CPU")
+    cache = fake_cache(monkeypatch)
+    ref, tri = twins(input_size=4, hidden_size=4, mogrify_rounds=1)
+    for seed in range(3):
+        results = []
+        for rnn in (ref, tri):
+            rnn.zero_grad()
+            torch.manual_seed(seed)
+            x = torch.randn(2, 2, 4, requires_grad=True)
+            out = rnn(x)[0]
+            (g,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+            ((g * g).sum() + out.sum()).backward()
+            results.append([out, g, *(p.grad for p in rnn.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+    assert cache.replays >= 2

@@ -2,8 +2,8 @@
 
 A window of the Triton backend is a few thousand short kernel launches (7 per step and
 layer forward, about 13 backward); launched one by one from Python they cost far more than
-their arithmetic. :class:`GraphCache` captures the whole window once per key (shapes,
-dtype, variant, device, which optional inputs are present) in one graph and replays it
+their arithmetic. :class:`GraphCache` captures the whole window once per key (the
+variant; each input's shape, dtype and device, or its absence) in one graph and replays it
 on later calls:
 
 - the first call of a key runs eagerly (it compiles the kernels, and a shape seen once,
@@ -22,6 +22,9 @@ on later calls:
   runs eagerly from then on; so do new keys after ``max_captures`` captures.
   :func:`set_enabled` turns capture off (and frees the graphs), as does
   ``MOGLSTM_CUDA_GRAPHS=0`` in the environment.
+- one lock serialises the cache's bookkeeping, fills, replays and copies across threads;
+  a call on another stream than the last call's first waits for it; the graph's buffers
+  are made outside inference mode (a training call fills them after an evaluation).
 
 The graph object is injected (``make_graph``): :class:`CudaGraph` on a GPU; the tests
 inject a stand-in that re-runs the function, so the keying, the buffer copies and the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -44,7 +48,12 @@ Inputs = Sequence[Tensor | None]
 
 
 class CudaGraph:
-    """``torch.cuda.CUDAGraph`` behind the two calls :class:`GraphCache` makes."""
+    """``torch.cuda.CUDAGraph`` behind the calls :class:`GraphCache` makes."""
+
+    # per device, the stream of the last call through the cache: a call on another stream
+    # first waits for it (the static inputs, the outputs being copied out and the lent
+    # buffers a backward reads are shared by every stream)
+    last_stream: dict[int, Any] = {}
 
     def __init__(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -61,8 +70,26 @@ class CudaGraph:
         with torch.cuda.stream(stream):
             fn(warmup)
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(self.graph):
+        # captured on the same side stream, of x's device (torch's default capture stream
+        # is made once, on whichever device was current first); thread_local: CUDA calls
+        # of other threads (a DataLoader's pinning thread) are not refused meanwhile
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             return fn(inputs)
+
+    def prepare(self) -> None:
+        """Called before the static inputs are filled: :meth:`order`."""
+        CudaGraph.order()
+
+    @staticmethod
+    def order() -> None:
+        """Order the current stream after the stream of the previous call through the
+        cache on this device, if that was another (every call, eager ones too: an eager
+        backward reads and overwrites a forward graph's lent buffers)."""
+        now = torch.cuda.current_stream()
+        before = CudaGraph.last_stream.get(now.device_index)
+        if before is not None and before != now:
+            now.wait_stream(before)
+        CudaGraph.last_stream[now.device_index] = now
 
     def replay(self) -> None:
         self.graph.replay()
@@ -99,6 +126,14 @@ def _uses(t: Tensor) -> int:
 # lending needs the storage's reference count (torch's own CUDA-graph trees read it the same
 # way); without it every output is copied
 LENDING = hasattr(torch._C, "_storage_Use_Count")
+
+
+_EAGER = object()  # GraphCache._run's answer: run fn on the caller's inputs
+
+
+def signature(inputs: Inputs) -> tuple:
+    """Shape, dtype and device of each input (None for an absent one), for keys."""
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in inputs)
 
 
 def _static(t: Tensor | None) -> Tensor | None:
@@ -145,6 +180,7 @@ class GraphCache:
         self.seen: set[Hashable] = set()
         self.captures = self.replays = 0
         self.warned = False
+        self.lock = threading.RLock()
 
     def applies(self, x: Tensor) -> bool:
         """Whether a call on tensors like ``x`` goes through the cache: capture on, a
@@ -172,25 +208,44 @@ class GraphCache:
         must name their addresses). ``lend``: indices of outputs (``fn`` then returns a
         list) handed out as views of the graph's own buffers instead of copies; while
         such a view lives the key's graph is not replayed: the call takes the next slot,
-        ``(key, 1)`` and on (its own graph), up to ``max_slots``, else runs eagerly."""
-        if not lend:
-            return self._run(key, inputs, fn, fixed, ())
-        if not LENDING:  # no way to tell whether a lent buffer is still held: copies
+        ``(key, 1)`` and on (its own graph), up to ``max_slots``, else runs eagerly.
+
+        The key must fix every input's shape, dtype and device (:func:`signature`): a
+        static buffer of another dtype or shape would cast or broadcast silently. Calls
+        from several threads are serialised (between filling the static inputs and
+        copying the outputs out no other call may touch them); eager calls run outside
+        the lock."""
+        with self.lock:
+            result = self._locked_run(key, inputs, fn, fixed, lend)
+            if result is _EAGER and any(t is not None and t.is_cuda for t in inputs):
+                CudaGraph.order()
+        return fn(inputs) if result is _EAGER else result
+
+    def _locked_run(
+        self,
+        key: Hashable,
+        inputs: Inputs,
+        fn: Callable[[Inputs], Any],
+        fixed: Sequence[int],
+        lend: Sequence[int],
+    ) -> Any:
+        if not lend or not LENDING:  # without LENDING no way to tell if a buffer is held
             return self._run(key, inputs, fn, fixed, ())
         for slot in range(self.max_slots):
             entry = self.entries.get((key, slot))
             if not (isinstance(entry, Entry) and entry.held()):
                 return self._run((key, slot), inputs, fn, fixed, lend)
-        return fn(inputs)  # every slot's buffers are held
+        return _EAGER  # every slot's buffers are held
 
     def lent(self, t: Tensor) -> Tensor | None:
         """The graph buffer that ``t`` is a lent view of (the buffer itself, so that the
         caller can hand it to another graph as a ``fixed`` input), or None."""
-        for entry in self.entries.values():
-            for i in entry.lend if entry is not None else ():
-                out = entry.outputs[i]
-                if out.data_ptr() == t.data_ptr() and out.shape == t.shape:
-                    return out
+        with self.lock:
+            for entry in self.entries.values():
+                for i in entry.lend if entry is not None else ():
+                    out = entry.outputs[i]
+                    if out.data_ptr() == t.data_ptr() and out.shape == t.shape:
+                        return out
         return None
 
     def _run(
@@ -203,22 +258,25 @@ class GraphCache:
     ) -> Any:
         entry = self.entries.get(key, False)
         if entry is None:  # its capture failed: eager
-            return fn(inputs)
+            return _EAGER
         if entry is False:
             if key not in self.seen:  # first sighting: eager (compiles the kernels)
                 self.seen.add(key)
-                return fn(inputs)
+                return _EAGER
             if self.captures >= self.max_captures:
                 self._warn_once(
                     f"more than {self.max_captures} window shapes were captured; new shapes "
                     "run with eager launches"
                 )
-                return fn(inputs)
+                return _EAGER
             entry = self._capture(key, inputs, fn, fixed, lend)
             if entry is None:
-                return fn(inputs)
+                return _EAGER
         else:
             self.entries.move_to_end(key)
+        prepare = getattr(entry.graph, "prepare", None)
+        if prepare is not None:
+            prepare()
         _fill(entry.inputs, inputs, entry.fixed)
         entry.graph.replay()
         self.replays += 1
@@ -237,21 +295,24 @@ class GraphCache:
         fixed: Sequence[int],
         lend: Sequence[int],
     ) -> Entry | None:
-        static = [t if i in fixed else _static(t) for i, t in enumerate(inputs)]
-        _fill(static, inputs, fixed)
-        try:
-            graph = self.make_graph()
-            # the warm-up may overwrite its inputs (a backward does): the caller's own
-            # (fixed) ones are copied for it
-            warmup = [t.clone() if i in fixed else t for i, t in enumerate(static)]
-            outputs = graph.capture(fn, static, warmup)
-        except Exception as err:  # a driver or an op that cannot be captured: eager
-            self.entries[key] = None
-            self._warn_once(
-                f"CUDA-graph capture of a Triton window failed ({type(err).__name__}: "
-                f"{err}); that shape runs with eager launches"
-            )
-            return None
+        # the graph's buffers are normal tensors even when the capturing call runs under
+        # inference_mode: a later training call fills them in place and lends them out
+        with torch.inference_mode(False), torch.no_grad():
+            static = [t if i in fixed else _static(t) for i, t in enumerate(inputs)]
+            _fill(static, inputs, fixed)
+            try:
+                graph = self.make_graph()
+                # the warm-up may overwrite its inputs (a backward does): the caller's own
+                # (fixed) ones are copied for it
+                warmup = [t.clone() if i in fixed else t for i, t in enumerate(static)]
+                outputs = graph.capture(fn, static, warmup)
+            except Exception as err:  # a driver or an op that cannot be captured: eager
+                self.entries[key] = None
+                self._warn_once(
+                    f"CUDA-graph capture of a Triton window failed ({type(err).__name__}: "
+                    f"{err}); that shape runs with eager launches"
+                )
+                return None
         self.captures += 1
         gc.collect()  # no stray view of a lent buffer may inflate its reference count
         entry = self.entries[key] = Entry(graph, static, outputs, fixed, lend)
@@ -266,8 +327,9 @@ class GraphCache:
 
     def clear(self) -> None:
         """Drop every graph (and its memory) and what was seen."""
-        self.entries.clear()
-        self.seen.clear()
+        with self.lock:
+            self.entries.clear()
+            self.seen.clear()
 
 
 ENABLED = os.environ.get("MOGLSTM_CUDA_GRAPHS", "1") not in ("0", "false", "off", "")

@@ -21,7 +21,8 @@ a whole window, forward or backward, is captured in one CUDA graph and replayed 
 calls of the same shapes (:mod:`moglstm.nn.backends.graphs`; tests/nn/test_triton_graph.py
 checks the loop on CPU). All
 kernels accumulate in float32: float32 operands run as TF32 on the tensor cores when
-``torch.backends.cuda.matmul.allow_tf32`` is set (exact IEEE float32 otherwise), float16
+torch allows TF32 for matmuls (``allow_tf32``, or the newer ``fp32_precision = "tf32"``;
+exact IEEE float32 otherwise), float16
 and bfloat16 operands as themselves.
 
 Why one module of about 700 lines: the tile, warp and precision choices at its top are read
@@ -32,11 +33,11 @@ below them; split, each part would import the others' internals. The kernels the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,9 +140,18 @@ def rank_tile(rank: int, dtype: torch.dtype) -> int | None:
     return next((k for k in RANK_TILES if rank <= k), None)
 
 
+def tf32_allowed() -> bool:
+    """Whether torch runs float32 matmuls as TF32, set by either API: reading the legacy
+    ``allow_tf32`` raises once the new ``fp32_precision`` was set, which reflects both."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
 def precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: TF32 for float32 when torch allows it for matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+    if dtype == torch.float32 and not interpreting() and tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -450,18 +460,45 @@ class TritonLoop(FusedBackend):
         mask: Tensor | None,
         flat: tuple[Tensor, ...],
     ) -> tuple[Tensor, Tensor, Tensor, Saved]:
+        with on_device(x):
+            return self.graphed_forward(spec, x, h0, c0, mask, flat)
+
+    def backward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+        saved: Saved,
+        d_out: Tensor | None,
+        d_hn: Tensor | None,
+        d_cn: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        with on_device(x):
+            return self.graphed_backward(spec, x, mask, flat, saved, d_out, d_hn, d_cn)
+
+    def graphed_forward(
+        self,
+        spec: DirectionSpec,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        mask: Tensor | None,
+        flat: tuple[Tensor, ...],
+    ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         if not graphs.GRAPHS.applies(x):
             return self.eager_forward(spec, x, h0, c0, mask, flat)
-        key = ("forward", spec, *window_key(x, mask, flat))
+        inputs = [x, h0, c0, mask, *flat]
+        key = ("forward", spec, window_key(x), graphs.signature(inputs))
 
         def fn(a: list[Any]) -> list[Tensor]:  # a: x, h0, c0, mask, *flat; arena lent out
             out, h_n, c_n, (arena,) = self.eager_forward(spec, *a[:4], tuple(a[4:]))
             return [out, h_n, c_n, arena]
 
-        out, h_n, c_n, arena = graphs.GRAPHS.run(key, [x, h0, c0, mask, *flat], fn, lend=(3,))
+        out, h_n, c_n, arena = graphs.GRAPHS.run(key, inputs, fn, lend=(3,))
         return out, h_n, c_n, (arena,)
 
-    def backward(
+    def graphed_backward(
         self,
         spec: DirectionSpec,
         x: Tensor,
@@ -479,16 +516,15 @@ class TritonLoop(FusedBackend):
         if lent is None:
             return self.eager_backward(spec, x, mask, flat, saved, d_out, d_hn, d_cn)
         n, s = len(flat), len(saved)
-        present = tuple(g is not None for g in (d_out, d_hn, d_cn))
-        key = ("backward", spec, *window_key(x, mask, flat), present, lent.data_ptr())
         saved = (lent, *saved[1:])
+        inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
+        key = ("backward", spec, window_key(x), graphs.signature(inputs), lent.data_ptr())
 
         def fn(a: list[Any]) -> tuple[Any, ...]:  # a: x, mask, *flat, *saved, d_out, ...
             d_out, d_hn, d_cn = a[2 + n + s :]
             args = (tuple(a[2 : 2 + n]), tuple(a[2 + n : 2 + n + s]), d_out, d_hn, d_cn)
             return self.eager_backward(spec, a[0], a[1], *args)
 
-        inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
         return graphs.GRAPHS.run(key, inputs, fn, fixed=(2 + n,))
 
     def eager_forward(
@@ -636,11 +672,23 @@ class TritonLoop(FusedBackend):
 TRITON = TritonLoop()
 
 
-def window_key(x: Tensor, mask: Tensor | None, flat: Sequence[Tensor]) -> tuple:
-    """What a captured window depends on besides the spec: shapes, dtype, device, the
-    mask's presence, the products' precision (TF32 or not) and the weights' shapes."""
-    shapes = tuple(tuple(w.shape) for w in flat)
-    return (tuple(x.shape), x.dtype, str(x.device), mask is not None, precision(x.dtype), shapes)
+def on_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """``x``'s CUDA device made current: Triton launches on the current device's stream
+    and a CUDA graph is captured and replayed there (a module on ``cuda:1`` while
+    ``cuda:0`` is current would otherwise launch on the wrong device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def window_key(x: Tensor) -> tuple:
+    """What a captured window depends on besides the spec and its inputs' shapes, dtypes
+    and devices (:func:`graphs.signature`): the products' precision (TF32 or not) and
+    the cuBLAS reduced-precision settings the products after the loop were captured with."""
+    matmul = torch.backends.cuda.matmul
+    reduced = (
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+    )
+    return (precision(x.dtype), reduced)
 
 
 def self_check_problem(
