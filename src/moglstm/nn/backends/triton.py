@@ -25,7 +25,7 @@ torch allows TF32 for matmuls (``allow_tf32``, or the newer ``fp32_precision = "
 exact IEEE float32 otherwise), float16
 and bfloat16 operands as themselves.
 
-Why one module of about 700 lines: the tile, warp and precision choices at its top are read
+Why one module of over 700 lines: the tile, warp and precision choices at its top are read
 by every launch wrapper, by the forward and backward step loops and by the self-check
 below them; split, each part would import the others' internals. The kernels themselves
 (``@triton.jit``) are apart, in :mod:`moglstm.nn.backends.triton_kernels`.
