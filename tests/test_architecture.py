@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,20 @@ def test_a_user_error_is_one_line_and_a_bug_shows_its_traceback(monkeypatch, cap
     with pytest.raises(ValueError, match="an internal bug"):  # propagates: a traceback
         cli.main(["presets"])
     assert issubclass(UserError, ValueError)  # library callers' `except ValueError` still works
+
+
+# --------------------------------------------------------------------------- the checkout
+
+
+def test_no_source_or_test_file_is_ignored_by_git():
+    """A package folder matched by a .gitignore pattern (a run folder's `runs/`) would be left
+    out of every commit and missing from a clean checkout."""
+    root = SRC.parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(root)) for d in ("src", "tests") for p in (root / d).rglob("*.py")]
+    found = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        cwd=root, input="\n".join(files), capture_output=True, text=True,
+    )
+    assert found.stdout.split() == []

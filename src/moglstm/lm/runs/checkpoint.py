@@ -22,7 +22,8 @@ to resume from.
 :func:`load_checkpoint` opens the file without following a symbolic link, checks
 the CRC-32 of every member before unpickling (a flipped bit in tensor data would
 otherwise load silently) and unpickles with ``weights_only=True``, so a crafted
-file cannot run code. :func:`~moglstm.lm.runs.payload.check_training_checkpoint` then checks the parts
+file cannot run code.
+:func:`~moglstm.lm.runs.payload.check_training_checkpoint` then checks the parts
 against each other before anything is built from them: the config is plain data
 of a config's size, valid; every weight has the name, shape and finite values
 that the config's model (built on the ``meta`` device, which allocates nothing)
@@ -37,19 +38,17 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moglstm.lm.errors import CheckpointError, UserError
-
-from moglstm.lm.runs.payload import MODEL_ENTRIES, TRAINING_ENTRIES, describe_payload
+from moglstm.lm.runs.payload import describe_payload
 from moglstm.lm.safety import (
     ArchiveError,
     UnsafePathError,
-    check_tree_size,
     fsync_folder,
     open_regular,
     short_repr,
