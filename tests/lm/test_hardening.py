@@ -21,7 +21,7 @@ from moglstm.lm import budget
 from moglstm.lm.config import load_config, load_preset
 from moglstm.lm.evaluate import evaluate
 from moglstm.lm.generate import generate, sample_next
-from moglstm.lm.runs import checkpoint as checkpoint_module
+from moglstm.lm.runs import payload as payload_module
 from moglstm.lm.runs.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -614,7 +614,7 @@ def test_shipped_presets_still_load():
 
 def test_unsafe_path_error_is_a_value_error():
     assert issubclass(UnsafePathError, ValueError)
-    assert checkpoint_module.TRAINING_ENTRIES[:3] == ("model", "config", "vocab")
+    assert payload_module.TRAINING_ENTRIES[:3] == ("model", "config", "vocab")
 
 
 # --------------------------------------------------------------------------- distributed
