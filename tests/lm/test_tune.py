@@ -167,7 +167,9 @@ def test_a_killed_workers_trial_is_retried_from_its_checkpoint(
     worker.wait()
     killed_at = read_run(checkpoint.parent).step
     assert 0 < killed_at < 16
-    time.sleep(2.5)  # the heartbeat goes stale (twice the interval)
+    # Stale once the database clock is more than twice the interval past the last beat;
+    # SQLite's clock has whole seconds, so 2.5 s could read as 2 (not stale): wait 4.
+    time.sleep(4.0)
     summary = tune(space, trials=1, out_dir=out, heartbeat=1, pruner="none")
     assert (summary["complete"], summary["fail"]) == (1, 1)
     study = open_study(out / "space")
