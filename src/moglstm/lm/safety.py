@@ -203,11 +203,18 @@ def load_yaml(text: str, label: str) -> Any:
             loader.dispose()
 
 
-def load_yaml_file(path: str | os.PathLike, label: str, *, in_run_folder: bool = False) -> Any:
+def load_yaml_file(
+    path: str | os.PathLike,
+    label: str,
+    *,
+    in_run_folder: bool = False,
+    error: type[UserError] = UserError,
+) -> Any:
     """:func:`load_yaml` of a file, reading at most :data:`MAX_YAML_BYTES` + 1 bytes of it.
 
     Args:
         in_run_folder: open with :func:`open_regular` (no link followed, no FIFO waited on).
+        error: the error raised for a file too long or not UTF-8 (a config's: ``ConfigError``).
 
     Raises:
         ValueError: as :func:`load_yaml`, or the file is not UTF-8 (the offset only);
@@ -218,11 +225,11 @@ def load_yaml_file(path: str | os.PathLike, label: str, *, in_run_folder: bool =
     with os.fdopen(fd, "rb") as f:
         raw = f.read(MAX_YAML_BYTES + 1)
     if len(raw) > MAX_YAML_BYTES:
-        raise UserError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
+        raise error(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
+        raise error(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
     return load_yaml(text, label)
 
 

@@ -38,7 +38,13 @@ from moglstm.lm.config.plain import (
 from moglstm.lm.config.schema import RunConfig
 from moglstm.lm.config.upgrade import current_key, move_model_keys
 from moglstm.lm.errors import ConfigError, ConfigTypeError
-from moglstm.lm.safety import MAX_YAML_BYTES, describe_path, load_yaml, short_repr, write_atomic
+from moglstm.lm.safety import (
+    describe_path,
+    load_yaml,
+    load_yaml_file,
+    short_repr,
+    write_atomic,
+)
 
 __all__ = [
     "apply_overrides",
@@ -229,15 +235,7 @@ def _read_yaml_mapping(path: Path, label: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{label} not found")
     if problem is not None:
         raise ConfigError(f"{label} {problem}")
-    with open(path, "rb") as f:
-        raw = f.read(MAX_YAML_BYTES + 1)
-    if len(raw) > MAX_YAML_BYTES:
-        raise ConfigError(f"{label} is too long for a config (more than {MAX_YAML_BYTES:,} bytes)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{label} is not UTF-8 text (byte offset {exc.start})") from None
-    data = load_yaml(text, label)
+    data = load_yaml_file(path, label, error=ConfigError)
     if data is None:  # an empty file: all defaults
         return {}
     if not isinstance(data, dict):

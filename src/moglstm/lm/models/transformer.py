@@ -28,16 +28,6 @@ def _sinusoidal_table(max_len: int, d_model: int) -> Tensor:
     return table
 
 
-def _sinusoidal_table(max_len: int, d_model: int) -> Tensor:
-    # (max_len, d_model): sin on even features, cos on odd ones (Vaswani et al., 2017).
-    position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)  # (L, 1)
-    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(1e4) / d_model))
-    table = torch.zeros(max_len, d_model)
-    table[:, 0::2] = torch.sin(position * freq)
-    table[:, 1::2] = torch.cos(position * freq[: d_model // 2])
-    return table
-
-
 class TransformerLanguageModel(nn.Module):
     r"""Causal (decoder-only) Transformer language model with tied embeddings.
 
