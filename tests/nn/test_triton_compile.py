@@ -60,6 +60,8 @@ def test_widest_bf16_kernels_compile_for_sm90(tmp_path):
     assert {r["kernel"] for r in reports} == {
         "linear_kernel",
         "two_product_kernel",
+        "round_chain_kernel",
+        "gates_back_kernel",
         "gates_cell_kernel",
         "cell_backward_kernel",
     }

@@ -18,14 +18,6 @@ from moglstm.nn import MogrifierLSTM
 from moglstm.nn.backends import graphs
 from moglstm.nn.backends import triton as triton_backend
 
-LAUNCHERS = (
-    "linear",
-    "two_products",
-    "round_forward",
-    "round_backward",
-    "gates_cell",
-    "cell_backward",
-)
 ALLOCATING = ("empty", "zeros", "ones", "full", "clone", "new_", "_to_copy", "rand", "cat")
 SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item")
 
@@ -47,6 +39,33 @@ def in_loop(events: list) -> list[str]:
     return [e[1] for e in events[launches[0] : launches[-1]] if e[0] == "op"]
 
 
+def record_launches(monkeypatch, on_launch) -> None:
+    """Every kernel of triton_kernels: ``on_launch(name)`` called, nothing run."""
+
+    class Kernels:
+        def __getattr__(self, name):
+            return Launch(name)
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: on_launch(self.name)
+
+    monkeypatch.setattr(triton_backend, "_kernels", Kernels)
+
+
+def meta_window(kwargs: dict, T: int) -> tuple:
+    """A layer direction of ``MogrifierLSTM(5, 6, **kwargs)`` on ``meta`` tensors: its
+    ``Direction``, flat weights and ``(x, h0, c0, mask)`` of ``T`` steps of batch 3."""
+    d = MogrifierLSTM(5, 6, **kwargs).direction(0, 0)
+    meta = {"device": "meta"}
+    flat = tuple(torch.empty(p.shape, **meta) for p in d.flat())
+    shapes = ((T, 3, 5), (3, 6), (3, 6), (3, 6))
+    return d, flat, tuple(torch.empty(s, **meta) for s in shapes)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -57,25 +76,9 @@ def in_loop(events: list) -> list[str]:
 )
 def test_step_loop_is_graph_safe(monkeypatch, kwargs):
     events: list = []
-
-    class Kernels:  # every kernel of triton_kernels: its launch recorded, not run
-        def __getattr__(self, name):
-            return Launch(name)
-
-    class Launch:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: events.append(("launch", self.name, None))
-
-    monkeypatch.setattr(triton_backend, "_kernels", Kernels)
+    record_launches(monkeypatch, lambda name: events.append(("launch", name, None)))
     torch.manual_seed(0)
-    rnn = MogrifierLSTM(5, 6, **kwargs)
-    d = rnn.direction(0, 0)
-    meta = {"device": "meta"}
-    flat = tuple(torch.empty(p.shape, **meta) for p in d.flat())
-    x, h0, c0, mask = (torch.empty(s, **meta) for s in ((4, 3, 5), (3, 6), (3, 6), (3, 6)))
+    d, flat, (x, h0, c0, mask) = meta_window(kwargs, 4)
     with Recorder(events):
         out, h_n, c_n, saved = triton_backend.TRITON.forward(d.spec, x, h0, c0, mask, flat)
     forward = in_loop(events)
@@ -91,6 +94,30 @@ def test_step_loop_is_graph_safe(monkeypatch, kwargs):
         assert ops, "no aten op recorded inside the loop: the check would prove nothing"
         bad = [op for op in ops if op.split(".")[0].startswith(ALLOCATING + SYNCING)]
         assert not bad, f"allocations or host syncs inside the step loop: {bad}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "forward", "backward"),
+    [
+        # per step: a launch per round and the gates' (which also feeds h, masked, to the
+        # next step); back: the cell, d[x_m, h_m] with the last round's gate, a product
+        # per round (each chained to the round below; round 1's times the state mask)
+        ({"mogrify_rounds": 5, "mogrify_rank": 3}, 6, 7),
+        ({"mogrify_rounds": 4}, 5, 6),
+        ({"mogrify_rounds": 1, "peephole": True}, 2, 3),
+        ({"mogrify_rounds": 0}, 1, 2),  # back: the cell, d h_{t-1} (times the mask)
+    ],
+)
+def test_launches_per_step(monkeypatch, kwargs, forward, backward):
+    counts: dict = {}
+    record_launches(monkeypatch, lambda name: counts.update({name: counts.get(name, 0) + 1}))
+    T = 4
+    d, flat, (x, h0, c0, mask) = meta_window(kwargs, T)
+    out, h_n, _, saved = triton_backend.TRITON.forward(d.spec, x, h0, c0, mask, flat)
+    assert sum(counts.values()) == T * forward, counts
+    counts.clear()
+    triton_backend.TRITON.backward(d.spec, x, mask, flat, saved, torch.ones_like(out), None, None)
+    assert sum(counts.values()) == T * backward, counts
 
 
 # -- CUDA-graph capture of a window (moglstm.nn.backends.graphs), on CPU with a stand-in

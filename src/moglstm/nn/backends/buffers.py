@@ -142,15 +142,22 @@ def split_gates(spec: DirectionSpec, gates: Tensor) -> tuple[Tensor | None, Tens
 
 
 def weight_grads(
-    spec: DirectionSpec, buf: Buffers, round_grads: list[list[Tensor]], db: Tensor | None
+    spec: DirectionSpec,
+    buf: Buffers,
+    round_grads: list[list[Tensor]],
+    db: Tensor | None,
+    *,
+    split: bool = False,
 ) -> list[Tensor]:
     """All parameter gradients in :meth:`Direction.flat` order, given the rounds' (a list
     per round) and, if already summed, the gates' bias gradient ``db``; the gates'
     weight gradients as products over ``T * B`` rows of ``buf.gates`` (which backward
-    has overwritten with the pre-activation gate gradients)."""
+    has overwritten with the pre-activation gate gradients): one product with
+    ``[x_m, h_m]`` split in two copies, or (``split``) one product per half, read in place
+    (less memory: no ``(G, I + H)`` temporary, no copies)."""
     dgates = rows(buf.gates)
     grads: list[Tensor] = [g for parts in round_grads for g in parts]
-    if buf.xh is None:
+    if buf.xh is None or split:
         grads += [dgates.t() @ rows(buf.xs[-1]), dgates.t() @ rows(buf.hs[-1])]
     else:
         dw_cat = dgates.t() @ rows(buf.xh)

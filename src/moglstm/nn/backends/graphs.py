@@ -1,7 +1,7 @@
 """CUDA-graph capture of a window's launches, for the Triton backend.
 
-A window of the Triton backend is a few thousand short kernel launches (7 per step and
-layer forward, about 13 backward); launched one by one from Python they cost far more than
+A window of the Triton backend is a few thousand short kernel launches (6 per step and
+layer forward, 7 backward, for 5 rounds); launched one by one from Python they cost far more than
 their arithmetic. :class:`GraphCache` captures the whole window once per key (the
 variant; each input's shape, dtype and device, or its absence) in one graph and replays it
 on later calls:

@@ -4,14 +4,20 @@ kernels, for NVIDIA GPUs (and on CPU under ``TRITON_INTERPRET=1``, for the tests
 A phased design: each step is a few kernel launches, every one on the whole batch.
 
 forward, per step
-    the state (masked) copied into the window buffer; per Mogrifier round one launch
-    ``new = 2 sigmoid(v W^T + b) old`` (two for a low-rank round: ``u = v R^T`` first);
-    one launch for the gates' product on ``[x_m, h_m]`` fused with the cell update.
+    per Mogrifier round one launch ``new = 2 sigmoid(v W^T + b) old`` (low rank
+    ``u = v R^T`` and the gated product in the same launch up to rank 128); one launch
+    for the gates' product on ``[x_m, h_m]`` fused with the cell update, which also
+    writes ``h_t`` (times the state-dropout mask) into the next step's window slot.
 backward, per step
     one pointwise launch for the cell update's backward (adding the output's gradient);
-    one product ``d[x_m, h_m] = dgates [W_ih W_hh]``; per round one launch that recomputes
-    the round's gate and writes ``dz`` and the gated vector's gradient, and one (two if
-    low rank) product back to the gating vector's gradient; the state mask.
+    one launch for ``d[x_m, h_m] = dgates [W_ih W_hh]``, the half the last round gated
+    going on to that round's backward (its gate recomputed, its ``dz`` and its input's
+    gradient written); per round one product of ``dz`` back to the gating vector's
+    gradient, in the same launch chained to the backward of the round below (the gating
+    vector is that round's gated vector, and its gradient is now complete), or for
+    round 1 times the state mask. So ``r + 1`` launches forward and ``r + 2`` backward
+    per step (6 and 7 for 5 rounds; the weights ``W_ih``, ``W_hh`` are never
+    concatenated).
 after the backward loop
     the weight gradients as a few large products over ``T * B`` rows (cuBLAS), as the
     other step-loop backends do (:func:`~moglstm.nn.backends.buffers.weight_grads`).
@@ -54,10 +60,10 @@ from moglstm.nn.backends.buffers import (
     start_window,
     weight_grads,
 )
-from moglstm.nn.backends.torch_loop import RoundGrads, gates_weight, store_state
+from moglstm.nn.backends.torch_loop import RoundGrads, store_state
 from moglstm.nn.direction import Direction, DirectionSpec
 
-STORE, ROUND_FORWARD, ROUND_BACKWARD = 0, 1, 2  # the products' epilogues (triton_kernels)
+STORE, ROUND_FORWARD = 0, 1  # the products' epilogues (triton_kernels)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -112,6 +118,15 @@ def linear_tiles(M: int) -> Tiles:
     return Tiles(batch_tile(M), LINEAR_N, REDUCTION)
 
 
+def gates_back_tiles(M: int, dtype: torch.dtype | str, prec: str) -> Tiles:
+    """``gates_back_kernel``'s: as a product's, with 32 output columns for IEEE float32
+    (with 64, the ahead-of-time check found registers spilled on sm_80 at 64-row tiles:
+    Triton 3.9 with reduction tiles of 32, Triton 3.6 with 16 too)."""
+    t = linear_tiles(M)
+    ieee_fp32 = dtype in (torch.float32, "fp32") and prec == "ieee"
+    return Tiles(t.m, 32, t.k) if ieee_fp32 else t
+
+
 def gates_tiles(B: int) -> Tiles:
     return Tiles(batch_tile(B), GATES_H, REDUCTION)
 
@@ -128,6 +143,12 @@ def linear_warps(dtype: torch.dtype | str, t: Tiles) -> int:
     16-bit operands too (with 4, Triton 3.6 spilled registers in the round-forward
     epilogue on sm_80; Triton 3.9 did not)."""
     return 8 if t.m == BATCH_TILES[1] else warps(dtype)
+
+
+def chain_warps(dtype: torch.dtype | str, t: Tiles) -> int:
+    """Warps per program of ``round_chain_kernel``: as ``linear_kernel``'s (it holds two
+    accumulators where that holds one, so never fewer)."""
+    return linear_warps(dtype, t)
 
 
 def rank_tile(rank: int, dtype: torch.dtype) -> int | None:
@@ -156,11 +177,10 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def linear_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles) -> dict:
+def linear_constexprs(mode: int, bias: bool, prec: str, t: Tiles) -> dict:
     return {
         "MODE": mode,
         "HAS_BIAS": bias,
-        "ACC": accumulate,
         "PRECISION": prec,
         "BM": t.m,
         "BN": t.n,
@@ -168,10 +188,8 @@ def linear_constexprs(mode: int, bias: bool, accumulate: bool, prec: str, t: Til
     }
 
 
-def two_product_constexprs(
-    mode: int, bias: bool, accumulate: bool, prec: str, t: Tiles, kp: int
-) -> dict:
-    return {**linear_constexprs(mode, bias, accumulate, prec, t), "KP": kp}
+def two_product_constexprs(mode: int, bias: bool, prec: str, t: Tiles, kp: int) -> dict:
+    return {**linear_constexprs(mode, bias, prec, t), "KP": kp}
 
 
 def variant_constexprs(spec_or_flags: Any) -> dict:  # a DirectionSpec, or its flags
@@ -179,14 +197,48 @@ def variant_constexprs(spec_or_flags: Any) -> dict:  # a DirectionSpec, or its f
     return {"COUPLED": s.coupled, "CAP": s.cap_input_gate, "PEEP": s.peephole}
 
 
-def gates_constexprs(variant: dict, bias: bool, pre: bool, prec: str, t: Tiles) -> dict:
+def gates_constexprs(
+    variant: dict, bias: bool, pre: bool, prec: str, t: Tiles, next_h: bool, mask: bool
+) -> dict:
     return {
         **variant,
         "HAS_BIAS": bias,
         "HAS_PRE": pre,
+        "NEXT": next_h,
+        "MASK": mask,
         "PRECISION": prec,
         "BB": t.m,
         "BH": t.n,
+        "BK": t.k,
+    }
+
+
+def chain_constexprs(
+    kp: int | None, accumulate: bool, mask: bool, chain: bool, bias: bool, prec: str, t: Tiles
+) -> dict:
+    """``round_chain_kernel``'s: ``kp`` the padded rank of a one-launch low-rank product
+    (None: one product)."""
+    return {
+        "TWO": kp is not None,
+        "ACC": accumulate,
+        "MASK": mask,
+        "CHAIN": chain,
+        "HAS_BIAS": bias,
+        "PRECISION": prec,
+        "BM": t.m,
+        "BN": t.n,
+        "BK": t.k,
+        "KP": kp or 16,
+    }
+
+
+def gates_back_constexprs(gated_x: bool, bias: bool, prec: str, t: Tiles) -> dict:
+    return {
+        "GATED_X": gated_x,
+        "HAS_BIAS": bias,
+        "PRECISION": prec,
+        "BM": t.m,
+        "BN": t.n,
         "BK": t.k,
     }
 
@@ -212,15 +264,20 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict, int]]:
     from moglstm.nn.backends import triton_kernels as k
 
     widest = which == "widest"
-    linear_flags = [(k.STORE, False, True), (k.ROUND_FORWARD, True, False)]
-    linear_flags.append((k.ROUND_BACKWARD, True, False))
+    # (mode, bias) of linear_kernel and two_product_kernel
+    linear_flags = [(k.STORE, False), (k.ROUND_FORWARD, True)]
     if not widest:
-        linear_flags += [(k.STORE, False, False), (k.ROUND_FORWARD, False, False)]
-        linear_flags.append((k.ROUND_BACKWARD, False, False))
-    two_product_flags = [(k.ROUND_FORWARD, True, False), (k.STORE, False, True)]
-    if not widest:
-        two_product_flags.append((k.ROUND_FORWARD, False, False))
+        linear_flags.append((k.ROUND_FORWARD, False))
+    two_product_flags = [(k.ROUND_FORWARD, True)] + ([] if widest else [(k.ROUND_FORWARD, False)])
     gate_inputs = [(True, False)] if widest else [(True, False), (False, False), (False, True)]
+    # (next_h, mask): the fed-back state stored by the gates' kernel, masked or not
+    gate_outputs = [(True, True)] if widest else [(False, False), (True, False), (True, True)]
+    # (accumulate, mask, chain, bias) of round_chain_kernel: a round's product chained
+    # to the round below, the last product of a step (masked or not), no rounds (masked)
+    chain_flags = [(True, False, True, True), (True, True, False, False)]
+    if not widest:
+        chain_flags += [(True, False, True, False), (True, False, False, False)]
+        chain_flags.append((False, True, False, False))
     variants = [
         dict(zip(("COUPLED", "CAP", "PEEP"), map(bool, v), strict=True))
         for v in (WIDEST_VARIANTS if widest else VARIANTS)
@@ -228,20 +285,34 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict, int]]:
     out = []
     for dtype, prec in OPERANDS:
         for m in BATCH_TILES:
-            for mode, bias, acc in linear_flags:
+            for mode, bias in linear_flags:
                 tiles = Tiles(m, LINEAR_N, REDUCTION)
-                cx = linear_constexprs(mode, bias, acc, prec, tiles)
+                cx = linear_constexprs(mode, bias, prec, tiles)
                 out.append(("linear_kernel", dtype, cx, linear_warps(dtype, tiles)))
             for kp in RANK_TILES if (dtype, prec) != ("fp32", "ieee") else ():
-                for mode, bias, acc in two_product_flags:
+                for mode, bias in two_product_flags:
                     tiles = Tiles(m, LINEAR_N, REDUCTION)
-                    cx = two_product_constexprs(mode, bias, acc, prec, tiles, kp)
+                    cx = two_product_constexprs(mode, bias, prec, tiles, kp)
                     out.append(("two_product_kernel", dtype, cx, warps(dtype)))
+            tiles = Tiles(m, LINEAR_N, REDUCTION)
+            one_launch = (dtype, prec) != ("fp32", "ieee")
+            for kp in (None, *(RANK_TILES if one_launch else ())):
+                for acc, mask, chain, bias in chain_flags:
+                    if kp is not None and not acc:
+                        continue  # the one-launch low-rank product is never the first
+                    cx = chain_constexprs(kp, acc, mask, chain, bias, prec, tiles)
+                    out.append(("round_chain_kernel", dtype, cx, chain_warps(dtype, tiles)))
+            for gated_x in (True, False):  # the half of d[x_m, h_m] the last round gated
+                for bias in (True,) if widest else (True, False):
+                    gt = gates_back_tiles(m, dtype, prec)
+                    cx = gates_back_constexprs(gated_x, bias, prec, gt)
+                    out.append(("gates_back_kernel", dtype, cx, chain_warps(dtype, gt)))
             for variant in variants:
                 for bias, pre in gate_inputs:
-                    tiles = Tiles(m, GATES_H, REDUCTION)
-                    cx = gates_constexprs(variant, bias, pre, prec, tiles)
-                    out.append(("gates_cell_kernel", dtype, cx, warps(dtype)))
+                    for next_h, mask in gate_outputs:
+                        tiles = Tiles(m, GATES_H, REDUCTION)
+                        cx = gates_constexprs(variant, bias, pre, prec, tiles, next_h, mask)
+                        out.append(("gates_cell_kernel", dtype, cx, warps(dtype)))
         if prec == "ieee":  # no products: one configuration per dtype
             for variant in variants:
                 for d_out in (True,) if widest else (True, False):
@@ -256,57 +327,30 @@ def _kernels() -> Any:  # the module of @triton.jit kernels, imported on first u
     return triton_kernels
 
 
-def linear(
-    a: Tensor, w: Tensor, out: Tensor, bias: Tensor | None = None, *, accumulate: bool = False
-) -> None:
-    """``out (+)= a @ w.T + bias``: ``a (M, K)``, ``w (N, K)`` (any strides), ``out (M, N)``
+def linear(a: Tensor, w: Tensor, out: Tensor, bias: Tensor | None = None) -> None:
+    """``out = a @ w.T + bias``: ``a (M, K)``, ``w (N, K)`` (any strides), ``out (M, N)``
     with rows of unit stride."""
-    _launch_linear(a, w, bias, out, None, None, None, STORE, accumulate)
+    _launch_linear(a, w, bias, out, None, STORE)
 
 
 def round_forward(v: Tensor, w: Tensor, bias: Tensor | None, old: Tensor, new: Tensor) -> None:
     """``new = 2 sigmoid(v @ w.T + bias) * old``."""
-    _launch_linear(v, w, bias, new, old, None, None, ROUND_FORWARD, False)
-
-
-def round_backward(
-    v: Tensor,
-    w: Tensor,
-    bias: Tensor | None,
-    old: Tensor,
-    d_new: Tensor,
-    dz: Tensor,
-    d_old: Tensor,
-) -> None:
-    """With ``s = sigmoid(v @ w.T + bias)``: ``dz = 2 old d_new s (1 - s)``,
-    ``d_old = 2 s d_new`` (``d_old`` may be ``d_new`` itself)."""
-    _launch_linear(v, w, bias, dz, old, d_new, d_old, ROUND_BACKWARD, False)
+    _launch_linear(v, w, bias, new, old, ROUND_FORWARD)
 
 
 def _launch_linear(
-    a: Tensor,
-    w: Tensor,
-    bias: Tensor | None,
-    out: Tensor,
-    old: Tensor | None,
-    d_new: Tensor | None,
-    d_old: Tensor | None,
-    mode: int,
-    accumulate: bool,
+    a: Tensor, w: Tensor, bias: Tensor | None, out: Tensor, old: Tensor | None, mode: int
 ) -> None:
     M, K = a.shape
     N = w.shape[0]
     t = linear_tiles(M)
     grid = (-(-M // t.m), -(-N // t.n))
-    stride0 = [v.stride(0) if v is not None else 0 for v in (out, old, d_new, d_old)]
     _kernels().linear_kernel[grid](
         a,
         w,
         out if bias is None else bias,
         out,
         out if old is None else old,
-        out if d_new is None else d_new,
-        out if d_old is None else d_old,
         M,
         N,
         K,
@@ -314,8 +358,9 @@ def _launch_linear(
         a.stride(1),
         w.stride(0),
         w.stride(1),
-        *stride0,
-        **linear_constexprs(mode, bias is not None, accumulate, precision(a.dtype), t),
+        out.stride(0),
+        0 if old is None else old.stride(0),
+        **linear_constexprs(mode, bias is not None, precision(a.dtype), t),
         num_warps=linear_warps(a.dtype, t),
     )
 
@@ -330,16 +375,15 @@ def two_products(
     old: Tensor | None = None,
     *,
     mode: int,
-    accumulate: bool = False,
 ) -> None:
-    """``p = a @ w1.T`` (written), then ``out (+)= z`` or ``out = 2 sigmoid(z) old`` for
+    """``p = a @ w1.T`` (written), then ``out = z`` or ``out = 2 sigmoid(z) old`` for
     ``z = p @ w2.T + bias``, in one launch (``rank_tile(w1.shape[0])`` must not be None).
     ``a``, ``p``, ``out``, ``old``: rows of unit stride; ``w1``, ``w2`` any strides."""
     M, K = a.shape
     rank, N = w1.shape[0], w2.shape[0]
     t = linear_tiles(M)
     cx = two_product_constexprs(
-        mode, bias is not None, accumulate, precision(a.dtype), t, rank_tile(rank, a.dtype)
+        mode, bias is not None, precision(a.dtype), t, rank_tile(rank, a.dtype)
     )
     _kernels().two_product_kernel[(-(-M // t.m), -(-N // t.n))](
         a,
@@ -366,10 +410,125 @@ def two_products(
     )
 
 
+def round_chain(
+    a: Tensor,
+    w2: Tensor,
+    out: Tensor,
+    *,
+    w1: Tensor | None = None,
+    p: Tensor | None = None,
+    accumulate: bool = True,
+    mask: Tensor | None = None,
+    below: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor] | None = None,
+) -> None:
+    """``d = out (+ if accumulate) a @ w2.T`` (low rank in one launch with ``w1``:
+    ``p = a @ w1.T`` written and ``d = out + p @ w2.T``), then either ``out = d * mask``
+    (``mask`` or not), or, with ``below = (v, wv, bias, old, dz, d_old)``, the backward of
+    the round below for ``d_new = d`` and ``s = sigmoid(v @ wv.T + bias)``:
+    ``dz = 2 old d_new s (1 - s)``, ``d_old = 2 s d_new`` (``out`` is then not written;
+    ``d_old`` may be its memory). Every operand except ``w1``, ``w2``, ``wv``: rows of unit
+    stride."""
+    M, K = a.shape
+    N = w2.shape[0]
+    t = linear_tiles(M)
+    kp = None if w1 is None else rank_tile(w1.shape[0], a.dtype)
+    v, wv, bias, old, dz, d_old = below if below is not None else (out,) * 6
+    cx = chain_constexprs(
+        kp,
+        accumulate,
+        mask is not None,
+        below is not None,
+        bias is not None,
+        precision(a.dtype),
+        t,
+    )
+    _kernels().round_chain_kernel[(-(-M // t.m), -(-N // t.n))](
+        a,
+        out if w1 is None else w1,
+        w2,
+        out if p is None else p,
+        out,
+        out if mask is None else mask,
+        v,
+        wv,
+        out if bias is None else bias,
+        old,
+        dz,
+        d_old,
+        M,
+        N,
+        K,
+        0 if w1 is None else w1.shape[0],
+        v.shape[1],
+        a.stride(0),
+        a.stride(1),
+        0 if w1 is None else w1.stride(0),
+        0 if w1 is None else w1.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        0 if p is None else p.stride(0),
+        out.stride(0),
+        0 if mask is None else mask.stride(0),
+        *below_strides(v, wv, old, dz, d_old),
+        **cx,
+        num_warps=chain_warps(a.dtype, t),
+    )
+
+
+def below_strides(v: Tensor, wv: Tensor, old: Tensor, dz: Tensor, d_old: Tensor) -> tuple:
+    """The strides a chained round backward (``_round_below``) reads, in its order."""
+    return (*v.stride(), *wv.stride(), old.stride(0), dz.stride(0), d_old.stride(0))
+
+
+def gates_back(
+    spec: DirectionSpec,
+    dgates: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    dxh: Tensor,
+    top: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor],
+) -> None:
+    """``dxh = dgates [w_ih w_hh]`` ``(B, I + H)`` (weights not concatenated; rows of unit
+    stride), except the half the last round gated: that goes on to the last round's
+    backward, ``top = (v, wv, bias, old, dz, d_old)`` as in :func:`round_chain`."""
+    M, G = dgates.shape
+    I, H = w_ih.shape[1], w_hh.shape[1]
+    t = gates_back_tiles(M, dgates.dtype, precision(dgates.dtype))
+    nx = -(-I // t.n)
+    v, wv, bias, old, dz, d_old = top
+    gated_x = (spec.rounds - 1) % 2 == 0  # odd rounds (counted from 1) gate x
+    _kernels().gates_back_kernel[(-(-M // t.m), nx + -(-H // t.n))](
+        dgates,
+        w_ih,
+        w_hh,
+        dxh,
+        v,
+        wv,
+        dxh if bias is None else bias,
+        old,
+        dz,
+        d_old,
+        M,
+        I,
+        H,
+        G,
+        nx,
+        v.shape[1],
+        dgates.stride(0),
+        w_ih.stride(0),
+        w_hh.stride(0),
+        dxh.stride(0),
+        *below_strides(v, wv, old, dz, d_old),
+        **gates_back_constexprs(gated_x, bias is not None, precision(dgates.dtype), t),
+        num_warps=chain_warps(dgates.dtype, t),
+    )
+
+
 def gates_cell(
     spec: DirectionSpec,
     xh: Tensor,
-    w: Tensor,
+    wx: Tensor | None,
+    wh: Tensor,
     bias: Tensor | None,
     pre: Tensor | None,
     c_prev: Tensor,
@@ -377,35 +536,54 @@ def gates_cell(
     c: Tensor,
     h: Tensor,
     peephole: tuple[Tensor, Tensor, Tensor] | None,
+    next_h: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> None:
-    """``gates = act(xh @ w.T + bias + pre)``, ``c``, ``h`` of one step (``w`` contiguous,
-    ``c_prev``, ``c``, ``h`` contiguous ``(B, H)``)."""
-    B, K = xh.shape
+    """``gates = act(xh @ [wx wh].T + bias + pre)`` (``wx`` None: ``xh @ wh.T``; the
+    weights' rows of unit stride), ``c``, ``h`` of one step (
+    ``c_prev``, ``c``, ``h`` contiguous ``(B, H)``); and ``next_h = h * mask`` (``h``
+    without a mask), the state fed to the next step (rows of unit stride)."""
+    B = xh.shape[0]
     H = spec.hidden_size
+    KX = 0 if wx is None else wx.shape[1]
     t = gates_tiles(B)
     p_i, p_f, p_o = peephole if peephole is not None else (None, None, None)
+    cx = gates_constexprs(
+        variant_constexprs(spec),
+        bias is not None,
+        pre is not None,
+        precision(xh.dtype),
+        t,
+        next_h is not None,
+        next_h is not None and mask is not None,
+    )
     _kernels().gates_cell_kernel[(-(-B // t.m), -(-H // t.n))](
         xh,
-        w,
+        wh if wx is None else wx,
+        wh,
         c if bias is None else bias,
         c if pre is None else pre,
         c_prev,
         gates,
         c,
         h,
+        c if next_h is None else next_h,
+        c if mask is None else mask,
         c if p_i is None else p_i,
         c if p_f is None else p_f,
         c if p_o is None else p_o,
         B,
         H,
-        K,
+        KX,
+        wh.shape[1],
         xh.stride(0),
-        w.stride(0),
+        wh.stride(0) if wx is None else wx.stride(0),
+        wh.stride(0),
         0 if pre is None else pre.stride(0),
         gates.stride(0),
-        **gates_constexprs(
-            variant_constexprs(spec), bias is not None, pre is not None, precision(xh.dtype), t
-        ),
+        0 if next_h is None else next_h.stride(0),
+        0 if mask is None else mask.stride(0),
+        **cx,
         num_warps=warps(xh.dtype),
     )
 
@@ -540,7 +718,7 @@ class TritonLoop(FusedBackend):
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf, out = start_window(spec, x, c0)
         T, B, _ = x.shape
-        w = gates_weight(d).contiguous()
+        w_ih = d.weight_ih if spec.rounds else None  # without rounds x's product is done
         pre = None
         if spec.rounds == 0:  # x is never gated: project all steps at once (cuBLAS)
             pre = torch.matmul(x, d.weight_ih.t())
@@ -549,9 +727,9 @@ class TritonLoop(FusedBackend):
         bias = d.gates_bias if spec.rounds else None
         rounds = [(r.left.contiguous(), r.right, r.bias) for r in d.rounds]
         slots = round_slots(spec.rounds)
-        h = h0
+        mask = None if mask is None else mask.contiguous()
+        store_state(buf.hs[0][0], h0, mask)  # later steps' by the gates' kernel
         for t in range(T):
-            store_state(buf.hs[0][t], h, mask)
             for r, ((tgt, src), (left, right, b)) in enumerate(zip(slots, rounds, strict=True)):
                 odd = r % 2 == 0  # rounds count from 1
                 gated, gating = (buf.xs, buf.hs) if odd else (buf.hs, buf.xs)
@@ -568,7 +746,8 @@ class TritonLoop(FusedBackend):
             gates_cell(
                 spec,
                 xh,
-                w,
+                w_ih,
+                d.weight_hh,
                 bias,
                 step_pre,
                 buf.c[t],
@@ -576,8 +755,9 @@ class TritonLoop(FusedBackend):
                 buf.c[t + 1],
                 out[t],
                 d.peephole,
+                buf.hs[0][t + 1] if t + 1 < T else None,
+                mask,
             )
-            h = out[t]
         return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena,)
 
     def eager_backward(
@@ -595,78 +775,80 @@ class TritonLoop(FusedBackend):
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
         buf = Buffers(spec, x, *saved)
         T, B, I = x.shape
+        H = spec.hidden_size
         dh, dc = fresh_grad(d_hn, buf.c[0]), fresh_grad(d_cn, buf.c[0])
         d_out = None if d_out is None else d_out.contiguous()
-        w = gates_weight(d)  # d[x_m, h_m] = dgates @ w: w.t() is read through its strides
         dx_all = torch.empty_like(x) if spec.rounds else None
-        dxh = x.new_empty(B, w.shape[1])  # one step's d[x_m, h_m] (or d h_m)
+        dxh = x.new_empty(B, I + H if spec.rounds else H)  # one step's d[x_m, h_m] (or d h_m)
         rg = RoundGrads(spec, buf, B, chunk=T)  # one flush, after the loop: no allocations in it
-        slots = round_slots(spec.rounds)
-        for steps in rg.chunks(T):
-            for t in steps:
-                cell_backward(
-                    spec,
-                    buf.gates[t],
-                    buf.c[t],
-                    buf.c[t + 1],
-                    dh,
-                    None if d_out is None else d_out[t],
-                    dc,
-                    d.peephole,
-                )
-                linear(buf.gates[t], w.t(), dxh)
-                if spec.rounds:
-                    dx, dh = dxh[:, :I], dxh[:, I:]
-                    for r in reversed(range(spec.rounds)):
-                        dx, dh = self.round_back(
-                            spec, d, buf, t, t - steps[-1], r, slots[r], dx, dh, rg, dx_all[t]
-                        )
-                else:
-                    dh = dxh
-                if mask is not None:
-                    dh.mul_(mask)
-            rg.flush(steps)
+        mask = None if mask is None else mask.contiguous()
+        (steps,) = rg.chunks(T)
+        for t in steps:
+            cell_backward(
+                spec,
+                buf.gates[t],
+                buf.c[t],
+                buf.c[t + 1],
+                dh,
+                None if d_out is None else d_out[t],
+                dc,
+                d.peephole,
+            )
+            if spec.rounds:
+                self.rounds_back(spec, d, buf, t, dxh, rg, dx_all[t], mask)
+                dh = dxh[:, I:]
+            else:  # d h_{t-1} = dgates W_hh (times the mask) in one launch
+                round_chain(buf.gates[t], d.weight_hh.t(), dxh, accumulate=False, mask=mask)
+                dh = dxh
+        rg.flush(steps)
         if dx_all is None:  # no rounds: the input's gradient in one product
             dx_all = buf.gates @ d.weight_ih
-        return dx_all, dh, dc, weight_grads(spec, buf, rg.grads, None)
+        return dx_all, dh, dc, weight_grads(spec, buf, rg.grads, None, split=True)
 
     @staticmethod
-    def round_back(
+    def rounds_back(
         spec: DirectionSpec,
         d: Direction,
         buf: Buffers,
         t: int,
-        slot: int,
-        r: int,
-        slot_r: tuple[int, int],
-        dx: Tensor,
-        dh: Tensor,
+        dxh: Tensor,
         rg: RoundGrads,
         dx_out: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Back through round ``r`` of step ``t``; returns the new ``(dx, dh)``. The gated
-        vector's gradient replaces ``d_new`` in place (into ``dx_out`` for round 1)."""
-        tgt, src = slot_r
-        odd = r % 2 == 0
-        rw = d.rounds[r]
-        d_new = dx if odd else dh
-        old = buf.xs[tgt][t] if odd else buf.hs[tgt][t]
-        v = buf.u[r][t] if spec.low_rank else (buf.hs[src][t] if odd else buf.xs[src][t])
-        d_old = dx_out if r == 0 else d_new
-        dz = rg.dz[r][slot]
-        round_backward(v, rw.left, rw.bias, old, d_new, dz, d_old)
-        into = dh if odd else dx  # the gating vector's gradient, accumulated in place
-        if spec.low_rank and rank_tile(rw.right.shape[0], dz.dtype):  # du, dv in one launch
-            two_products(
-                dz, rw.left.t(), rw.right.t(), rg.du[r][slot], into, mode=STORE, accumulate=True
-            )
-        elif spec.low_rank:
-            du = rg.du[r][slot]
-            linear(dz, rw.left.t(), du)
-            linear(du, rw.right.t(), into, accumulate=True)
-        else:
-            linear(dz, rw.left.t(), into, accumulate=True)
-        return (d_old, dh) if odd else (dx, d_old)
+        mask: Tensor | None,
+    ) -> None:
+        """``d[x_m, h_m]`` and the rounds' backward of step ``t`` (``buf.gates[t]`` holds
+        the gates' gradients): one launch for ``d[x_m, h_m]`` into ``dxh``, its half that
+        the last round gated chained to that round's backward; then per round one
+        product to its gating vector's gradient, chained to the backward of the round
+        below (whose gated vector that is) or, for round 1, times the state mask.
+        Gradients of gated vectors replace ``dxh``'s halves in place; round 1's d x
+        goes to ``dx_out``, and ``d h_{t-1}`` ends in ``dxh[:, I:]``."""
+        I = spec.input_size
+        slots = round_slots(spec.rounds)
+        grad = {True: dxh[:, :I], False: dxh[:, I:]}  # by "is it x's"
+
+        def gate(r: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+            """Round ``r``'s backward operands ``(v, wv, bias, old, dz, d_old)``."""
+            (tgt, src), odd = slots[r], r % 2 == 0  # odd rounds (from 1) gate x
+            rw = d.rounds[r]
+            old = buf.xs[tgt][t] if odd else buf.hs[tgt][t]
+            v = buf.u[r][t] if spec.low_rank else (buf.hs[src][t] if odd else buf.xs[src][t])
+            return v, rw.left, rw.bias, old, rg.dz[r][t], dx_out if r == 0 else grad[odd]
+
+        # d[x_m, h_m], the last round's gated half chained to that round's backward
+        gates_back(spec, buf.gates[t], d.weight_ih, d.weight_hh, dxh, gate(spec.rounds - 1))
+        for r in reversed(range(spec.rounds)):
+            rw, into = d.rounds[r], grad[r % 2 == 1]  # the gating vector's gradient
+            below = gate(r - 1) if r else None
+            last = {"mask": mask} if r == 0 else {"below": below}
+            dz = rg.dz[r][t]
+            if rw.right is None:
+                round_chain(dz, rw.left.t(), into, **last)
+            elif rank_tile(rw.right.shape[0], dz.dtype):  # du and the product in one launch
+                round_chain(dz, rw.right.t(), into, w1=rw.left.t(), p=rg.du[r][t], **last)
+            else:
+                linear(dz, rw.left.t(), rg.du[r][t])
+                round_chain(rg.du[r][t], rw.right.t(), into, **last)
 
 
 TRITON = TritonLoop()
