@@ -250,6 +250,13 @@ def test_triton_windows_replayed_from_graphs_equal_the_reference(monkeypatch, kw
     # replayed
     assert cache.captures == 2
     assert cache.replays == 5
+    # the backward graph reads the forward graph's copies of x and the weights in place
+    (forward,) = [e for k, e in cache.entries.items() if k[0][0] == "forward"]
+    (backward,) = [e for k, e in cache.entries.items() if k[0] == "backward"]
+    n = len(tri.direction(0, 0).flat())
+    assert backward.inputs[0] is forward.inputs[0]
+    assert all(b is f for b, f in zip(backward.inputs[2 : 2 + n], forward.inputs[4:], strict=True))
+    assert {0, *range(2, 2 + n)} <= set(backward.fixed)
 
 
 def test_self_check_compares_replayed_graphs(monkeypatch):

@@ -240,12 +240,20 @@ class GraphCache:
     def lent(self, t: Tensor) -> Tensor | None:
         """The graph buffer that ``t`` is a lent view of (the buffer itself, so that the
         caller can hand it to another graph as a ``fixed`` input), or None."""
+        found = self.lender(t)
+        return None if found is None else found[1]
+
+    def lender(self, t: Tensor) -> tuple[list[Tensor | None], Tensor] | None:
+        """``(static inputs, buffer)`` of the graph whose buffer ``t`` is a lent view of,
+        or None. While the buffer is held that graph is not replayed, so its static inputs
+        still hold what the lending call was given: another graph may read them in place
+        (as ``fixed`` inputs) instead of copying the same values again."""
         with self.lock:
             for entry in self.entries.values():
                 for i in entry.lend if entry is not None else ():
                     out = entry.outputs[i]
                     if out.data_ptr() == t.data_ptr() and out.shape == t.shape:
-                        return out
+                        return entry.inputs, out
         return None
 
     def _run(

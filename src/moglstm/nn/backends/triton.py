@@ -690,20 +690,25 @@ class TritonLoop(FusedBackend):
         # captured when the forward's window buffers are a forward graph's own (lent):
         # read in place, one graph per forward slot; after an eager forward (a shape's
         # first call, or every slot held) the backward is eager too
-        lent = graphs.GRAPHS.lent(saved[0]) if graphs.GRAPHS.applies(x) else None
-        if lent is None:
+        found = graphs.GRAPHS.lender(saved[0]) if graphs.GRAPHS.applies(x) else None
+        if found is None:
             return self.eager_backward(spec, x, mask, flat, saved, d_out, d_hn, d_cn)
+        forward_inputs, lent = found
         n, s = len(flat), len(saved)
+        # x and the weights: the forward graph's copies, read in place (equal to the saved
+        # ones: autograd refuses a saved tensor changed in place; not replayed while held)
+        x, flat = forward_inputs[0], tuple(forward_inputs[4:])
         saved = (lent, *saved[1:])
         inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
         key = ("backward", spec, window_key(x), graphs.signature(inputs), lent.data_ptr())
+        fixed = (0, *range(2, 2 + n + 1))  # x, the weights, the window buffers
 
         def fn(a: list[Any]) -> tuple[Any, ...]:  # a: x, mask, *flat, *saved, d_out, ...
             d_out, d_hn, d_cn = a[2 + n + s :]
             args = (tuple(a[2 : 2 + n]), tuple(a[2 + n : 2 + n + s]), d_out, d_hn, d_cn)
             return self.eager_backward(spec, a[0], a[1], *args)
 
-        return graphs.GRAPHS.run(key, inputs, fn, fixed=(2 + n,))
+        return graphs.GRAPHS.run(key, inputs, fn, fixed=fixed)
 
     def eager_forward(
         self,
