@@ -3,11 +3,14 @@
 1. the Triton tests on the GPU (tests/nn/test_triton.py without TRITON_INTERPRET: the
    same comparisons with the reference path, compiled kernels), and the backend's
    self-check;
-2. the benchmark grid: torch.nn.LSTM (cuDNN), the old torch-ops loop and the Triton
+2. what one dependent kernel costs, launched from Python and replayed in a CUDA graph,
+   and what one grid-wide barrier costs (``benchmarks/latency_probe.py``): the figures
+   the estimate in docs/gpu.md assumes, and what a persistent single-launch mode would pay;
+3. the benchmark grid: torch.nn.LSTM (cuDNN), the old torch-ops loop and the Triton
    backend with and without CUDA-graph capture of its windows, forward and training
    step, float32, TF32 and bfloat16, with peak memory, at the issue's target shape
    (B=64 T=70 H=1024 L=2 r=5 k=84) and at H=512;
-3. 300 training steps of the ``ptb-paper`` preset (tokens/s), and a few steps of the
+4. 300 training steps of the ``ptb-paper`` preset (tokens/s), and a few steps of the
    same with the old torch-ops loop for the ratio.
 
 Each part writes into one JSON summary as soon as it ends, so a run cut short keeps what
@@ -37,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+from latency_probe import probe  # noqa: E402  (beside this script)
 
 from moglstm.benchmark import Shape, run_benchmark  # noqa: E402
 
-BUDGET_S = {"tests": 170, "benchmark": 200, "ptb_paper": 90}
+BUDGET_S = {"tests": 170, "latency": 30, "benchmark": 200, "ptb_paper": 90}
 TARGET = Shape(batch=64, seq_len=70, hidden=1024, layers=2, rounds=5, rank=84)
 GRID = (TARGET, Shape(batch=64, seq_len=70, hidden=512, layers=2, rounds=5, rank=84))
 DTYPES = ("bfloat16", "tf32", "float32")
@@ -223,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     save("tests", run_tests(dry))
     for part, fn in (
         ("self_check", lambda: self_check(device)),
+        ("latency", lambda: probe(dry, timeout_s=BUDGET_S["latency"])),
         ("benchmark", lambda: run_grid(device, dry, time.perf_counter() + BUDGET_S["benchmark"])),
         ("ptb_paper", lambda: run_ptb(dry, args.data)),
     ):
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 def table(summary: dict) -> str:
     """The short table printed last (the full numbers are in the JSON)."""
     lines = [f"tests: {summary['tests'].get('summary')}", f"self-check: {summary['self_check']}"]
+    lines.append(f"latency (us): {summary.get('latency')}")
     for r in summary.get("benchmark", []):
         if "median_ms" in r:
             ratio = r.get("ratio_to_torch")

@@ -28,6 +28,8 @@ def test_gpu_check_dry_run(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["tests"]["rc"] == 0, summary["tests"]["tail"]
     assert all(v["passed"] for v in summary["self_check"].values())
+    assert summary["latency"]["eager_launch_us"] > 0
+    assert summary["latency"]["grid_barrier_us"] > 0, summary["latency"]
     rows = summary["benchmark"]
     assert {r["implementation"] for r in rows} == {"torch", "torch-loop", "triton"}
     assert summary["ptb_paper"]["triton"]["steps"] == 2
