@@ -46,7 +46,7 @@ def compile_reports(tmp_path, *args: str) -> list[dict]:
 def check(reports: list[dict]) -> None:
     limit = {90: 232_448, 80: 166_912}
     for r in reports:
-        label = f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['constexprs']}"
+        label = f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['aligned']} {r['constexprs']}"
         assert 0 <= r["shared"] <= limit[r["arch"]], label
         assert not r["spills"], label
         if r["kernel"] != "cell_backward_kernel" and r["dtype"] == "bf16":
@@ -71,5 +71,10 @@ def test_widest_bf16_kernels_compile_for_sm90(tmp_path):
 @pytest.mark.slow
 def test_every_widest_configuration_compiles_for_sm90_and_sm80(tmp_path):
     """The widest variant of every kernel, tile, mode and operand dtype the dispatcher
-    picks (the other variants' code is a subset); ``--which all`` compiles all 228."""
-    check(compile_reports(tmp_path, "--arch", "90", "80", "--which", "widest"))
+    picks (the other variants' code is a subset), as the generic binary and as the one
+    Triton builds for 16-byte-aligned pointers; ``--which all`` compiles all 644."""
+    reports = compile_reports(
+        tmp_path, "--arch", "90", "80", "--which", "widest", "--aligned", "both"
+    )
+    assert {r["aligned"] for r in reports} == {False, True}
+    check(reports)

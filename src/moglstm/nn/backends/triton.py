@@ -273,11 +273,12 @@ def kernel_configs(which: str = "all") -> list[tuple[str, str, dict, int]]:
     # (next_h, mask): the fed-back state stored by the gates' kernel, masked or not
     gate_outputs = [(True, True)] if widest else [(False, False), (True, False), (True, True)]
     # (accumulate, mask, chain, bias) of round_chain_kernel: a round's product chained
-    # to the round below, the last product of a step (masked or not), no rounds (masked)
+    # to the round below, the last product of a step (masked or not), no rounds (masked
+    # or not)
     chain_flags = [(True, False, True, True), (True, True, False, False)]
     if not widest:
         chain_flags += [(True, False, True, False), (True, False, False, False)]
-        chain_flags.append((False, True, False, False))
+        chain_flags += [(False, True, False, False), (False, False, False, False)]
     variants = [
         dict(zip(("COUPLED", "CAP", "PEEP"), map(bool, v), strict=True))
         for v in (WIDEST_VARIANTS if widest else VARIANTS)
@@ -327,9 +328,17 @@ def _kernels() -> Any:  # the module of @triton.jit kernels, imported on first u
     return triton_kernels
 
 
+def unit_columns(*tensors: Tensor | None) -> None:
+    """The kernels index these by row stride alone: a column stride other than 1 would
+    read the wrong memory (a bug in the step loops, never the caller's input)."""
+    for t in tensors:
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise RuntimeError(f"column stride {t.stride(-1)} where the kernels assume 1")
+
+
 def linear(a: Tensor, w: Tensor, out: Tensor, bias: Tensor | None = None) -> None:
     """``out = a @ w.T + bias``: ``a (M, K)``, ``w (N, K)`` (any strides), ``out (M, N)``
-    with rows of unit stride."""
+    of unit column stride."""
     _launch_linear(a, w, bias, out, None, STORE)
 
 
@@ -378,7 +387,7 @@ def two_products(
 ) -> None:
     """``p = a @ w1.T`` (written), then ``out = z`` or ``out = 2 sigmoid(z) old`` for
     ``z = p @ w2.T + bias``, in one launch (``rank_tile(w1.shape[0])`` must not be None).
-    ``a``, ``p``, ``out``, ``old``: rows of unit stride; ``w1``, ``w2`` any strides."""
+    ``a``, ``p``, ``out``, ``old``: unit column stride; ``w1``, ``w2`` any strides."""
     M, K = a.shape
     rank, N = w1.shape[0], w2.shape[0]
     t = linear_tiles(M)
@@ -426,8 +435,9 @@ def round_chain(
     (``mask`` or not), or, with ``below = (v, wv, bias, old, dz, d_old)``, the backward of
     the round below for ``d_new = d`` and ``s = sigmoid(v @ wv.T + bias)``:
     ``dz = 2 old d_new s (1 - s)``, ``d_old = 2 s d_new`` (``out`` is then not written;
-    ``d_old`` may be its memory). Every operand except ``w1``, ``w2``, ``wv``: rows of unit
-    stride."""
+    ``d_old`` may be its memory). Every operand except ``a``, ``w1``, ``w2``, ``v``, ``wv``
+    (any strides): unit column stride."""
+    unit_columns(out, p, mask, *(below or ())[3:])
     M, K = a.shape
     N = w2.shape[0]
     t = linear_tiles(M)
@@ -488,9 +498,11 @@ def gates_back(
     dxh: Tensor,
     top: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor],
 ) -> None:
-    """``dxh = dgates [w_ih w_hh]`` ``(B, I + H)`` (weights not concatenated; rows of unit
-    stride), except the half the last round gated: that goes on to the last round's
-    backward, ``top = (v, wv, bias, old, dz, d_old)`` as in :func:`round_chain`."""
+    """``dxh = dgates [w_ih w_hh]`` ``(B, I + H)`` (weights not concatenated; all but ``v``
+    and ``wv`` of unit column stride), except the half the last round gated: that goes
+    on to the last round's backward, ``top = (v, wv, bias, old, dz, d_old)`` as in
+    :func:`round_chain`."""
+    unit_columns(dgates, w_ih, w_hh, dxh, *top[3:])
     M, G = dgates.shape
     I, H = w_ih.shape[1], w_hh.shape[1]
     t = gates_back_tiles(M, dgates.dtype, precision(dgates.dtype))
@@ -539,10 +551,11 @@ def gates_cell(
     next_h: Tensor | None = None,
     mask: Tensor | None = None,
 ) -> None:
-    """``gates = act(xh @ [wx wh].T + bias + pre)`` (``wx`` None: ``xh @ wh.T``; the
-    weights' rows of unit stride), ``c``, ``h`` of one step (
-    ``c_prev``, ``c``, ``h`` contiguous ``(B, H)``); and ``next_h = h * mask`` (``h``
-    without a mask), the state fed to the next step (rows of unit stride)."""
+    """``gates = act(xh @ [wx wh].T + bias + pre)`` (``wx`` None: ``xh @ wh.T``), ``c``,
+    ``h`` of one step (``c_prev``, ``c``, ``h`` contiguous ``(B, H)``); and ``next_h =
+    h * mask`` (``h`` without a mask), the state fed to the next step. The rest: unit
+    column stride."""
+    unit_columns(xh, wx, wh, pre, gates, next_h, mask)
     B = xh.shape[0]
     H = spec.hidden_size
     KX = 0 if wx is None else wx.shape[1]
@@ -701,7 +714,11 @@ class TritonLoop(FusedBackend):
         saved = (lent, *saved[1:])
         inputs = [x, mask, *flat, *saved, d_out, d_hn, d_cn]
         key = ("backward", spec, window_key(x), graphs.signature(inputs), lent.data_ptr())
-        fixed = (0, *range(2, 2 + n + 1))  # x, the weights, the window buffers
+        # read in place: x, the weights, the window buffers. The key names only the
+        # buffers' address; that suffices because this graph keeps them alive (no other
+        # forward graph can get that address) and they, x and the weights belong to one
+        # forward graph. (A stale entry thus also keeps that graph's x and weights alive.)
+        fixed = (0, *range(2, 2 + n + 1))
 
         def fn(a: list[Any]) -> tuple[Any, ...]:  # a: x, mask, *flat, *saved, d_out, ...
             d_out, d_hn, d_cn = a[2 + n + s :]
