@@ -163,6 +163,53 @@ def _epilogue(
 
 
 @triton.jit
+def _low_rank_product(
+    acc,
+    a_ptr,
+    s_am,
+    s_ak,
+    w1_ptr,
+    s_w1r,
+    s_w1k,
+    w2_ptr,
+    s_w2n,
+    s_w2r,
+    p_ptr,
+    s_pm,
+    rm,
+    rn,
+    M,
+    N,
+    K,
+    RANK,
+    WRITE_P,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    KP: tl.constexpr,
+):
+    """``acc + (a @ w1.T) @ w2.T`` for the tile ``(rm, rn)``: ``p = a @ w1.T`` (``(M, RANK)``,
+    the rank padded to ``KP``) computed whole by every program, rounded to ``p``'s dtype
+    (as a stored ``p`` would be reloaded) and stored where ``WRITE_P`` (one column of
+    programs)."""
+    rr = tl.arange(0, KP)
+    r_ok = rr < RANK
+    p = tl.zeros((BM, KP), dtype=tl.float32)
+    p = _dot_loop(p, a_ptr, s_am, s_ak, w1_ptr, s_w1r, s_w1k, rm, rr, M, RANK, K, PRECISION, BK)
+    p = p.to(p_ptr.dtype.element_ty)
+    if WRITE_P:
+        tl.store(
+            p_ptr + rm[:, None] * s_pm + rr[None, :], p, mask=(rm < M)[:, None] & r_ok[None, :]
+        )
+    w2 = tl.load(
+        w2_ptr + rn[None, :] * s_w2n + rr[:, None] * s_w2r,
+        mask=(rn < N)[None, :] & r_ok[:, None],
+        other=0.0,
+    )
+    return tl.dot(p, w2, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def two_product_kernel(
     a_ptr,
     w1_ptr,
@@ -203,20 +250,11 @@ def two_product_kernel(
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rr = tl.arange(0, KP)
-    m_ok = rm < M
-    r_ok = rr < RANK
-    p = tl.zeros((BM, KP), dtype=tl.float32)
-    p = _dot_loop(p, a_ptr, s_am, 1, w1_ptr, s_w1r, s_w1k, rm, rr, M, RANK, K, PRECISION, BK)
-    p = p.to(p_ptr.dtype.element_ty)
-    if pid_n == 0:
-        tl.store(p_ptr + rm[:, None] * s_pm + rr[None, :], p, mask=m_ok[:, None] & r_ok[None, :])
-    w2 = tl.load(
-        w2_ptr + rn[None, :] * s_w2n + rr[:, None] * s_w2r,
-        mask=(rn < N)[None, :] & r_ok[:, None],
-        other=0.0,
-    )
-    acc = tl.dot(p, w2, input_precision=PRECISION)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _low_rank_product(
+        acc, a_ptr, s_am, 1, w1_ptr, s_w1r, s_w1k, w2_ptr, s_w2n, s_w2r, p_ptr, s_pm,
+        rm, rn, M, N, K, RANK, pid_n == 0, PRECISION, BM, BK, KP,
+    )  # fmt: skip
     _epilogue(acc, rm, rn, M, N, bias_ptr, out_ptr, old_ptr, s_om, s_oldm, MODE, HAS_BIAS)
 
 
@@ -285,21 +323,10 @@ def round_chain_kernel(
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if TWO:
-        rr = tl.arange(0, KP)
-        r_ok = rr < RANK
-        p = tl.zeros((BM, KP), dtype=tl.float32)
-        p = _dot_loop(p, a_ptr, s_am, s_ak, w1_ptr, s_w1r, s_w1k, rm, rr, M, RANK, K, PRECISION, BK)
-        p = p.to(p_ptr.dtype.element_ty)
-        if pid_n == 0:
-            tl.store(
-                p_ptr + rm[:, None] * s_pm + rr[None, :], p, mask=m_ok[:, None] & r_ok[None, :]
-            )
-        w2 = tl.load(
-            w2_ptr + rn[None, :] * s_w2n + rr[:, None] * s_w2k,
-            mask=n_ok[None, :] & r_ok[:, None],
-            other=0.0,
-        )
-        acc = tl.dot(p, w2, acc, input_precision=PRECISION)
+        acc = _low_rank_product(
+            acc, a_ptr, s_am, s_ak, w1_ptr, s_w1r, s_w1k, w2_ptr, s_w2n, s_w2k, p_ptr, s_pm,
+            rm, rn, M, N, K, RANK, pid_n == 0, PRECISION, BM, BK, KP,
+        )  # fmt: skip
     else:
         acc = _dot_loop(
             acc, a_ptr, s_am, s_ak, w2_ptr, s_w2n, s_w2k, rm, rn, M, N, K, PRECISION, BK
