@@ -324,16 +324,16 @@ def test_graph_cache_lends_buffers_and_takes_another_slot_while_they_are_held(mo
     x = torch.ones(3)
     cache.run("k", [x], fn, lend=(1,))  # eager
     _, lent = cache.run("k", [x], fn, lend=(1,))  # slot 0 captured, its buffer lent
-    assert cache.lent(lent) is cache.entries[("k", 0)].outputs[1]
+    assert cache.lender(lent)[1] is cache.entries[("k", 0)].outputs[1]
     _, first = cache.run("k", [x * 3], fn, lend=(1,))  # slot 0 held: slot 1, eager
     _, second = cache.run("k", [x * 5], fn, lend=(1,))  # slot 1 captured
     _, third = cache.run("k", [x * 7], fn, lend=(1,))  # both held: eager
-    assert cache.captures == 2 and cache.lent(first) is None and cache.lent(third) is None
+    assert cache.captures == 2 and cache.lender(first) is None and cache.lender(third) is None
     for got, want in ((lent, 2), (first, 6), (second, 10), (third, 14)):
         torch.testing.assert_close(got, x * want)  # nothing overwritten while held
     del lent
     _, again = cache.run("k", [x * 9], fn, lend=(1,))  # slot 0 free again: replayed
-    assert cache.lent(again) is cache.entries[("k", 0)].outputs[1]
+    assert cache.lender(again)[1] is cache.entries[("k", 0)].outputs[1]
     torch.testing.assert_close(again, x * 18)
     torch.testing.assert_close(second, x * 10)
 

@@ -237,15 +237,10 @@ class GraphCache:
                 return self._run((key, slot), inputs, fn, fixed, lend)
         return _EAGER  # every slot's buffers are held
 
-    def lent(self, t: Tensor) -> Tensor | None:
-        """The graph buffer that ``t`` is a lent view of (the buffer itself, so that the
-        caller can hand it to another graph as a ``fixed`` input), or None."""
-        found = self.lender(t)
-        return None if found is None else found[1]
-
     def lender(self, t: Tensor) -> tuple[list[Tensor | None], Tensor] | None:
-        """``(static inputs, buffer)`` of the graph whose buffer ``t`` is a lent view of,
-        or None. While the buffer is held that graph is not replayed, so its static inputs
+        """``(static inputs, buffer)`` of the graph whose buffer ``t`` is a lent view of (the
+        buffer itself, so that the caller can hand it to another graph as a ``fixed``
+        input), or None. While the buffer is held that graph is not replayed, so its static inputs
         still hold what the lending call was given: another graph may read them in place
         (as ``fixed`` inputs) instead of copying the same values again."""
         with self.lock:
