@@ -183,3 +183,76 @@ def test_client_onnx_export_pattern(tmp_path):
     feeds = [tokens.numpy(), hidden[0].numpy(), hidden[1].numpy()]
     got = session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds, strict=True)))
     torch.testing.assert_close(torch.from_numpy(got[0]), model(tokens, hidden)[0].detach())
+
+
+# -- rounds 0 is torch.nn.LSTM, whatever is frozen
+
+FROZEN = {
+    "nothing": lambda name: False,
+    "all weights": lambda name: True,
+    "input weights and hidden bias": lambda name: "weight_ih" in name or "bias_hh" in name,
+    "reverse direction": lambda name: "reverse" in name,
+}
+
+
+@pytest.mark.parametrize(
+    "implementation",
+    ["auto", "fused-compiled-loop", "fused-python-loop", "fused-torch-loop", "reference"],
+)
+@pytest.mark.parametrize("frozen", list(FROZEN))
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_rounds_zero_equals_torch_lstm_under_every_freezing_pattern(
+    monkeypatch, implementation, frozen, input_grad
+):
+    """mogrify_rounds=0 with torch.nn.LSTM's weights: the same outputs and the same
+    gradients, for frozen weights (requires_grad=False), a frozen input, or both, on every
+    implementation and step loop."""
+    from moglstm.nn import _kernels
+
+    if implementation in ("fused-python-loop", "fused-torch-loop"):
+        monkeypatch.setattr(_kernels, "loop_available", lambda t: False)
+    if implementation == "fused-torch-loop":
+        monkeypatch.setattr(_kernels, "available", lambda t: False)
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, 2, bidirectional=True).to(D)
+    rnn = MogrifierLSTM(
+        3, 4, 2, bidirectional=True, mogrify_rounds=0, implementation=implementation.split("-")[0]
+    ).to(D)
+    rnn.load_state_dict(lstm.state_dict())
+    for module in (lstm, rnn):
+        for name, p in module.named_parameters():
+            p.requires_grad_(not FROZEN[frozen](name))
+    x = torch.randn(6, 2, 3, dtype=D, requires_grad=input_grad)
+    h0 = torch.randn(4, 2, 4, dtype=D)
+
+    def run(module):
+        out, (h, c) = module(x, (h0, h0))
+        wrt = [t for t in (x, *module.parameters()) if t.requires_grad]
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=D).view_as(out)).sum() + c.sum()
+        return [out, h, c, *(torch.autograd.grad(loss, wrt) if wrt else [])]
+
+    mine, theirs = run(rnn), run(lstm)
+    assert len(mine) == len(theirs)
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "fused", "reference"])
+def test_rounds_zero_equals_torch_lstm_under_torch_func(implementation):
+    """torch.func's transforms of a frozen rounds-0 layer equal torch.nn.LSTM's."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 2, bidirectional=True).to(D)
+    rnn = MogrifierLSTM(3, 2, bidirectional=True, mogrify_rounds=0, implementation=implementation)
+    rnn.to(D).load_state_dict(lstm.state_dict())
+    x = torch.randn(4, 2, 3, dtype=D)
+
+    def of_x(module):
+        params = {n: p.detach() for n, p in module.named_parameters()}  # all frozen
+        return lambda x: torch.func.functional_call(module, params, (x,))[0]
+
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(transform(of_x(rnn))(x), transform(of_x(lstm))(x), **TIGHT)
+    xs = torch.stack([x, x.flip(0)])  # torch.nn.LSTM has no vmap rule: compared per call
+    torch.testing.assert_close(
+        torch.func.vmap(of_x(rnn))(xs), torch.stack([of_x(lstm)(x) for x in xs]), **TIGHT
+    )

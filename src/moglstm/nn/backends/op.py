@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moglstm.nn.backends.base import Backend, FusedBackend
+from moglstm.nn.backends.base import Backend, FusedBackend, fresh
 from moglstm.nn.backends.recompute import differentiable_backward
 from moglstm.nn.direction import Direction, DirectionSpec, Steps
 
@@ -44,15 +44,6 @@ def _backend(name: str, x: Tensor) -> FusedBackend:
     raise ValueError(f"no fused backend named {name!r}; known: {names}")
 
 
-def _fresh(t: Tensor, inputs: list[Tensor]) -> Tensor:
-    """``t``, or a copy when it shares memory with an input (a custom op's outputs may not
-    alias its inputs: the compiled loop saves ``weight_hh`` itself when there are no rounds)."""
-    ptr = t.untyped_storage().data_ptr()
-    if any(i is not None and i.untyped_storage().data_ptr() == ptr for i in inputs):
-        return t.clone()
-    return t
-
-
 @torch.library.custom_op("moglstm::fused_direction", mutates_args=())
 def fused_direction(
     backend: str,
@@ -68,7 +59,7 @@ def fused_direction(
         DirectionSpec.decode(spec), x, h0, c0, mask, tuple(flat)
     )
     inputs = [x, h0, c0, mask, *flat]
-    return out, h_n, c_n, [_fresh(t, inputs) for t in saved]
+    return out, h_n, c_n, [fresh(t, inputs) for t in saved]
 
 
 @fused_direction.register_fake
@@ -138,7 +129,7 @@ def _(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     backend, spec, x, h0, c0, mask, flat = inputs
-    ctx.backend, ctx.spec, ctx.n_flat, ctx.spent = backend, spec, len(flat), False
+    ctx.backend, ctx.spec, ctx.n_flat = backend, spec, len(flat)
     ctx.save_for_backward(x, h0, c0, mask, *flat, *output[3])
 
 
@@ -147,8 +138,7 @@ def _backward(
 ) -> tuple[Any, ...]:
     x, h0, c0, mask, *rest = ctx.saved_tensors
     flat, saved = list(rest[: ctx.n_flat]), list(rest[ctx.n_flat :])
-    if torch.is_grad_enabled() or ctx.spent:
-        # create_graph=True, or a second backward after the first overwrote the buffers
+    if torch.is_grad_enabled():  # create_graph=True: recompute with the reference
         grads = differentiable_backward(
             DirectionSpec.decode(ctx.spec),
             (x, h0, c0, mask, *flat),
@@ -156,7 +146,8 @@ def _backward(
             [*ctx.needs_input_grad[2:6], *(w.requires_grad for w in flat)],
         )
         return None, None, *grads[:3], None, grads[4:]
-    ctx.spent = True
+    # the backward op works on a copy of the buffers: a second backward through a retained
+    # graph gives the same bits
     dx, dh, dc, grads = fused_direction_backward(
         ctx.backend, ctx.spec, x, mask, flat, saved[0], saved[1:], d_out, d_hn, d_cn
     )
