@@ -1,10 +1,14 @@
 """What code written for torch.nn.LSTM touches: proj_size, its attributes, whole-module
 save and load, isinstance."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +260,71 @@ def test_rounds_zero_equals_torch_lstm_under_torch_func(implementation):
     torch.testing.assert_close(
         torch.func.vmap(of_x(rnn))(xs), torch.stack([of_x(lstm)(x) for x in xs]), **TIGHT
     )
+
+
+# -- loading before moglstm is imported
+
+LOAD_WITHOUT_IMPORT = """
+import sys, torch
+model = torch.load(sys.argv[1])  # weights_only=True, torch's default
+program = torch.export.load(sys.argv[2])  # calls moglstm::fused_direction
+x = torch.load(sys.argv[3])
+assert "moglstm.nn" in sys.modules  # torch imported it, the script did not
+print(type(model).__name__, (program.module()(x)[0] - model(x)[0]).abs().max().item())
+"""
+
+
+def run_python(script, *args, env):
+    """Runs ``script`` in a fresh interpreter; its process group is ended whatever happens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_saved_model_and_exported_program_load_before_moglstm_is_imported(tmp_path):
+    """pyproject's ``torch.backends`` entry point (torch calls it at ``import torch``)
+    registers moglstm, so whole-model ``torch.load`` and ``torch.export.load`` of a program
+    with the fused op work in a process that never imports moglstm. Without it
+    (``TORCH_DEVICE_BACKEND_AUTOLOAD=0``), torch's own error names the class to import."""
+    import moglstm
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(moglstm.__file__).resolve().parents[2]
+    entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]
+    # the installed package's metadata as pyproject declares it (this checkout may not be
+    # the installed one): a dist-info folder on the child's path
+    info = tmp_path / "site" / "moglstm_entry-0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: moglstm-entry\nVersion: 0\n")
+    lines = [f"{k} = {v}" for k, v in entry["torch.backends"].items()]
+    (info / "entry_points.txt").write_text("[torch.backends]\n" + "\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    rnn = MogrifierLSTM(3, 4, mogrify_rounds=2, implementation="fused").eval()
+    x = torch.randn(5, 2, 3)
+    paths = [str(tmp_path / name) for name in ("model.pt", "program.pt2", "x.pt")]
+    torch.save(rnn, paths[0])
+    torch.export.save(torch.export.export(rnn, (x,)), paths[1])
+    torch.save(x, paths[2])
+    src = str(Path(moglstm.__file__).resolve().parents[1])
+    path = os.pathsep.join([str(tmp_path / "site"), src, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    code, out, err = run_python(LOAD_WITHOUT_IMPORT, *paths, env=env)
+    assert code == 0, err
+    name, diff = out.split()
+    assert name == "MogrifierLSTM" and float(diff) < 1e-6
+    env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+    code, out, err = run_python(LOAD_WITHOUT_IMPORT, *paths, env=env)
+    assert code != 0 and "moglstm.nn.rnn.MogrifierLSTM" in err
