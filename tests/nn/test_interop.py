@@ -424,3 +424,30 @@ def test_docs_interop_example_runs():
     doc = Path(__file__).resolve().parents[2] / "docs" / "interop.md"
     for block in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S):
         exec(compile(block, "docs/interop.md", "exec"), {"__name__": "__docs__"})
+
+
+def test_docs_interop_table_names_real_tests():
+    """Every test docs/interop.md's table names exists, every row but torch.jit.script's
+    names one, and the compile row states the graph counts the compile test asserts."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "interop.md").read_text()
+    table = doc[doc.index('| | `"auto"`') : doc.index("## How it works")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    defined = {
+        name
+        for path in (root / "tests" / "nn").glob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M)
+    }
+    for row in rows:
+        named = re.findall(r"\b(test_\w+)\b(?!\.py)", row.rsplit("|", 2)[1])
+        assert named or "jit.script" in row, row
+        assert set(named) <= defined, set(named) - defined
+    compile_row = next(row for row in rows if "torch.compile" in row)
+    shapes = sum(1 for _, B in SHAPES if B > 1)
+    assert f"`dynamic=True`: {GRAPHS['dynamic'][shapes - 1]} graph for {shapes} " in compile_row
+    assert f"default settings: {GRAPHS['default'][shapes - 1]} graphs for {shapes} " in compile_row
+    assert GRAPHS["default"][-1] == GRAPHS["default"][shapes - 1] + 1  # "a batch of 1 adds"
+    assert GRAPHS["dynamic"][-1] == GRAPHS["dynamic"][shapes - 1] + 1
