@@ -241,6 +241,33 @@ def test_rounds_zero_equals_torch_lstm_under_every_freezing_pattern(
         torch.testing.assert_close(a, b, **TIGHT)
 
 
+@pytest.mark.parametrize("frozen", ["all weights", "input weights and hidden bias"])
+def test_rounds_zero_equals_torch_lstm_frozen_on_triton(frozen):
+    """The Triton backend (float32; on CPU under TRITON_INTERPRET=1) with frozen weights."""
+    pytest.importorskip("numpy")  # the interpreter needs it
+    from moglstm.nn.backends.triton import unavailable_reason
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = unavailable_reason(torch.zeros(1, device=device))
+    if reason:
+        pytest.skip(f"Triton cannot run here: {reason}")
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, bidirectional=True).to(device)
+    rnn = MogrifierLSTM(3, 4, bidirectional=True, mogrify_rounds=0, implementation="triton")
+    rnn.to(device).load_state_dict(lstm.state_dict())
+    results = []
+    for module in (rnn, lstm):
+        for name, p in module.named_parameters():
+            p.requires_grad_(not FROZEN[frozen](name))
+        torch.manual_seed(1)
+        x = torch.randn(4, 2, 3, device=device, requires_grad=True)
+        out, (h, c) = module(x)
+        wrt = [x, *(p for p in module.parameters() if p.requires_grad)]
+        results.append([out, h, c, *torch.autograd.grad(out.pow(2).sum() + c.sum(), wrt)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("implementation", ["auto", "fused", "reference"])
 def test_rounds_zero_equals_torch_lstm_under_torch_func(implementation):
     """torch.func's transforms of a frozen rounds-0 layer equal torch.nn.LSTM's."""
