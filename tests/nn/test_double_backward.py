@@ -138,3 +138,22 @@ def test_gradcheck_and_gradgradcheck_with_default_settings(implementation, layer
 
     assert torch.autograd.gradcheck(f, (x, h0))
     assert torch.autograd.gradgradcheck(f, (x, h0))
+
+
+def test_gradcheck_with_default_settings_on_the_default_implementation():
+    """The user's view: a default-built model (``"auto"``: the fused node when autograd
+    records), two layers, bidirectional, checked on its input, state and weights."""
+    torch.manual_seed(0)
+    rnn = MogrifierLSTM(2, 2, 2, bidirectional=True, mogrify_rounds=2, mogrify_rank=1).to(D)
+    names = [n for n, _ in rnn.named_parameters()]
+    x = torch.randn(2, 1, 2, dtype=D, requires_grad=True)
+    h0 = torch.randn(4, 1, 2, dtype=D, requires_grad=True)
+    weights = [p.detach().clone().requires_grad_() for p in rnn.parameters()][:6]
+
+    def f(x, h0, *ws):
+        params = dict(zip(names, ws, strict=False))
+        return torch.func.functional_call(rnn, params, (x, (h0, h0)), strict=False)[0]
+
+    assert rnn.backend_for(Steps(x, None)).name == select("fused", Steps(x, None), True).name
+    assert torch.autograd.gradcheck(f, (x, h0, *weights))
+    assert torch.autograd.gradgradcheck(f, (x, h0))
