@@ -115,8 +115,10 @@ class FusedDirection(torch.autograd.Function):
     """``(backend, spec, x, h0, c0, mask, *flat) -> (out, h_n, c_n, *saved)`` as one node.
 
     ``saved`` (the backend's buffers, not differentiable) are outputs so that the
-    forward takes no ``ctx``: with a separate ``setup_context`` the node works under
-    ``torch.func.grad``/``vjp``/``jacrev`` too. ``vmap`` and forward-mode AD are refused.
+    forward takes no ``ctx`` (a separate ``setup_context``, as torch.func asks of a
+    Function). The module does not run it under torch.func transforms or forward-mode AD
+    (:func:`moglstm.nn.backends.traced_backend`); called there directly, ``vmap`` and
+    forward-mode AD are refused with an error that says what to use.
     """
 
     @staticmethod

@@ -6,16 +6,15 @@ torch.func.
 :mod:`moglstm.nn.backends.base`). Each has a fake kernel that gives the output shapes
 from the input shapes alone, so a tracer (Dynamo, ``torch.export``) keeps the op as one
 node of its graph instead of reading its Python (ctypes, file checks): no graph break,
-and the window length ``T`` and the batch stay symbolic, so one compiled graph serves
-every window length. The autograd formula (``register_autograd`` with a
-``setup_context``) calls the backward op, or, when a backward runs with grad mode on
-(``create_graph=True``, ``torch.func.grad`` of a grad), recomputes with the reference
+and the window length ``T`` and the batch stay symbolic (compiled with ``dynamic=True``,
+one graph serves every window length; docs/interop.md gives the counts). The autograd
+formula (``register_autograd`` with a ``setup_context``) calls the backward op, or, when
+a backward runs with grad mode on (``create_graph=True``), recomputes with the reference
 (:mod:`moglstm.nn.backends.recompute`) so that second derivatives are exact.
 
 Outside a tracer the fused backends run as their own autograd node
-(:class:`~moglstm.nn.backends.base.FusedDirection`), which ``torch.func`` transforms take:
-torch's custom-op autograd does not (in torch 2.13 it is an ``autograd.Function`` without
-``setup_context``), so the ops serve Dynamo and ``torch.export`` only.
+(:class:`~moglstm.nn.backends.base.FusedDirection`), so the ops serve Dynamo and
+``torch.export`` only; under ``torch.func`` transforms the module runs the reference.
 """
 
 from __future__ import annotations
