@@ -1,10 +1,14 @@
 """What code written for torch.nn.LSTM touches: proj_size, its attributes, whole-module
 save and load, isinstance."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +187,171 @@ def test_client_onnx_export_pattern(tmp_path):
     feeds = [tokens.numpy(), hidden[0].numpy(), hidden[1].numpy()]
     got = session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds, strict=True)))
     torch.testing.assert_close(torch.from_numpy(got[0]), model(tokens, hidden)[0].detach())
+
+
+# -- rounds 0 is torch.nn.LSTM, whatever is frozen
+
+FROZEN = {
+    "nothing": lambda name: False,
+    "all weights": lambda name: True,
+    "input weights and hidden bias": lambda name: "weight_ih" in name or "bias_hh" in name,
+    "reverse direction": lambda name: "reverse" in name,
+}
+
+
+@pytest.mark.parametrize(
+    "implementation",
+    ["auto", "fused-compiled-loop", "fused-python-loop", "fused-torch-loop", "reference"],
+)
+@pytest.mark.parametrize("frozen", list(FROZEN))
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_rounds_zero_equals_torch_lstm_under_every_freezing_pattern(
+    monkeypatch, implementation, frozen, input_grad
+):
+    """mogrify_rounds=0 with torch.nn.LSTM's weights: the same outputs and the same
+    gradients, for frozen weights (requires_grad=False), a frozen input, or both, on every
+    implementation and step loop."""
+    from moglstm.nn import _kernels
+
+    if implementation in ("fused-python-loop", "fused-torch-loop"):
+        monkeypatch.setattr(_kernels, "loop_available", lambda t: False)
+    if implementation == "fused-torch-loop":
+        monkeypatch.setattr(_kernels, "available", lambda t: False)
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, 2, bidirectional=True).to(D)
+    rnn = MogrifierLSTM(
+        3, 4, 2, bidirectional=True, mogrify_rounds=0, implementation=implementation.split("-")[0]
+    ).to(D)
+    rnn.load_state_dict(lstm.state_dict())
+    for module in (lstm, rnn):
+        for name, p in module.named_parameters():
+            p.requires_grad_(not FROZEN[frozen](name))
+    x = torch.randn(6, 2, 3, dtype=D, requires_grad=input_grad)
+    h0 = torch.randn(4, 2, 4, dtype=D)
+
+    def run(module):
+        out, (h, c) = module(x, (h0, h0))
+        wrt = [t for t in (x, *module.parameters()) if t.requires_grad]
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=D).view_as(out)).sum() + c.sum()
+        return [out, h, c, *(torch.autograd.grad(loss, wrt) if wrt else [])]
+
+    mine, theirs = run(rnn), run(lstm)
+    assert len(mine) == len(theirs)
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+@pytest.mark.parametrize("frozen", ["all weights", "input weights and hidden bias"])
+def test_rounds_zero_equals_torch_lstm_frozen_on_triton(frozen):
+    """The Triton backend (float32; on CPU under TRITON_INTERPRET=1) with frozen weights."""
+    pytest.importorskip("numpy")  # the interpreter needs it
+    from moglstm.nn.backends.triton import unavailable_reason
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = unavailable_reason(torch.zeros(1, device=device))
+    if reason:
+        pytest.skip(f"Triton cannot run here: {reason}")
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, bidirectional=True).to(device)
+    rnn = MogrifierLSTM(3, 4, bidirectional=True, mogrify_rounds=0, implementation="triton")
+    rnn.to(device).load_state_dict(lstm.state_dict())
+    results = []
+    for module in (rnn, lstm):
+        for name, p in module.named_parameters():
+            p.requires_grad_(not FROZEN[frozen](name))
+        torch.manual_seed(1)
+        x = torch.randn(4, 2, 3, device=device, requires_grad=True)
+        out, (h, c) = module(x)
+        wrt = [x, *(p for p in module.parameters() if p.requires_grad)]
+        results.append([out, h, c, *torch.autograd.grad(out.pow(2).sum() + c.sum(), wrt)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "fused", "reference"])
+def test_rounds_zero_equals_torch_lstm_under_torch_func(implementation):
+    """torch.func's transforms of a frozen rounds-0 layer equal torch.nn.LSTM's."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 2, bidirectional=True).to(D)
+    rnn = MogrifierLSTM(3, 2, bidirectional=True, mogrify_rounds=0, implementation=implementation)
+    rnn.to(D).load_state_dict(lstm.state_dict())
+    x = torch.randn(4, 2, 3, dtype=D)
+
+    def of_x(module):
+        params = {n: p.detach() for n, p in module.named_parameters()}  # all frozen
+        return lambda x: torch.func.functional_call(module, params, (x,))[0]
+
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(transform(of_x(rnn))(x), transform(of_x(lstm))(x), **TIGHT)
+    xs = torch.stack([x, x.flip(0)])  # torch.nn.LSTM has no vmap rule: compared per call
+    torch.testing.assert_close(
+        torch.func.vmap(of_x(rnn))(xs), torch.stack([of_x(lstm)(x) for x in xs]), **TIGHT
+    )
+
+
+# -- loading before moglstm is imported
+
+LOAD_WITHOUT_IMPORT = """
+import sys, torch
+model = torch.load(sys.argv[1])  # weights_only=True, torch's default
+program = torch.export.load(sys.argv[2])  # calls moglstm::fused_direction
+x = torch.load(sys.argv[3])
+assert "moglstm.nn" in sys.modules  # torch imported it, the script did not
+print(type(model).__name__, (program.module()(x)[0] - model(x)[0]).abs().max().item())
+"""
+
+
+def run_python(script, *args, env):
+    """Runs ``script`` in a fresh interpreter; its process group is ended whatever happens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_saved_model_and_exported_program_load_before_moglstm_is_imported(tmp_path):
+    """pyproject's ``torch.backends`` entry point (torch calls it at ``import torch``)
+    registers moglstm, so whole-model ``torch.load`` and ``torch.export.load`` of a program
+    with the fused op work in a process that never imports moglstm. Without it
+    (``TORCH_DEVICE_BACKEND_AUTOLOAD=0``), torch's own error names the class to import."""
+    import moglstm
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(moglstm.__file__).resolve().parents[2]
+    entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]
+    # the installed package's metadata as pyproject declares it (this checkout may not be
+    # the installed one): a dist-info folder on the child's path
+    info = tmp_path / "site" / "moglstm_entry-0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: moglstm-entry\nVersion: 0\n")
+    lines = [f"{k} = {v}" for k, v in entry["torch.backends"].items()]
+    (info / "entry_points.txt").write_text("[torch.backends]\n" + "\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    rnn = MogrifierLSTM(3, 4, mogrify_rounds=2, implementation="fused").eval()
+    x = torch.randn(5, 2, 3)
+    paths = [str(tmp_path / name) for name in ("model.pt", "program.pt2", "x.pt")]
+    torch.save(rnn, paths[0])
+    torch.export.save(torch.export.export(rnn, (x,)), paths[1])
+    torch.save(x, paths[2])
+    src = str(Path(moglstm.__file__).resolve().parents[1])
+    path = os.pathsep.join([str(tmp_path / "site"), src, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    code, out, err = run_python(LOAD_WITHOUT_IMPORT, *paths, env=env)
+    assert code == 0, err
+    name, diff = out.split()
+    assert name == "MogrifierLSTM" and float(diff) < 1e-6
+    env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+    code, out, err = run_python(LOAD_WITHOUT_IMPORT, *paths, env=env)
+    assert code != 0 and "moglstm.nn.rnn.MogrifierLSTM" in err

@@ -74,11 +74,15 @@ class MogrifierLSTM(nn.Module):
             of 8 steps or more with one of those two; the reference step loop
             otherwise (short inference calls, packed sequences, other dtypes);
             ``"reference"`` always runs :mod:`moglstm.nn.functional` step by step;
-            ``"fused"`` insists on a fused backend; ``"triton"`` on the Triton one
-            (CUDA, or CPU under ``TRITON_INTERPRET=1``; see docs/gpu.md). All give the
-            same outputs and gradients, first and second: a fused backward with
-            ``create_graph=True`` (or a second one through a retained graph) recomputes
-            the window with the reference (:mod:`moglstm.nn.backends.recompute`).
+            ``"fused"`` insists on a fused backend (except under ``torch.func``
+            transforms and forward-mode AD, where it runs the reference as ``"auto"``
+            does); ``"triton"`` on the Triton one (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``; see docs/gpu.md). All give the same outputs and
+            gradients, first and second: a fused backward with ``create_graph=True``
+            recomputes the window with the reference
+            (:mod:`moglstm.nn.backends.recompute`), and a second backward through a
+            retained graph reruns the fused forward, so it gives the same bits.
+            ``torch.jit.trace`` is refused (a trace would fix the window length).
 
     Parameters follow :class:`torch.nn.LSTM`: ``weight_ih_l{k}``, ``weight_hh_l{k}``,
     ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, with ``_reverse`` for the

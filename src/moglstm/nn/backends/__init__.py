@@ -20,6 +20,7 @@ other in the same way.
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from moglstm.nn import _kernels
 from moglstm.nn.backends.base import Backend, FusedBackend, FusedDirection
@@ -59,6 +60,17 @@ TRITON_OP = LibraryOp("triton")  # "triton" under torch.compile and torch.export
 SCAN = Scan()
 
 
+# torch.jit.trace records the steps of one call: every implementation loops over the window
+# in Python, so a traced module would run the traced number of steps on any input
+TRACE_REFUSED = (
+    "MogrifierLSTM cannot be traced by torch.jit.trace or exported by the TorchScript-based "
+    "ONNX exporter (torch.onnx.export(..., dynamo=False)): the trace would fix the window at "
+    "{} steps and silently truncate longer inputs. Use torch.export.export(..., "
+    "dynamic_shapes=...), torch.onnx.export(..., dynamo=True) (the default) or torch.compile, "
+    "which keep the window length symbolic (docs/interop.md)"
+)
+
+
 def step_loop(x: torch.Tensor) -> FusedBackend:
     """The fastest step-loop backend for tensors like ``x`` (float32/float64)."""
     if _kernels.loop_available(x):
@@ -75,10 +87,10 @@ def traced_backend(implementation: str) -> Backend | None:
     backend, a portable graph with a symbolic window length; ``"fused"`` the custom op
     (the exported program then needs moglstm to run), except for the ONNX exporter,
     which gets the scan loop too. ``torch.compile``: the custom op,
-    one graph node whatever the window length. ``torch.func`` transforms: ``"auto"``
-    runs the reference, which every transform supports; ``"fused"`` its step loop
-    (``grad``, ``vjp``, ``jacrev`` work; ``vmap`` and forward-mode AD raise an error).
-    ``torch.jit.trace`` (and the TorchScript-based ONNX exporter): the reference.
+    one graph node whatever the window length. ``torch.func`` transforms and forward-mode
+    AD (dual tensors): ``"auto"`` and ``"fused"`` run the reference, which every transform
+    supports.
+    ``torch.jit.trace`` (and the TorchScript-based ONNX exporter): refused by :func:`select`.
     """
     if torch.compiler.is_compiling():  # Dynamo, or torch.export
         # ONNX has no custom op for the step loop: the ONNX exporter gets the scan loop
@@ -86,10 +98,12 @@ def traced_backend(implementation: str) -> Backend | None:
         if torch.compiler.is_exporting() and (implementation == "auto" or onnx):
             return SCAN
         return LIBRARY_OP
-    if torch.jit.is_tracing():  # torch.jit.trace, the TorchScript ONNX exporter
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        # every implementation: a fused node's backward would recompute with the reference
+        # anyway (functorch runs backward with grad mode on), torch.func.vjp/jacrev run it
+        # after the transform's level has closed, where the recompute cannot record, and
+        # the step loops have no forward-mode derivative (dual tensors, torch.func.jvp)
         return REFERENCE
-    if torch._C._are_functorch_transforms_active() and implementation == "auto":
-        return REFERENCE  # "fused": its autograd node takes grad/vjp/jacrev, refuses vmap
     return None
 
 
@@ -114,6 +128,8 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if torch.jit.is_tracing():
+        raise RuntimeError(TRACE_REFUSED.format(steps.length))
     if implementation == "reference" or (steps.batch_sizes is None and not steps.x.shape[1]):
         return REFERENCE
     x = steps.x

@@ -101,12 +101,24 @@ class FusedBackend(Backend):
         return (out.flip(0) if reverse else out), h_n, c_n
 
 
+def fresh(t: Tensor, inputs: tuple[Tensor | None, ...] | list[Tensor | None]) -> Tensor:
+    """``t``, or a copy when it shares memory with an input: an autograd Function or custom
+    op may not return an input as one of its outputs (the compiled loop saves ``weight_hh``
+    itself when there are no rounds)."""
+    ptr = t.untyped_storage().data_ptr()
+    if any(i is not None and i.untyped_storage().data_ptr() == ptr for i in inputs):
+        return t.clone()
+    return t
+
+
 class FusedDirection(torch.autograd.Function):
     """``(backend, spec, x, h0, c0, mask, *flat) -> (out, h_n, c_n, *saved)`` as one node.
 
     ``saved`` (the backend's buffers, not differentiable) are outputs so that the
-    forward takes no ``ctx``: with a separate ``setup_context`` the node works under
-    ``torch.func.grad``/``vjp``/``jacrev`` too. ``vmap`` and forward-mode AD are refused.
+    forward takes no ``ctx`` (a separate ``setup_context``, as torch.func asks of a
+    Function). The module does not run it under torch.func transforms or forward-mode AD
+    (:func:`moglstm.nn.backends.traced_backend`); called there directly, ``vmap`` and
+    forward-mode AD are refused with an error that says what to use.
     """
 
     @staticmethod
@@ -121,7 +133,8 @@ class FusedDirection(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         with torch.autocast(x.device.type, enabled=False):  # it runs in x's dtype
             out, h_n, c_n, saved = backend.forward(spec, x, h0, c0, mask, flat)
-        return out, h_n, c_n, *saved
+        inputs = (x, h0, c0, mask, *flat)
+        return out, h_n, c_n, *(fresh(t, inputs) for t in saved)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -138,17 +151,25 @@ class FusedDirection(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, h0, c0, mask, *rest = ctx.saved_tensors
         flat, saved = tuple(rest[: ctx.n_flat]), tuple(rest[ctx.n_flat :])
-        if torch.is_grad_enabled() or ctx.spent:
-            # create_graph=True (second derivatives), or a second backward after the first
-            # overwrote the buffers: recompute with the reference, which autograd records
+        if torch.is_grad_enabled():
+            # create_graph=True (second derivatives): recompute with the reference, which
+            # autograd records
             grads = differentiable_backward(
                 ctx.spec, (x, h0, c0, mask, *flat), (d_out, d_hn, d_cn), ctx.needs_input_grad[2:]
             )
             return None, None, *grads[:3], None, *grads[4:]
-        ctx.spent = True
         with torch.autocast(x.device.type, enabled=False):  # as its forward (custom_bwd)
+            if ctx.spent:
+                # a second backward through a retained graph: the first overwrote the
+                # buffers, so the forward runs again for fresh ones, and every backward
+                # gives the same bits (gradcheck's reentrancy check, nondet_tol=0)
+                *_, saved = ctx.backend.forward(ctx.spec, x, h0, c0, mask, flat)
+            ctx.spent = True
+            # the backward overwrites the buffers: through .data, which autograd's version
+            # counters do not see (a retained graph's second backward reads the saved
+            # tensors again, and never these buffers)
             dx, dh, dc, grads = ctx.backend.backward(
-                ctx.spec, x, mask, flat, saved, d_out, d_hn, d_cn
+                ctx.spec, x, mask, flat, tuple(t.data for t in saved), d_out, d_hn, d_cn
             )
         needs = ctx.needs_input_grad
         grads = [g if need else None for g, need in zip(grads, needs[6:], strict=True)]

@@ -6,16 +6,15 @@ torch.func.
 :mod:`moglstm.nn.backends.base`). Each has a fake kernel that gives the output shapes
 from the input shapes alone, so a tracer (Dynamo, ``torch.export``) keeps the op as one
 node of its graph instead of reading its Python (ctypes, file checks): no graph break,
-and the window length ``T`` and the batch stay symbolic, so one compiled graph serves
-every window length. The autograd formula (``register_autograd`` with a
-``setup_context``) calls the backward op, or, when a backward runs with grad mode on
-(``create_graph=True``, ``torch.func.grad`` of a grad), recomputes with the reference
+and the window length ``T`` and the batch stay symbolic (compiled with ``dynamic=True``,
+one graph serves every window length; docs/interop.md gives the counts). The autograd
+formula (``register_autograd`` with a ``setup_context``) calls the backward op, or, when
+a backward runs with grad mode on (``create_graph=True``), recomputes with the reference
 (:mod:`moglstm.nn.backends.recompute`) so that second derivatives are exact.
 
 Outside a tracer the fused backends run as their own autograd node
-(:class:`~moglstm.nn.backends.base.FusedDirection`), which ``torch.func`` transforms take:
-torch's custom-op autograd does not (in torch 2.13 it is an ``autograd.Function`` without
-``setup_context``), so the ops serve Dynamo and ``torch.export`` only.
+(:class:`~moglstm.nn.backends.base.FusedDirection`), so the ops serve Dynamo and
+``torch.export`` only; under ``torch.func`` transforms the module runs the reference.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moglstm.nn.backends.base import Backend, FusedBackend
+from moglstm.nn.backends.base import Backend, FusedBackend, fresh
 from moglstm.nn.backends.recompute import differentiable_backward
 from moglstm.nn.direction import Direction, DirectionSpec, Steps
 
@@ -44,15 +43,6 @@ def _backend(name: str, x: Tensor) -> FusedBackend:
     raise ValueError(f"no fused backend named {name!r}; known: {names}")
 
 
-def _fresh(t: Tensor, inputs: list[Tensor]) -> Tensor:
-    """``t``, or a copy when it shares memory with an input (a custom op's outputs may not
-    alias its inputs: the compiled loop saves ``weight_hh`` itself when there are no rounds)."""
-    ptr = t.untyped_storage().data_ptr()
-    if any(i is not None and i.untyped_storage().data_ptr() == ptr for i in inputs):
-        return t.clone()
-    return t
-
-
 @torch.library.custom_op("moglstm::fused_direction", mutates_args=())
 def fused_direction(
     backend: str,
@@ -68,7 +58,7 @@ def fused_direction(
         DirectionSpec.decode(spec), x, h0, c0, mask, tuple(flat)
     )
     inputs = [x, h0, c0, mask, *flat]
-    return out, h_n, c_n, [_fresh(t, inputs) for t in saved]
+    return out, h_n, c_n, [fresh(t, inputs) for t in saved]
 
 
 @fused_direction.register_fake
@@ -138,7 +128,7 @@ def _(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     backend, spec, x, h0, c0, mask, flat = inputs
-    ctx.backend, ctx.spec, ctx.n_flat, ctx.spent = backend, spec, len(flat), False
+    ctx.backend, ctx.spec, ctx.n_flat = backend, spec, len(flat)
     ctx.save_for_backward(x, h0, c0, mask, *flat, *output[3])
 
 
@@ -147,8 +137,7 @@ def _backward(
 ) -> tuple[Any, ...]:
     x, h0, c0, mask, *rest = ctx.saved_tensors
     flat, saved = list(rest[: ctx.n_flat]), list(rest[ctx.n_flat :])
-    if torch.is_grad_enabled() or ctx.spent:
-        # create_graph=True, or a second backward after the first overwrote the buffers
+    if torch.is_grad_enabled():  # create_graph=True: recompute with the reference
         grads = differentiable_backward(
             DirectionSpec.decode(ctx.spec),
             (x, h0, c0, mask, *flat),
@@ -156,7 +145,8 @@ def _backward(
             [*ctx.needs_input_grad[2:6], *(w.requires_grad for w in flat)],
         )
         return None, None, *grads[:3], None, grads[4:]
-    ctx.spent = True
+    # the backward op works on a copy of the buffers: a second backward through a retained
+    # graph gives the same bits
     dx, dh, dc, grads = fused_direction_backward(
         ctx.backend, ctx.spec, x, mask, flat, saved[0], saved[1:], d_out, d_hn, d_cn
     )
