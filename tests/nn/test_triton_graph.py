@@ -270,11 +270,11 @@ def test_self_check_compares_replayed_graphs(monkeypatch):
             _poison(self.outputs[0])
 
     cache = fake_cache(monkeypatch)
-    assert triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+    assert triton_backend.checked_problem.__wrapped__(DEVICE, torch.float32, "ieee")
     assert cache.replays == 3  # the forward's capture and replay, the backward's capture
     fake_cache(monkeypatch, WrongReplay)
     with pytest.warns(RuntimeWarning, match="failed its self-check"):
-        assert not triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+        assert not triton_backend.checked_problem.__wrapped__(DEVICE, torch.float32, "ieee")
 
 
 def test_graph_cache_stops_capturing_new_shapes_after_its_limit(monkeypatch):

@@ -910,12 +910,23 @@ def self_check_problem(
     return ref.to(device, dtype), x.to(device, dtype), tuple(h.to(device, dtype) for h in hx)
 
 
-@functools.cache
 def self_check(device: str, dtype: torch.dtype) -> bool:
     """Whether the Triton backend matches the reference on a small problem on ``device``
     (outputs and every gradient, relative error under 2e-2 for 16-bit dtypes, 1e-3 for
     float32; with CUDA-graph capture on, eagerly, captured and replayed); warns once on
-    a mismatch or an error. Cached per device and dtype."""
+    a mismatch or an error. Cached per device, dtype and precision (TF32 switched on
+    after a float32 check is checked anew). Inside an outer CUDA-graph capture it cannot
+    run (it reads values on the host): False, not cached. ``"auto"`` checks every
+    configuration it runs instead (:mod:`moglstm.nn.backends.triton_check`); this small
+    problem is for scripts (``benchmarks/gpu_check.py``)."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return checked_problem(device, dtype, precision(dtype))
+
+
+@functools.cache
+def checked_problem(device: str, dtype: torch.dtype, prec: str) -> bool:
+    """:func:`self_check`'s verdict, cached per precision ``prec`` (unused but as key)."""
     dev = torch.device(device)
     try:  # whatever the caller's mode (no_grad, inference, autocast): the check's own
         with (
