@@ -96,19 +96,35 @@ def test_step_loop_is_graph_safe(monkeypatch, kwargs):
         assert not bad, f"allocations or host syncs inside the step loop: {bad}"
 
 
+# how a GPU runs float32 products (the interpreter: exact float32, low-rank in one launch)
+PRECISIONS = {
+    "interpreter": {"interpreting": True, "tf32": False},
+    "ieee-gpu": {"interpreting": False, "tf32": False},
+    "tf32-gpu": {"interpreting": False, "tf32": True},
+}
+
+
+@pytest.mark.parametrize("where", list(PRECISIONS))
 @pytest.mark.parametrize(
-    ("kwargs", "forward", "backward"),
+    ("kwargs", "forward", "backward", "two_launch"),
     [
         # per step: a launch per round and the gates' (which also feeds h, masked, to the
         # next step); back: the cell, d[x_m, h_m] with the last round's gate, a product
-        # per round (each chained to the round below; round 1's times the state mask)
-        ({"mogrify_rounds": 5, "mogrify_rank": 3}, 6, 7),
-        ({"mogrify_rounds": 4}, 5, 6),
-        ({"mogrify_rounds": 1, "peephole": True}, 2, 3),
-        ({"mogrify_rounds": 0}, 1, 2),  # back: the cell, d h_{t-1} (times the mask)
+        # per round (each chained to the round below; round 1's times the state mask).
+        # Low-rank rounds in IEEE float32 on a GPU take two launches each way (their
+        # one-launch tiles spill registers there): 2r + 1 forward and 2r + 2 backward
+        ({"mogrify_rounds": 5, "mogrify_rank": 3}, 6, 7, (11, 12)),
+        ({"mogrify_rounds": 4}, 5, 6, None),
+        ({"mogrify_rounds": 1, "peephole": True}, 2, 3, None),
+        ({"mogrify_rounds": 0}, 1, 2, None),  # back: the cell, d h_{t-1} (times the mask)
     ],
 )
-def test_launches_per_step(monkeypatch, kwargs, forward, backward):
+def test_launches_per_step(monkeypatch, kwargs, forward, backward, two_launch, where):
+    setting = PRECISIONS[where]
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: setting["interpreting"])
+    monkeypatch.setattr(triton_backend, "tf32_allowed", lambda: setting["tf32"])
+    if two_launch and where == "ieee-gpu":
+        forward, backward = two_launch
     counts: dict = {}
     record_launches(monkeypatch, lambda name: counts.update({name: counts.get(name, 0) + 1}))
     T = 4
