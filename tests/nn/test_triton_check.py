@@ -235,3 +235,30 @@ def test_the_real_child_checks_the_configuration_under_the_interpreter(monkeypat
     request = tc.child_request(d.spec, steps.x, m, reverse)
     verdict, what = tc.run_child(request, timeout_s=300)
     assert verdict == "pass", what
+
+
+def test_auto_through_the_module_falls_back_on_a_wrong_kernel(monkeypatch):
+    """``MogrifierLSTM(implementation="auto")`` as on a CUDA device (readiness forced):
+    a wrong kernel warns once and the layer still trains right, on the torch-ops loop."""
+    monkeypatch.setattr(backends, "_triton_ready", lambda x: True)
+    monkeypatch.setattr(backends.CHECKED_TRITON, "verdicts", {})
+    monkeypatch.setattr(tc, "CHILD_CHECK", "0")
+    original = tb.gates_cell
+
+    def wrong(*args):
+        original(*args)
+        args[8].mul_(1.01)
+
+    monkeypatch.setattr(tb, "gates_cell", wrong)
+    torch.manual_seed(0)
+    rnn = MogrifierLSTM(5, 6, num_layers=2, mogrify_rounds=2, mogrify_rank=3)
+    ref = MogrifierLSTM(5, 6, num_layers=2, mogrify_rounds=2, mogrify_rank=3)
+    ref.implementation = "reference"
+    ref.load_state_dict(rnn.state_dict())
+    x = torch.randn(3, 2, 5)
+    with pytest.warns(RuntimeWarning, match="failed its check for configuration") as seen:
+        out, _ = rnn(x)
+    # the two layers (inputs 5 and 6) run the same binaries: one configuration, one check
+    assert len([w for w in seen if "failed its check" in str(w.message)]) == 1
+    torch.testing.assert_close(out, ref(x)[0], rtol=2e-5, atol=2e-5)
+    assert list(backends.CHECKED_TRITON.verdicts.values()) == [False]

@@ -58,7 +58,8 @@ FLOORS = {"ieee-float32": 1e-4, "tf32-float32": 5e-3}
 FLOOR_16BIT = 2e-2
 SLACK = 4.0  # and it may be this many times the torch-ops loop's error in the same dtype,
 CAP = 0.1  # but never more than this (a torch path that far off says nothing)
-CHILD_TIMEOUT_S = float(os.environ.get("MOGLSTM_TRITON_CHILD_TIMEOUT", "600"))
+# a child compiles one configuration's ~14 binaries (seconds each) and runs 2 steps
+CHILD_TIMEOUT_S = float(os.environ.get("MOGLSTM_TRITON_CHILD_TIMEOUT", "300"))
 # the first check on a device in a child process: on CUDA ("auto"), never, or always
 # (MOGLSTM_TRITON_CHILD_CHECK=0/1; 1 on CPU too, for tests under the interpreter)
 CHILD_CHECK = os.environ.get("MOGLSTM_TRITON_CHILD_CHECK", "auto")
@@ -175,13 +176,12 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_context() -> contextlib.ExitStack:
+def check_context(device_type: str) -> contextlib.ExitStack:
     """Whatever the caller's mode (no_grad, inference, autocast): the check's own."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
-    stack.enter_context(torch.autocast("cuda", enabled=False))
-    stack.enter_context(torch.autocast("cpu", enabled=False))
+    stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
 
 
@@ -203,7 +203,7 @@ def compare_window(
 
     torch_loop = TorchLoop()
     args = (spec, x, h, c, mask, flat, reverse)
-    with check_context():
+    with check_context(x.device.type):
         got = _window(triton_backend, *args, x.dtype)
         truth = _window(torch_loop, *args, torch.float64)
         same = _window(torch_loop, *args, x.dtype)
