@@ -67,6 +67,7 @@ STORE, ROUND_FORWARD = 0, 1  # the products' epilogues (triton_kernels)
 # the window's cell states in float32 whatever the operand dtype, as cuDNN keeps them
 # (tests/nn/test_triton.py::test_cell_state_drift_over_500_steps measures why)
 CELL_F32 = True
+CELL_POINTERS = ("c_prev_ptr", "c_ptr", "dc_ptr")  # the kernels' float32 arguments then
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -577,17 +578,18 @@ def gates_cell(
         xh,
         wh if wx is None else wx,
         wh,
-        c if bias is None else bias,
-        c if pre is None else pre,
+        # unused pointers: h, of the operand dtype (c is float32: another signature)
+        h if bias is None else bias,
+        h if pre is None else pre,
         c_prev,
         gates,
         c,
         h,
-        c if next_h is None else next_h,
-        c if mask is None else mask,
-        c if p_i is None else p_i,
-        c if p_f is None else p_f,
-        c if p_o is None else p_o,
+        h if next_h is None else next_h,
+        h if mask is None else mask,
+        h if p_i is None else p_i,
+        h if p_f is None else p_f,
+        h if p_o is None else p_o,
         B,
         H,
         KX,
@@ -624,11 +626,11 @@ def cell_backward(
         c_prev,
         c,
         dh,
-        dc if d_out is None else d_out,
+        dh if d_out is None else d_out,  # unused pointers: dh, of the operand dtype
         dc,
-        dc if p_i is None else p_i,
-        dc if p_f is None else p_f,
-        dc if p_o is None else p_o,
+        dh if p_i is None else p_i,
+        dh if p_f is None else p_f,
+        dh if p_o is None else p_o,
         B,
         H,
         gates.stride(0),
