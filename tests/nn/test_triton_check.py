@@ -146,6 +146,20 @@ def test_inside_an_outer_capture_the_check_waits(checked, monkeypatch):
     assert list(checked.verdicts.values()) == [True]
 
 
+def test_the_check_waits_under_a_transform_or_a_tracer():
+    x = torch.randn(2, 2, 5)
+    assert not tc.deferred(x)
+    seen = []
+
+    def f(v):
+        seen.append(tc.deferred(v))
+        return v.sum()
+
+    torch.func.grad(f)(x)
+    torch.jit.trace(lambda v: seen.append(tc.deferred(v)) or v * 2, (x,), check_trace=False)
+    assert seen and all(seen), seen
+
+
 def test_self_check_is_cached_per_precision_and_not_inside_a_capture(monkeypatch):
     calls = []
     one = torch.ones(1)

@@ -19,8 +19,8 @@ an illegal memory access there (which would leave this process's CUDA context br
 becomes a warning and the torch-ops loop on that device; a pass has filled Triton's
 on-disk cache, so this process compiles nothing for it. Inside an outer CUDA-graph
 capture no check can run (it reads values on the host): the call runs the torch-ops
-loop and the check waits for a later call; nothing is cached as failed. (Under a tracer
-:func:`moglstm.nn.backends.select` never gets here.)
+loop and the check waits for a later call; nothing is cached as failed. So under a
+tracer or a ``torch.func`` transform (``"fused"`` reaches here under ``torch.func``).
 
 Compilation is reported through the ``logging`` logger of this module at INFO level
 (``moglstm``'s command line shows it): what is being compiled, and how long it took.
@@ -290,8 +290,13 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 def deferred(x: Tensor) -> bool:
-    """Whether no check can run now: inside an outer CUDA-graph capture."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether no check can run now: inside an outer CUDA-graph capture (it reads values
+    on the host), or under a tracer or a ``torch.func`` transform (its windows would be
+    traced or transformed too)."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return tracing or torch._C._are_functorch_transforms_active()
 
 
 class CheckedTriton(Backend):
