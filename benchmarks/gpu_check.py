@@ -35,6 +35,7 @@ CPU under Triton's interpreter at tiny sizes, to check the script itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -135,12 +136,12 @@ DRY_MODEL = [
 ]
 
 
-def ptb_layers(dry: bool) -> list[tuple[MogrifierLSTM, int, int]]:
+def ptb_layers(dry: bool, name: str = "ptb-paper") -> list[tuple[MogrifierLSTM, int, int]]:
     """``(layer, batch, steps)`` of each of ptb-paper's recurrent modules, built as its
     preset does (sizes from its parameter budget at PTB's vocabulary), random weights."""
     from moglstm.lm.models.build import build_on_meta
 
-    cfg = preset("ptb-paper", dry)
+    cfg = preset(name, dry)
     model = build_on_meta(cfg.model, PTB_VOCAB)
     out = []
     g = torch.Generator().manual_seed(0)
@@ -179,8 +180,10 @@ def compile_requests(dry: bool, device: str) -> list[dict]:
     """One child request per layer configuration the run will meet."""
     out, seen = [], set()
     cases = [(k, v, False) for k, v in shapes(dry).items()]
-    # ptb-paper trains with a state mask (state dropout)
+    # ptb-paper trains with a state mask (state dropout); ptb-paper-lstm's layers too
     cases += [(k, v, True) for k, v in shapes(dry).items() if k.startswith("ptb")]
+    for i, v in enumerate(ptb_layers(dry, "ptb-paper-lstm")):
+        cases += [(f"ptb-paper-lstm-{i}", v, mask) for mask in (False, True)]
     for name, (layer, batch, steps), mask in cases:
         for label, dtype, on in (*precisions(dry), ("fp16", "float16", False)):
             for li in range(layer.num_layers):
@@ -374,6 +377,18 @@ def candidates(dry: bool, device: str) -> dict[str, tuple]:
     return {k: (*v, batch, steps) for k, v in out.items()}
 
 
+@contextlib.contextmanager
+def graphs_on(flag: bool):
+    """Capture of the Triton windows on or off for a while, keeping the graphs captured
+    so far (``graphs.set_enabled(False)`` would free them: every candidate in turn would
+    then capture anew)."""
+    saved, graphs.ENABLED = graphs.ENABLED, flag
+    try:
+        yield
+    finally:
+        graphs.ENABLED = saved
+
+
 def run_timings(dry: bool, device: str, deadline: float) -> dict:
     runs, warmup = (1, 0) if dry else (10, 3)
     steps_fns, rows = {}, {}
@@ -383,36 +398,32 @@ def run_timings(dry: bool, device: str, deadline: float) -> dict:
             continue
         try:
             dt = getattr(torch, dtype)
-            graphs.set_enabled(capture is True)
-            module = build().to(device, dt)
-            x = torch.randn(steps, batch, module.input_size, device=device, dtype=dt)
-            x.requires_grad_()
-            rows[name] = {"peak_memory_mb": peak_memory(module, x, capture, device)}
-            fn = lstm_step(module, x)
-            if capture == "whole" and device == "cuda":
-                fn = whole_step_graph(module, x)
+            with graphs_on(capture is True):
+                module = build().to(device, dt)
+                x = torch.randn(steps, batch, module.input_size, device=device, dtype=dt)
+                x.requires_grad_()
+                rows[name] = {"peak_memory_mb": peak_memory(module, x, capture, device)}
+                fn = lstm_step(module, x)
+                if capture == "whole" and device == "cuda":
+                    fn = whole_step_graph(module, x)
             steps_fns[name] = (fn, capture)
         except Exception as err:
             rows[name] = {"error": repr(err), "traceback": traceback.format_exc()[-2000:]}
-        finally:
-            graphs.set_enabled(True)
     times: dict[str, list[float]] = {name: [] for name in steps_fns}
     for i in range(warmup + runs):  # interleaved: each candidate in turn
         for name, (fn, capture) in steps_fns.items():
             if time.perf_counter() > deadline and i >= warmup + 2:
                 continue
-            graphs.set_enabled(capture is True)
             try:
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
+                with graphs_on(capture is True):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t0) * 1e3)
             except Exception as err:
                 rows[name]["error"] = repr(err)
-            finally:
-                graphs.set_enabled(True)
     cudnn = next((k for k in times if k.startswith("cudnn") and "2 layers" in k), None)
     for name, ts in times.items():
         if ts:
