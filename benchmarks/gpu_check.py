@@ -57,6 +57,7 @@ from latency_probe import probe  # noqa: E402
 
 from moglstm.nn import MogrifierLSTM, backends  # noqa: E402
 from moglstm.nn.backends import graphs  # noqa: E402
+from moglstm.nn.backends import triton as tb  # noqa: E402
 from moglstm.nn.backends import triton_check as tc  # noqa: E402
 
 # seconds of the default 480-second budget per part (scaled to --budget); the tests
@@ -367,6 +368,13 @@ def candidates(dry: bool, device: str) -> dict[str, tuple]:
         f"cudnn {fp16} 1 layer (persistent)": (cudnn(1), fp16, None),
         f"triton {bf16} {L} layers, graphs": (mog(target, "triton"), bf16, True),
         f"triton {bf16} {L} layers, no graphs": (mog(target, "triton"), bf16, False),
+        # the speed lever of docs/gpu.md: low-rank rounds in two launches (u made once)
+        f"triton {bf16} {L} layers, graphs, low-rank in two launches": (
+            mog(target, "triton"),
+            bf16,
+            True,
+            "two",
+        ),
         f"triton {fp16} 1 layer, graphs": (mog(one, "triton"), fp16, True),
         f"torch-loop {bf16} {L} layers, whole step in a graph": (
             mog(target, "fused"),
@@ -374,7 +382,7 @@ def candidates(dry: bool, device: str) -> dict[str, tuple]:
             "whole",
         ),
     }
-    return {k: (*v, batch, steps) for k, v in out.items()}
+    return {k: (*v[:3], v[3] if len(v) > 3 else "one", batch, steps) for k, v in out.items()}
 
 
 @contextlib.contextmanager
@@ -389,16 +397,27 @@ def graphs_on(flag: bool):
         graphs.ENABLED = saved
 
 
+@contextlib.contextmanager
+def low_rank(mode: str):
+    """The low-rank launch mode for a while (graphs of both modes are kept: the mode is
+    part of a window's graph key)."""
+    saved, tb.LOW_RANK_LAUNCHES = tb.LOW_RANK_LAUNCHES, mode
+    try:
+        yield
+    finally:
+        tb.LOW_RANK_LAUNCHES = saved
+
+
 def run_timings(dry: bool, device: str, deadline: float) -> dict:
     runs, warmup = (1, 0) if dry else (10, 3)
     steps_fns, rows = {}, {}
-    for name, (build, dtype, capture, batch, steps) in candidates(dry, device).items():
+    for name, (build, dtype, capture, lever, batch, steps) in candidates(dry, device).items():
         if time.perf_counter() > deadline:
             rows[name] = {"skipped": "out of budget"}
             continue
         try:
             dt = getattr(torch, dtype)
-            with graphs_on(capture is True):
+            with graphs_on(capture is True), low_rank(lever):
                 module = build().to(device, dt)
                 x = torch.randn(steps, batch, module.input_size, device=device, dtype=dt)
                 x.requires_grad_()
@@ -406,16 +425,16 @@ def run_timings(dry: bool, device: str, deadline: float) -> dict:
                 fn = lstm_step(module, x)
                 if capture == "whole" and device == "cuda":
                     fn = whole_step_graph(module, x)
-            steps_fns[name] = (fn, capture)
+            steps_fns[name] = (fn, capture, lever)
         except Exception as err:
             rows[name] = {"error": repr(err), "traceback": traceback.format_exc()[-2000:]}
     times: dict[str, list[float]] = {name: [] for name in steps_fns}
     for i in range(warmup + runs):  # interleaved: each candidate in turn
-        for name, (fn, capture) in steps_fns.items():
+        for name, (fn, capture, lever) in steps_fns.items():
             if time.perf_counter() > deadline and i >= warmup + 2:
                 continue
             try:
-                with graphs_on(capture is True):
+                with graphs_on(capture is True), low_rank(lever):
                     sync(device)
                     t0 = time.perf_counter()
                     fn()

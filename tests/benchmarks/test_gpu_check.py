@@ -46,8 +46,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(set(r["worst_rel_error"]) == {"eager", "captured", "replayed"} for r in correctness)
     assert summary["latency"]["eager_launch_us"] > 0
     rows = summary["timings"]["rows"]
-    assert len(rows) == 6 and all(r["median_ms"] > 0 for r in rows.values()), rows
+    assert len(rows) == 7 and all(r["median_ms"] > 0 for r in rows.values()), rows
     assert any(name.startswith("cudnn float16 1 layer") for name in rows)
+    assert any("low-rank in two launches" in name for name in rows)  # the speed lever
     assert summary["timings"]["profile"]
     for name in ("ptb-paper", "ptb-paper-lstm"):
         run = summary["ptb"][name]

@@ -136,6 +136,29 @@ def test_launches_per_step(monkeypatch, kwargs, forward, backward, two_launch, w
     assert sum(counts.values()) == T * backward, counts
 
 
+def test_the_low_rank_switch_takes_two_launches_per_round(monkeypatch):
+    """The speed lever ``set_low_rank_launches("two")``: every low-rank round in two
+    launches (u made once), 11 forward and 12 backward per step for 5 rounds; the mode
+    is part of the graph key."""
+    counts: dict = {}
+    record_launches(monkeypatch, lambda name: counts.update({name: counts.get(name, 0) + 1}))
+    d, flat, (x, h0, c0, mask) = meta_window({"mogrify_rounds": 5, "mogrify_rank": 3}, 2)
+    key_one = triton_backend.window_key(x)
+    previous = triton_backend.set_low_rank_launches("two")
+    try:
+        assert triton_backend.window_key(x) != key_one
+        out, _, _, saved = triton_backend.TRITON.forward(d.spec, x, h0, c0, mask, flat)
+        assert sum(counts.values()) == 2 * 11, counts
+        counts.clear()
+        d_out = torch.ones_like(out)
+        triton_backend.TRITON.backward(d.spec, x, mask, flat, saved, d_out, None, None)
+        assert sum(counts.values()) == 2 * 12, counts
+        with pytest.raises(ValueError, match="'one' or 'two'"):
+            triton_backend.set_low_rank_launches("three")
+    finally:
+        triton_backend.set_low_rank_launches(previous)
+
+
 # -- CUDA-graph capture of a window (moglstm.nn.backends.graphs), on CPU with a stand-in
 
 

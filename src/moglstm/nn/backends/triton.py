@@ -155,11 +155,36 @@ def chain_warps(dtype: torch.dtype | str, t: Tiles) -> int:
     return linear_warps(dtype, t)
 
 
+# Speed lever (docs/gpu.md): "one" runs a low-rank round's two products in one launch
+# where the rank allows (every column program recomputes u = v R^T: 13x the useful
+# work at rank 84, one launch); "two" always in two (u made once, then the gated
+# product: one more dependent launch per round and direction). Which wins is the GPU's
+# to say (benchmarks/gpu_check.py times both); set with MOGLSTM_TRITON_LOW_RANK or
+# set_low_rank_launches().
+LOW_RANK_LAUNCHES = os.environ.get("MOGLSTM_TRITON_LOW_RANK", "one")
+if LOW_RANK_LAUNCHES not in ("one", "two"):
+    raise ValueError(f"MOGLSTM_TRITON_LOW_RANK must be 'one' or 'two', got {LOW_RANK_LAUNCHES!r}")
+
+
+def set_low_rank_launches(mode: str) -> str:
+    """Set :data:`LOW_RANK_LAUNCHES` (``"one"`` or ``"two"``); frees the captured CUDA
+    graphs (they hold the other mode's launches); returns the previous mode."""
+    global LOW_RANK_LAUNCHES
+    if mode not in ("one", "two"):
+        raise ValueError(f"low-rank launches must be 'one' or 'two', got {mode!r}")
+    previous, LOW_RANK_LAUNCHES = LOW_RANK_LAUNCHES, mode
+    graphs.GRAPHS.clear()
+    return previous
+
+
 def rank_tile(rank: int, dtype: torch.dtype) -> int | None:
     """The padded rank of the one-launch low-rank kernel, or None (two launches): ranks
     over 128, and IEEE float32 products on a GPU, whose one-launch tiles spill registers
     on sm_80/sm_90 even with 8 warps (found by the ahead-of-time compile check; the
-    interpreter, which has no registers, keeps testing the kernel in float32)."""
+    interpreter, which has no registers, keeps testing the kernel in float32); and
+    always where :data:`LOW_RANK_LAUNCHES` is ``"two"``."""
+    if LOW_RANK_LAUNCHES == "two":
+        return None
     if dtype == torch.float32 and precision(dtype) == "ieee" and not interpreting():
         return None
     return next((k for k in RANK_TILES if rank <= k), None)
@@ -907,7 +932,7 @@ def window_key(x: Tensor) -> tuple:
         matmul.allow_fp16_reduced_precision_reduction,
         matmul.allow_bf16_reduced_precision_reduction,
     )
-    return (precision(x.dtype), reduced)
+    return (precision(x.dtype), reduced, LOW_RANK_LAUNCHES)
 
 
 def self_check_problem(
