@@ -30,6 +30,10 @@ CPU under Triton's interpreter at tiny sizes, to check the script itself.
 
     python benchmarks/gpu_check.py --out gpu_check.json [--data DIR] [--budget 480]
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run --out dry.json
+
+Why one script of over 600 lines: it is what a lent GPU machine runs, once, under one
+budget and into one summary; its six parts share the shapes, the budget's deadlines and
+the JSON writer, and each is short (its helpers beside it).
 """
 
 from __future__ import annotations
