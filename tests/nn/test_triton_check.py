@@ -77,6 +77,18 @@ def test_first_window_checked_once_then_triton(checked, caplog):
     torch.testing.assert_close(out, reference(*args)[0], rtol=2e-5, atol=2e-5)
 
 
+def test_implementation_triton_logs_its_first_compile(caplog, monkeypatch):
+    monkeypatch.setattr(tb, "ANNOUNCED", set())
+    args = window()
+    with caplog.at_level("INFO", logger=tb.__name__):
+        tb.TRITON.run(*args)
+        tb.TRITON.run(*args)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "moglstm: compiling GPU kernels for float32, once; cached afterwards"
+    assert messages[1].startswith("moglstm: first float32 forward window in ")
+    assert len(messages) == 2  # once
+
+
 def test_a_wrong_kernel_warns_once_naming_its_configuration_and_falls_back(checked, monkeypatch):
     original = tb.gates_cell
 

@@ -42,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +65,9 @@ from moglstm.nn.backends.buffers import (
 from moglstm.nn.backends.torch_loop import RoundGrads, store_state
 from moglstm.nn.direction import Direction, DirectionSpec
 
+logger = logging.getLogger(__name__)
+# (device, dtype, precision) whose kernels were announced as compiling (logging, INFO)
+ANNOUNCED: set[tuple[str, torch.dtype, str]] = set()
 STORE, ROUND_FORWARD = 0, 1  # the products' epilogues (triton_kernels)
 # the window's cell states in float32 whatever the operand dtype, as cuDNN keeps them
 # (tests/nn/test_triton.py::test_cell_state_drift_over_500_steps measures why)
@@ -681,8 +686,22 @@ class TritonLoop(FusedBackend):
         mask: Tensor | None,
         flat: tuple[Tensor, ...],
     ) -> tuple[Tensor, Tensor, Tensor, Saved]:
+        key = (str(x.device), x.dtype, precision(x.dtype))
+        if key in ANNOUNCED or torch.compiler.is_compiling():
+            with on_device(x):
+                return self.graphed_forward(spec, x, h0, c0, mask, flat)
+        ANNOUNCED.add(key)  # implementation="triton"'s first window ("auto" logs its check)
+        name = str(x.dtype).removeprefix("torch.")
+        logger.info("moglstm: compiling GPU kernels for %s, once; cached afterwards", name)
+        start = time.perf_counter()
         with on_device(x):
-            return self.graphed_forward(spec, x, h0, c0, mask, flat)
+            found = self.graphed_forward(spec, x, h0, c0, mask, flat)
+        logger.info(
+            "moglstm: first %s forward window in %.1f s (compiling included)",
+            name,
+            time.perf_counter() - start,
+        )
+        return found
 
     def backward(
         self,

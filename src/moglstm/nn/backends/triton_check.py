@@ -356,6 +356,7 @@ class CheckedTriton(Backend):
         if not self.devices.get(device, True):
             return False
         start = time.perf_counter()
+        tb.ANNOUNCED.add((device, x.dtype, tb.precision(x.dtype)))  # logged here, not again
         message = "moglstm: compiling GPU kernels for %s, once; cached afterwards (%s)"
         logger.info(message, config.dtype, config)
         try:
