@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
+from childproc import run_group  # beside this script
 
 
 @triton.jit
@@ -105,13 +105,12 @@ def barrier_us(device: str, programs: int, rounds: int) -> float:
 def barrier_in_child(timeout_s: float, dry: bool) -> dict:
     """:func:`barrier_us` in a child process: a grid that cannot all be resident hangs."""
     args = [sys.executable, __file__, "--barrier-only"] + (["--dry-run"] if dry else [])
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    rc, out, err = run_group(args, timeout_s)  # its own process group, ended after
+    if rc == "timeout":
         return {"error": f"no answer in {timeout_s:g} s (programs not all resident?)"}
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1:] or [f"rc {done.returncode}"]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if rc != 0:
+        return {"error": err.strip().splitlines()[-1:] or [f"rc {rc}"]}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def barrier_only(dry: bool) -> dict:

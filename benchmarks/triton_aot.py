@@ -108,12 +108,17 @@ def compile_config(
     from triton.compiler import ASTSource
 
     from moglstm.nn.backends import triton_kernels
+    from moglstm.nn.backends.triton import CELL_F32, CELL_POINTERS
 
     fn = getattr(triton_kernels, kernel)
+
+    def pointer(name: str) -> str:  # the cell state's are float32 in every dtype
+        return "*fp32" if CELL_F32 and name in CELL_POINTERS else f"*{dtype}"
+
     signature = {
         name: "constexpr"
         if name in constexprs
-        else (f"*{dtype}" if name.endswith("_ptr") else "i32")
+        else (pointer(name) if name.endswith("_ptr") else "i32")
         for name in fn.arg_names
     }
     attrs = {

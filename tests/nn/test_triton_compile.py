@@ -7,8 +7,10 @@ and read by triton when it is first imported).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,17 +31,26 @@ def compile_reports(tmp_path, *args: str) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = tmp_path / "aot.json"
-    done = subprocess.run(
+    # its own process group, ended whatever happens: the script's compile workers
+    # (a process pool) would otherwise outlive a timeout
+    proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), *args, "--json", str(out)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=900,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
     if not out.exists():
-        raise AssertionError(f"compile failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(f"compile failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     reports = json.loads(out.read_text())
-    assert done.returncode == 0, done.stdout[-3000:]  # the script lists the problems
+    assert proc.returncode == 0, stdout[-3000:]  # the script lists the problems
     return reports
 
 

@@ -96,19 +96,35 @@ def test_step_loop_is_graph_safe(monkeypatch, kwargs):
         assert not bad, f"allocations or host syncs inside the step loop: {bad}"
 
 
+# how a GPU runs float32 products (the interpreter: exact float32, low-rank in one launch)
+PRECISIONS = {
+    "interpreter": {"interpreting": True, "tf32": False},
+    "ieee-gpu": {"interpreting": False, "tf32": False},
+    "tf32-gpu": {"interpreting": False, "tf32": True},
+}
+
+
+@pytest.mark.parametrize("where", list(PRECISIONS))
 @pytest.mark.parametrize(
-    ("kwargs", "forward", "backward"),
+    ("kwargs", "forward", "backward", "two_launch"),
     [
         # per step: a launch per round and the gates' (which also feeds h, masked, to the
         # next step); back: the cell, d[x_m, h_m] with the last round's gate, a product
-        # per round (each chained to the round below; round 1's times the state mask)
-        ({"mogrify_rounds": 5, "mogrify_rank": 3}, 6, 7),
-        ({"mogrify_rounds": 4}, 5, 6),
-        ({"mogrify_rounds": 1, "peephole": True}, 2, 3),
-        ({"mogrify_rounds": 0}, 1, 2),  # back: the cell, d h_{t-1} (times the mask)
+        # per round (each chained to the round below; round 1's times the state mask).
+        # Low-rank rounds in IEEE float32 on a GPU take two launches each way (their
+        # one-launch tiles spill registers there): 2r + 1 forward and 2r + 2 backward
+        ({"mogrify_rounds": 5, "mogrify_rank": 3}, 6, 7, (11, 12)),
+        ({"mogrify_rounds": 4}, 5, 6, None),
+        ({"mogrify_rounds": 1, "peephole": True}, 2, 3, None),
+        ({"mogrify_rounds": 0}, 1, 2, None),  # back: the cell, d h_{t-1} (times the mask)
     ],
 )
-def test_launches_per_step(monkeypatch, kwargs, forward, backward):
+def test_launches_per_step(monkeypatch, kwargs, forward, backward, two_launch, where):
+    setting = PRECISIONS[where]
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: setting["interpreting"])
+    monkeypatch.setattr(triton_backend, "tf32_allowed", lambda: setting["tf32"])
+    if two_launch and where == "ieee-gpu":
+        forward, backward = two_launch
     counts: dict = {}
     record_launches(monkeypatch, lambda name: counts.update({name: counts.get(name, 0) + 1}))
     T = 4
@@ -118,6 +134,29 @@ def test_launches_per_step(monkeypatch, kwargs, forward, backward):
     counts.clear()
     triton_backend.TRITON.backward(d.spec, x, mask, flat, saved, torch.ones_like(out), None, None)
     assert sum(counts.values()) == T * backward, counts
+
+
+def test_the_low_rank_switch_takes_two_launches_per_round(monkeypatch):
+    """The speed lever ``set_low_rank_launches("two")``: every low-rank round in two
+    launches (u made once), 11 forward and 12 backward per step for 5 rounds; the mode
+    is part of the graph key."""
+    counts: dict = {}
+    record_launches(monkeypatch, lambda name: counts.update({name: counts.get(name, 0) + 1}))
+    d, flat, (x, h0, c0, mask) = meta_window({"mogrify_rounds": 5, "mogrify_rank": 3}, 2)
+    key_one = triton_backend.window_key(x)
+    previous = triton_backend.set_low_rank_launches("two")
+    try:
+        assert triton_backend.window_key(x) != key_one
+        out, _, _, saved = triton_backend.TRITON.forward(d.spec, x, h0, c0, mask, flat)
+        assert sum(counts.values()) == 2 * 11, counts
+        counts.clear()
+        d_out = torch.ones_like(out)
+        triton_backend.TRITON.backward(d.spec, x, mask, flat, saved, d_out, None, None)
+        assert sum(counts.values()) == 2 * 12, counts
+        with pytest.raises(ValueError, match="'one' or 'two'"):
+            triton_backend.set_low_rank_launches("three")
+    finally:
+        triton_backend.set_low_rank_launches(previous)
 
 
 # -- CUDA-graph capture of a window (moglstm.nn.backends.graphs), on CPU with a stand-in
@@ -270,11 +309,11 @@ def test_self_check_compares_replayed_graphs(monkeypatch):
             _poison(self.outputs[0])
 
     cache = fake_cache(monkeypatch)
-    assert triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+    assert triton_backend.checked_problem.__wrapped__(DEVICE, torch.float32, "ieee")
     assert cache.replays == 3  # the forward's capture and replay, the backward's capture
     fake_cache(monkeypatch, WrongReplay)
     with pytest.warns(RuntimeWarning, match="failed its self-check"):
-        assert not triton_backend.self_check.__wrapped__(DEVICE, torch.float32)
+        assert not triton_backend.checked_problem.__wrapped__(DEVICE, torch.float32, "ieee")
 
 
 def test_graph_cache_stops_capturing_new_shapes_after_its_limit(monkeypatch):

@@ -29,7 +29,8 @@ from moglstm.nn.backends.op import LibraryOp
 from moglstm.nn.backends.reference import Reference
 from moglstm.nn.backends.scan import Scan
 from moglstm.nn.backends.torch_loop import TorchLoop, TorchLoopKernels
-from moglstm.nn.backends.triton import TRITON, self_check, unavailable_reason
+from moglstm.nn.backends.triton import TRITON, unavailable_reason
+from moglstm.nn.backends.triton_check import CheckedTriton
 from moglstm.nn.direction import Steps
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "Backend",
     "FusedBackend",
     "FusedDirection",
+    "CHECKED_TRITON",
     "TRITON",
     "select",
     "step_loop",
@@ -80,6 +82,10 @@ def step_loop(x: torch.Tensor) -> FusedBackend:
     return TORCH_LOOP
 
 
+# "auto"'s Triton backend on CUDA: every configuration checked on its first window
+CHECKED_TRITON = CheckedTriton(step_loop)
+
+
 def traced_backend(implementation: str) -> Backend | None:
     """The backend under a tracer, or None when running eagerly.
 
@@ -115,8 +121,9 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
     Triton backend (an error where it cannot run: no triton, not CUDA and not
     ``TRITON_INTERPRET=1``, packed sequences, ``proj_size``, dtypes other than
     float32/float16/bfloat16). ``"auto"`` takes a fused backend when autograd records the
-    call (training): on CUDA the Triton one once it has passed its self-check on that
-    device and dtype (else the torch-ops loop), on CPU the best step loop. Without
+    call (training): on CUDA the Triton one, each layer direction's kernel configuration
+    once it has passed its check on its first window (else the torch-ops loop;
+    :mod:`~moglstm.nn.backends.triton_check`), on CPU the best step loop. Without
     autograd (inference, generation) it does so only for windows of at least
     ``INFERENCE_MIN_STEPS`` steps, on CUDA with Triton or on CPU with the compiled loop
     (measured on CPU: as fast at batch 1, twice as fast at batch 8, B=64 forward x1.2 of
@@ -153,11 +160,11 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
     traced = traced_backend(implementation)
     if traced is not None:
         return traced
-    backend = TRITON if _triton_ready(x) else step_loop(x)
+    backend = CHECKED_TRITON if _triton_ready(x) else step_loop(x)
     if implementation == "auto" and not records_grad:
         # inference: a fused backend pays for its setup (weights concatenated and packed,
         # buffers) over a window; the reference loop wins on a few steps
-        fast = backend is COMPILED_LOOP or backend is TRITON
+        fast = backend is COMPILED_LOOP or backend is CHECKED_TRITON
         if steps.length < INFERENCE_MIN_STEPS or not fast:
             return REFERENCE
     return backend
@@ -165,7 +172,8 @@ def select(implementation: str, steps: Steps, records_grad: bool, proj_size: int
 
 def _triton_ready(x: torch.Tensor) -> bool:
     """Whether "auto" and "fused" run tensors like ``x`` through Triton: on CUDA, where it
-    can run, after its one-time self-check against the reference passed."""
+    can run and its first check on that device did not crash; each configuration is then
+    checked against the torch path on its first window (:class:`CheckedTriton`)."""
     if x.device.type != "cuda" or unavailable_reason(x) is not None:
         return False
-    return self_check(str(x.device), x.dtype)
+    return CHECKED_TRITON.device_usable(x.device)

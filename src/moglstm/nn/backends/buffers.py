@@ -51,21 +51,37 @@ def layout(spec: DirectionSpec, T: int, B: int) -> dict[str, list[tuple[int, ...
     }
 
 
-def arena_size(shapes: dict[str, list[tuple[int, ...]]], element_size: int) -> int:
+def widen(name: str, element_size: int, cell_f32: bool) -> int:
+    """Arena elements per element of buffer ``name``: 4 / element size for the cell state
+    kept in float32 (``cell_f32``) in a 16-bit arena, else 1."""
+    return 4 // element_size if cell_f32 and name == "c" and element_size < 4 else 1
+
+
+def arena_size(
+    shapes: dict[str, list[tuple[int, ...]]], element_size: int, cell_f32: bool = False
+) -> int:
     """Elements of the arena that holds ``shapes`` with each buffer 64-byte aligned (sizes
-    may be symbolic: the custom op's fake kernel calls this while tracing)."""
+    may be symbolic: the custom op's fake kernel calls this while tracing); ``cell_f32``:
+    the cell state ``c`` in float32 (:class:`Buffers`)."""
     align = 64 // element_size
-    return sum(-(-math.prod(s) // align) * align for group in shapes.values() for s in group)
+    return sum(
+        -(-math.prod(s) * widen(name, element_size, cell_f32) // align) * align
+        for name, group in shapes.items()
+        for s in group
+    )
 
 
-def arena_shape(spec: DirectionSpec, x: Tensor) -> tuple[int]:
+def arena_shape(spec: DirectionSpec, x: Tensor, cell_f32: bool = False) -> tuple[int]:
     """The shape of the arena for input ``x`` ``(T, B, I)``: what the step loops save."""
     T, B, _ = x.shape
-    return (arena_size(layout(spec, T, B), x.element_size()),)
+    return (arena_size(layout(spec, T, B), x.element_size(), cell_f32),)
 
 
 def carve(
-    like: Tensor, shapes: dict[str, list[tuple[int, ...]]], arena: Tensor | None = None
+    like: Tensor,
+    shapes: dict[str, list[tuple[int, ...]]],
+    arena: Tensor | None = None,
+    cell_f32: bool = False,
 ) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Tensors of the given shapes, carved out of one allocation (64-byte aligned views):
     ``arena`` if given (as :func:`carve` returned it before), else a new one.
@@ -74,9 +90,13 @@ def carve(
     them in 4 KiB pages cost about 0.5 ms per MB here, so on CPU the block is advised
     to use transparent huge pages (a no-op where Linux or the machine says no).
     """
-    align = 64 // like.element_size()
-    sizes = {name: [math.prod(s) for s in group] for name, group in shapes.items()}
-    total = arena_size(shapes, like.element_size())
+    size = like.element_size()
+    align = 64 // size
+    sizes = {
+        name: [math.prod(s) * widen(name, size, cell_f32) for s in group]
+        for name, group in shapes.items()
+    }
+    total = arena_size(shapes, size, cell_f32)
     if arena is None:
         arena = like.new_empty(total)
         if like.device.type == "cpu":
@@ -87,7 +107,10 @@ def carve(
     for name, group in shapes.items():
         out[name] = []
         for shape, n in zip(group, sizes[name], strict=True):
-            out[name].append(arena[offset : offset + n].view(shape))
+            part = arena[offset : offset + n]
+            if widen(name, size, cell_f32) > 1:  # the cell state in float32 (same bytes)
+                part = part.view(torch.float32)
+            out[name].append(part.view(shape))
             offset += -(-n // align) * align
     return arena, out
 
@@ -99,12 +122,16 @@ class Buffers:
     ``(T, B, .)``: ``xs[0]`` is the input itself, ``hs[0]`` the (masked) h_{t-1}.
     With rounds, the last versions are the two halves of one ``(T, B, I + H)``
     buffer ``xh``, so the gates take one matrix product per step. Pass the ``arena``
-    of the forward's buffers to view them again in backward.
+    of the forward's buffers to view them again in backward. ``cell_f32``: the cell
+    states ``c`` in float32 whatever ``x``'s dtype (as cuDNN keeps them; the Triton
+    backend), carved out of the same arena.
     """
 
-    def __init__(self, spec: DirectionSpec, x: Tensor, arena: Tensor | None = None) -> None:
+    def __init__(
+        self, spec: DirectionSpec, x: Tensor, arena: Tensor | None = None, cell_f32: bool = False
+    ) -> None:
         T, B, I = x.shape
-        self.arena, parts = carve(x, layout(spec, T, B), arena)
+        self.arena, parts = carve(x, layout(spec, T, B), arena, cell_f32)
         if spec.rounds:
             self.xh = parts["xh"][0]
             self.xs = [x, *parts["xs"], self.xh[..., :I]]
@@ -115,10 +142,12 @@ class Buffers:
         self.u, self.gates, self.c = parts["u"], parts["gates"][0], parts["c"][0]
 
 
-def start_window(spec: DirectionSpec, x: Tensor, c0: Tensor) -> tuple[Buffers, Tensor]:
+def start_window(
+    spec: DirectionSpec, x: Tensor, c0: Tensor, cell_f32: bool = False
+) -> tuple[Buffers, Tensor]:
     """A forward's fresh buffers for input ``x`` (with ``c_0`` in place) and its output
     ``(T, B, H)`` (the caller's: not carved, never read by backward)."""
-    buf = Buffers(spec, x)
+    buf = Buffers(spec, x, cell_f32=cell_f32)
     buf.c[0].copy_(c0)
     return buf, x.new_empty(*x.shape[:2], spec.hidden_size)
 
@@ -169,7 +198,8 @@ def weight_grads(
     if spec.peephole:
         dz_i, dz_f, _, dz_o = split_gates(spec, buf.gates)
         c_prev, c = buf.c[:-1], buf.c[1:]
+        kind = dgates.dtype  # the weights' (c may be float32: Buffers' cell_f32)
         if dz_i is not None:
-            grads.append((dz_i * c_prev).sum((0, 1)))
-        grads += [(dz_f * c_prev).sum((0, 1)), (dz_o * c).sum((0, 1))]
+            grads.append((dz_i * c_prev).sum((0, 1)).to(kind))
+        grads += [(dz_f * c_prev).sum((0, 1)).to(kind), (dz_o * c).sum((0, 1)).to(kind)]
     return grads

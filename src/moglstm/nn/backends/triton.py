@@ -42,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +65,14 @@ from moglstm.nn.backends.buffers import (
 from moglstm.nn.backends.torch_loop import RoundGrads, store_state
 from moglstm.nn.direction import Direction, DirectionSpec
 
+logger = logging.getLogger(__name__)
+# (device, dtype, precision) whose kernels were announced as compiling (logging, INFO)
+ANNOUNCED: set[tuple[str, torch.dtype, str]] = set()
 STORE, ROUND_FORWARD = 0, 1  # the products' epilogues (triton_kernels)
+# the window's cell states in float32 whatever the operand dtype, as cuDNN keeps them
+# (tests/nn/test_triton.py::test_cell_state_drift_over_500_steps measures why)
+CELL_F32 = True
+CELL_POINTERS = ("c_prev_ptr", "c_ptr", "dc_ptr")  # the kernels' float32 arguments then
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -151,11 +160,36 @@ def chain_warps(dtype: torch.dtype | str, t: Tiles) -> int:
     return linear_warps(dtype, t)
 
 
+# Speed lever (docs/gpu.md): "one" runs a low-rank round's two products in one launch
+# where the rank allows (every column program recomputes u = v R^T: 13x the useful
+# work at rank 84, one launch); "two" always in two (u made once, then the gated
+# product: one more dependent launch per round and direction). Which wins is the GPU's
+# to say (benchmarks/gpu_check.py times both); set with MOGLSTM_TRITON_LOW_RANK or
+# set_low_rank_launches().
+LOW_RANK_LAUNCHES = os.environ.get("MOGLSTM_TRITON_LOW_RANK", "one")
+if LOW_RANK_LAUNCHES not in ("one", "two"):
+    raise ValueError(f"MOGLSTM_TRITON_LOW_RANK must be 'one' or 'two', got {LOW_RANK_LAUNCHES!r}")
+
+
+def set_low_rank_launches(mode: str) -> str:
+    """Set :data:`LOW_RANK_LAUNCHES` (``"one"`` or ``"two"``); frees the captured CUDA
+    graphs (they hold the other mode's launches); returns the previous mode."""
+    global LOW_RANK_LAUNCHES
+    if mode not in ("one", "two"):
+        raise ValueError(f"low-rank launches must be 'one' or 'two', got {mode!r}")
+    previous, LOW_RANK_LAUNCHES = LOW_RANK_LAUNCHES, mode
+    graphs.GRAPHS.clear()
+    return previous
+
+
 def rank_tile(rank: int, dtype: torch.dtype) -> int | None:
     """The padded rank of the one-launch low-rank kernel, or None (two launches): ranks
     over 128, and IEEE float32 products on a GPU, whose one-launch tiles spill registers
     on sm_80/sm_90 even with 8 warps (found by the ahead-of-time compile check; the
-    interpreter, which has no registers, keeps testing the kernel in float32)."""
+    interpreter, which has no registers, keeps testing the kernel in float32); and
+    always where :data:`LOW_RANK_LAUNCHES` is ``"two"``."""
+    if LOW_RANK_LAUNCHES == "two":
+        return None
     if dtype == torch.float32 and precision(dtype) == "ieee" and not interpreting():
         return None
     return next((k for k in RANK_TILES if rank <= k), None)
@@ -574,17 +608,18 @@ def gates_cell(
         xh,
         wh if wx is None else wx,
         wh,
-        c if bias is None else bias,
-        c if pre is None else pre,
+        # unused pointers: h, of the operand dtype (c is float32: another signature)
+        h if bias is None else bias,
+        h if pre is None else pre,
         c_prev,
         gates,
         c,
         h,
-        c if next_h is None else next_h,
-        c if mask is None else mask,
-        c if p_i is None else p_i,
-        c if p_f is None else p_f,
-        c if p_o is None else p_o,
+        h if next_h is None else next_h,
+        h if mask is None else mask,
+        h if p_i is None else p_i,
+        h if p_f is None else p_f,
+        h if p_o is None else p_o,
         B,
         H,
         KX,
@@ -621,11 +656,11 @@ def cell_backward(
         c_prev,
         c,
         dh,
-        dc if d_out is None else d_out,
+        dh if d_out is None else d_out,  # unused pointers: dh, of the operand dtype
         dc,
-        dc if p_i is None else p_i,
-        dc if p_f is None else p_f,
-        dc if p_o is None else p_o,
+        dh if p_i is None else p_i,
+        dh if p_f is None else p_f,
+        dh if p_o is None else p_o,
         B,
         H,
         gates.stride(0),
@@ -640,7 +675,7 @@ class TritonLoop(FusedBackend):
     name = "triton"
 
     def saved_shapes(self, spec: DirectionSpec, x: Tensor) -> list[tuple[int, ...]]:
-        return [arena_shape(spec, x)]
+        return [arena_shape(spec, x, cell_f32=CELL_F32)]
 
     def forward(
         self,
@@ -651,8 +686,22 @@ class TritonLoop(FusedBackend):
         mask: Tensor | None,
         flat: tuple[Tensor, ...],
     ) -> tuple[Tensor, Tensor, Tensor, Saved]:
+        key = (str(x.device), x.dtype, precision(x.dtype))
+        if key in ANNOUNCED or torch.compiler.is_compiling():
+            with on_device(x):
+                return self.graphed_forward(spec, x, h0, c0, mask, flat)
+        ANNOUNCED.add(key)  # implementation="triton"'s first window ("auto" logs its check)
+        name = str(x.dtype).removeprefix("torch.")
+        logger.info("moglstm: compiling GPU kernels for %s, once; cached afterwards", name)
+        start = time.perf_counter()
         with on_device(x):
-            return self.graphed_forward(spec, x, h0, c0, mask, flat)
+            found = self.graphed_forward(spec, x, h0, c0, mask, flat)
+        logger.info(
+            "moglstm: first %s forward window in %.1f s (compiling included)",
+            name,
+            time.perf_counter() - start,
+        )
+        return found
 
     def backward(
         self,
@@ -738,7 +787,7 @@ class TritonLoop(FusedBackend):
     ) -> tuple[Tensor, Tensor, Tensor, Saved]:
         """The forward with one launch after another (what a CUDA graph captures)."""
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
-        buf, out = start_window(spec, x, c0)
+        buf, out = start_window(spec, x, c0, cell_f32=CELL_F32)  # c in float32, as cuDNN
         T, B, _ = x.shape
         w_ih = d.weight_ih if spec.rounds else None  # without rounds x's product is done
         pre = None
@@ -780,7 +829,7 @@ class TritonLoop(FusedBackend):
                 buf.hs[0][t + 1] if t + 1 < T else None,
                 mask,
             )
-        return out, out[-1].clone(), buf.c[-1].clone(), (buf.arena,)
+        return out, out[-1].clone(), in_dtype(buf.c[-1], x), (buf.arena,)
 
     def eager_backward(
         self,
@@ -795,10 +844,13 @@ class TritonLoop(FusedBackend):
     ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """The backward with one launch after another (what a CUDA graph captures)."""
         d = Direction.from_flat(spec, [t.contiguous() for t in flat])  # kernels index rows densely
-        buf = Buffers(spec, x, *saved)
+        buf = Buffers(spec, x, *saved, cell_f32=CELL_F32)
         T, B, I = x.shape
         H = spec.hidden_size
-        dh, dc = fresh_grad(d_hn, buf.c[0]), fresh_grad(d_cn, buf.c[0])
+        dh = fresh_grad(d_hn, buf.hs[0][0])
+        dc = torch.zeros_like(buf.c[0])  # float32, as c
+        if d_cn is not None:
+            dc.copy_(d_cn)
         d_out = None if d_out is None else d_out.contiguous()
         dx_all = torch.empty_like(x) if spec.rounds else None
         dxh = x.new_empty(B, I + H if spec.rounds else H)  # one step's d[x_m, h_m] (or d h_m)
@@ -825,7 +877,8 @@ class TritonLoop(FusedBackend):
         rg.flush(steps)
         if dx_all is None:  # no rounds: the input's gradient in one product
             dx_all = buf.gates @ d.weight_ih
-        return dx_all, dh, dc, weight_grads(spec, buf, rg.grads, None, split=True)
+        grads = weight_grads(spec, buf, rg.grads, None, split=True)
+        return dx_all, dh, dc if dc.dtype == x.dtype else in_dtype(dc, x), grads
 
     @staticmethod
     def rounds_back(
@@ -876,6 +929,12 @@ class TritonLoop(FusedBackend):
 TRITON = TritonLoop()
 
 
+def in_dtype(t: Tensor, like: Tensor) -> Tensor:
+    """A fresh copy of ``t`` in ``like``'s dtype (a device copy: no ``.to``, which a
+    CUDA-graph check cannot tell from a copy from the host)."""
+    return like.new_empty(t.shape).copy_(t)
+
+
 def on_device(x: Tensor) -> contextlib.AbstractContextManager:
     """``x``'s CUDA device made current: Triton launches on the current device's stream
     and a CUDA graph is captured and replayed there (a module on ``cuda:1`` while
@@ -892,7 +951,7 @@ def window_key(x: Tensor) -> tuple:
         matmul.allow_fp16_reduced_precision_reduction,
         matmul.allow_bf16_reduced_precision_reduction,
     )
-    return (precision(x.dtype), reduced)
+    return (precision(x.dtype), reduced, LOW_RANK_LAUNCHES)
 
 
 def self_check_problem(
@@ -910,12 +969,23 @@ def self_check_problem(
     return ref.to(device, dtype), x.to(device, dtype), tuple(h.to(device, dtype) for h in hx)
 
 
-@functools.cache
 def self_check(device: str, dtype: torch.dtype) -> bool:
     """Whether the Triton backend matches the reference on a small problem on ``device``
     (outputs and every gradient, relative error under 2e-2 for 16-bit dtypes, 1e-3 for
     float32; with CUDA-graph capture on, eagerly, captured and replayed); warns once on
-    a mismatch or an error. Cached per device and dtype."""
+    a mismatch or an error. Cached per device, dtype and precision (TF32 switched on
+    after a float32 check is checked anew). Inside an outer CUDA-graph capture it cannot
+    run (it reads values on the host): False, not cached. ``"auto"`` checks every
+    configuration it runs instead (:mod:`moglstm.nn.backends.triton_check`); this small
+    problem is for scripts (``benchmarks/gpu_check.py``)."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return checked_problem(device, dtype, precision(dtype))
+
+
+@functools.cache
+def checked_problem(device: str, dtype: torch.dtype, prec: str) -> bool:
+    """:func:`self_check`'s verdict, cached per precision ``prec`` (unused but as key)."""
     dev = torch.device(device)
     try:  # whatever the caller's mode (no_grad, inference, autocast): the check's own
         with (
