@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -84,10 +85,29 @@ def test_study_prunes_resumes_and_reports(tmp_path: Path, word_corpus_dir: Path)
     done, pruned = read_run(study_dir / "trial-0000"), read_run(study_dir / "trial-0001")
     assert summary["best_ppl"] == pytest.approx(done.best_valid["ppl"])
     assert done.status == "done" and done.step == 8
-    assert pruned.status == "stopped" and pruned.step == 2  # pruned at its first validation
+    # the first validation (step 2) is the warm-up: pruned at the second
+    assert pruned.status == "stopped" and pruned.step == 4
     assert done.config["train.lr"] == 0.03 and pruned.config["train.lr"] == 1e-6
-    trial = open_study(study_dir).trials[0]
+    trial, cut = open_study(study_dir).trials
     assert trial.intermediate_values == {r["step"]: r["loss"] for r in done.valid}
+    assert cut.user_attrs["pruned"].startswith("median pruner at step 4: best validation loss ")
+    assert "> median" in cut.user_attrs["pruned"]
+    # the table: best first, with state, objective, values, run folder and reason
+    rows = summary["trials"]
+    assert [(r["number"], r["state"]) for r in rows] == [(0, "complete"), (1, "pruned")]
+    assert rows[0]["value"] == summary["best_value"] and rows[0]["params"]["train.lr"] == 0.03
+    assert rows[1]["value"] == min(cut.intermediate_values.values())
+    assert rows[1]["run_dir"] == str(study_dir / "trial-0001") and "median" in rows[1]["note"]
+    # the command trains the best values as the trials were trained
+    command = summary["command"]
+    assert command.startswith("moglstm train --out-dir ") and "train.lr=0.03" in command
+    assert main([*shlex.split(command)[1:], "--json", "--quiet"]) == 0
+    best = read_run(out / "space-best")
+    def same(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in ("name", "out_dir")}
+
+    assert same(best.config) == same(done.config)  # the trial's config, only renamed
+    assert best.best_valid["loss"] == pytest.approx(summary["best_value"])  # same seed, same bits
 
     # resumed: the budget is the study's total, so one more trial, then none
     summary = tune(space, trials=3, out_dir=out, prune_startup=1, seed=1)
