@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -140,10 +141,15 @@ def test_two_workers_share_the_sqlite_study(tmp_path: Path, word_corpus_dir: Pat
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         for _ in range(2)
     ]
-    outputs = [w.communicate(timeout=300) for w in workers]
+    try:
+        outputs = [w.communicate(timeout=300) for w in workers]
+    finally:
+        for w in workers:
+            end_group(w)
     ran = []
     for w, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, stderr
@@ -151,8 +157,11 @@ def test_two_workers_share_the_sqlite_study(tmp_path: Path, word_corpus_dir: Pat
         ran.append({int(n) for n in re.findall(r"trial (\d+) complete", stderr)})
     assert all(ran) and not ran[0] & ran[1], ran  # each ran trials, none ran the same
     study = open_study(tmp_path / "tune" / "space")
-    trials = study.get_trials()
-    assert set(counts(study)) == {"COMPLETE"} and len(trials) >= 4
+    trials = [t for t in study.get_trials() if not t.user_attrs.get("skipped")]
+    # --trials is the study's budget: exactly 4 run, whichever worker took the last one
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    skipped = [t for t in study.get_trials() if t.user_attrs.get("skipped")]
+    assert all(t.state.name == "FAIL" and t.number >= 4 for t in skipped)
     assert ran[0] | ran[1] == {t.number for t in trials}
     dirs = [t.user_attrs["run_dir"] for t in trials]
     assert len(set(dirs)) == len(dirs)  # one run folder per trial
@@ -178,13 +187,14 @@ def test_a_killed_workers_trial_is_retried_from_its_checkpoint(
         """
     )
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-c", slow_worker], env=env)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", slow_worker], env=env, start_new_session=True
+    )
     checkpoint = out / "space" / "trial-0000" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.is_file() and worker.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
+    try:
+        wait_for(checkpoint, worker)
+    finally:
+        end_group(worker)  # killed: its trial stays RUNNING until its heartbeat is stale
     killed_at = read_run(checkpoint.parent).step
     assert 0 < killed_at < 16
     # Stale once the database clock is more than twice the interval past the last beat;
@@ -271,6 +281,8 @@ def test_space_files(tmp_path: Path) -> None:
         ("space: {train.lr: {uniform: [0, 1]}}", "kind 'uniform' is not one of"),
         ("space: {train.lr: {logfloat: [0, 1]}}", "needs low > 0"),
         ("space: {train.lr: {float: [1, 0]}}", "above high"),
+        ("space: {train.lr: {logfloat: [.nan, 1.0e-2]}}", "bound nan is not finite"),
+        ("space: {train.lr: {float: [0, .inf]}}", "bound inf is not finite"),
         ("space: {model.num_layers: {int: [1.5, 3]}}", "must be numbers"),
         ("space: {train.lr: {choice: []}}", "non-empty"),
         ("space: {train.lr: 0.1}", "must be one of"),
@@ -332,3 +344,110 @@ def test_without_optuna(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     assert main(["tune", "ptb-small", "--trials", "1", "--out-dir", str(tmp_path)]) == 2
     assert "optuna" in capsys.readouterr().err
     assert main(["tune", "--list"]) == 0  # listing needs no optuna
+
+
+# --------------------------------------------------------------------------- stopping a study
+
+# a worker whose validations take a while, so a signal finds a trial training
+SLOW_WORKER = """
+import sys, time
+from moglstm.lm import tune
+call = tune._ValidationReporter.__call__
+def slow(self, step, info):
+    time.sleep(0.2)
+    call(self, step, info)
+tune._ValidationReporter.__call__ = slow
+from moglstm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_group(argv: list[str], tmp_path: Path) -> subprocess.Popen:
+    """``moglstm`` ARGV (with slow validations) in its own process group, as a terminal's
+    foreground job: Ctrl-C there sends SIGINT to the whole group."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_WORKER, *argv],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def end_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.is_file(), process.communicate(timeout=10) if process.poll() is not None else ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_study_and_the_same_command_resumes_it(
+    tmp_path: Path, word_corpus_dir: Path, name: str
+) -> None:
+    space = write_space(tmp_path, word_corpus_dir, max_steps=16)
+    out = tmp_path / "tune"
+    argv = ["tune", str(space), "--trials", "3", "--out-dir", str(out), "--pruner", "none"]
+    worker = start_group(argv, tmp_path)
+    try:
+        wait_for(out / "space" / "trial-0000" / "last.pt", worker)
+        os.killpg(worker.pid, getattr(signal, name))
+        started = time.monotonic()
+        stdout, stderr = worker.communicate(timeout=60)
+    finally:
+        end_group(worker)
+    assert time.monotonic() - started < 30  # the trial's step, a checkpoint, and out
+    assert worker.returncode == {"SIGINT": 130, "SIGTERM": 143}[name], stderr
+    assert f"stopped ({name} received)" in stderr and "Continue with: moglstm tune " in stderr
+    assert "Traceback" not in stderr
+    study = open_study(out / "space")
+    interrupted, waiting = study.trials  # the study stopped: no trial after it
+    assert interrupted.state == optuna.trial.TrialState.FAIL  # never COMPLETE with inf
+    assert interrupted.user_attrs["interrupted"] == name
+    step = interrupted.user_attrs["step"]
+    run = read_run(out / "space" / "trial-0000")
+    assert run.step == step and 0 < step < 16
+    assert f"trial 0 (saved at step {step}" in stderr
+    assert waiting.state == optuna.trial.TrialState.WAITING
+    assert waiting.system_attrs["fixed_params"] == interrupted.params
+    assert waiting.user_attrs["resumes"] == 0
+    table = stdout[stdout.index("trial  state") :]
+    assert "interrupted by " + name in table
+
+    # the same command again: trial 0 goes on from its last.pt, then the budget's rest
+    assert main(argv + ["--json"]) == 0
+    study = open_study(out / "space")
+    assert counts(study) == {"FAIL": 1, "COMPLETE": 3}
+    run = read_run(out / "space" / "trial-0000")
+    assert run.status == "done" and [r["step"] for r in run.valid] == list(range(2, 17, 2))
+    assert study.trials[1].user_attrs["run_dir"] == str(run.path)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_quits_at_once(tmp_path: Path, word_corpus_dir: Path) -> None:
+    space = write_space(tmp_path, word_corpus_dir, max_steps=400)
+    out = tmp_path / "tune"
+    argv = ["tune", str(space), "--trials", "3", "--out-dir", str(out), "--pruner", "none"]
+    worker = start_group(argv, tmp_path)
+    try:
+        wait_for(out / "space" / "trial-0000" / "last.pt", worker)
+        os.killpg(worker.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(worker.pid, signal.SIGINT)
+        stdout, stderr = worker.communicate(timeout=60)
+    finally:
+        end_group(worker)
+    assert worker.returncode == 130 and "moglstm tune: interrupted" in stderr, stderr
+    (trial,) = open_study(out / "space").trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert read_run(out / "space" / "trial-0000").step < 400

@@ -551,7 +551,23 @@ def _run_study(
     finally:
         optuna_log.removeFilter(session.filter)
         fail_stale(study)  # a worker killed while the others used up the budget
+        _log_running(study, optuna)
     return session.stop.requested
+
+
+def _log_running(study: Any, optuna: Any) -> None:
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    if running and interval:
+        numbers = ", ".join(str(t.number) for t in running)
+        stale = 2 * interval  # the grace period _storage sets
+        logger.info(
+            "trial %s still running: another worker's, or a killed worker's that the next "
+            "`moglstm tune` of this study marks failed (and retries) once its heartbeat is "
+            "%d s old",
+            numbers,
+            stale,
+        )
 
 
 def _stop_on_signal(session: _Session) -> Callable[[Any, Any], None]:
