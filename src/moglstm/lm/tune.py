@@ -31,9 +31,15 @@ reachable.
 keys: ``lr``, ``decay``, ``eps``, ``bptt``, ``grad_batches``) of a trained run on its
 validation split instead; the study lives in the run folder (``dynamic.db``).
 
-Why about 620 lines: the two searches share the Optuna plumbing (storage, heartbeats
-and retries, pruners, budgets), which is most of the module; the command line that
-drives them is :mod:`moglstm.cli.tune`.
+Stopping: the first SIGINT/SIGTERM ends the study after the running trial has saved
+its checkpoint; that trial is marked failed (its loss is no result) and queued again,
+so the same command resumes it from ``last.pt``. ``--trials`` is exact with several
+workers: a trial past the budget is not run (see :meth:`_Session.start_trial`).
+
+Why about 950 lines: the two searches share the Optuna plumbing (storage URLs and
+drivers, heartbeats and retries, signals, pruners, budgets, the table of trials),
+which is most of the module; the command line that drives them is
+:mod:`moglstm.cli.tune`.
 """
 
 from __future__ import annotations
