@@ -90,7 +90,7 @@ from moglstm.lm.evaluate import (
     score_split,
 )
 from moglstm.lm.metrics import MetricsLog, NullLog, metric_name, metrics_for
-from moglstm.lm.models import build_model, count_parameters
+from moglstm.lm.models import build_model, count_parameters, with_resolved_sizes
 from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule, make_optimizer
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import LOCK_FILE, RunLock
@@ -170,6 +170,8 @@ def _setup(
     vocab = Vocab.from_dict(checkpoint["vocab"]) if checkpoint else None
     # rank 0 first: it alone downloads a missing corpus into the cache
     corpus = distributed.main_first(lambda: load_corpus(cfg.data, vocab=vocab), ctx)
+    # config.yaml and the checkpoints record the sizes a model.num_params budget gives
+    cfg = dataclasses.replace(cfg, model=with_resolved_sizes(cfg.model, len(corpus.vocab)))
     # before anything is allocated: refuse a model whose training cannot fit
     estimate = distributed.run_on_main(
         lambda: check_training_fits(cfg, len(corpus.vocab), device, ctx.world_size), ctx

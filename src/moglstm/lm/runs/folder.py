@@ -121,13 +121,30 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
     """Raise ValueError naming every non-resumable key on which the configs differ."""
     old, new = _flat(to_dict(saved)), _flat(to_dict(wanted))
-    changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE_KEYS]
+    changed = [
+        k
+        for k in new
+        if new[k] != old.get(k) and k not in RESUMABLE_KEYS and k not in _solved(old, new)
+    ]
     if changed:
         details = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new[k]!r})" for k in changed)
         raise UserError(
             f"cannot change {details} when resuming; only these may change: "
             f"{', '.join(sorted(RESUMABLE_KEYS))}. Start a new run (new name) instead."
         )
+
+
+def _solved(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """Sizes that the same budget or ratio solves: a checkpoint records the solved ones
+    (``with_resolved_sizes``), a preset asking for the same budget has its defaults."""
+    keys = set()
+    for rule, sizes in (
+        ("model.num_params", {"model.hidden_size", "model.embedding_size"}),
+        ("model.embedding_ratio", {"model.embedding_size"}),
+    ):
+        if old.get(rule) is not None and old.get(rule) == new.get(rule):
+            keys |= sizes
+    return keys
 
 
 def resume_config(
