@@ -11,11 +11,12 @@ metrics file (:mod:`moglstm.lm.metrics`), run folders and resume rules
 :func:`train` runs a :class:`~moglstm.lm.config.RunConfig` in its run folder
 ``<out_dir>/<name>/``, which ends up holding::
 
-    config.yaml     the resolved config
+    config.yaml     the resolved config (with the hidden size a num_params budget solved)
     metrics.jsonl   one JSON object per log or validation event
     last.pt         written every train.eval_every steps and at the end
     best.pt         written whenever the validation loss improves
-    events.*        TensorBoard events (only when tensorboard is installed)
+    events.*        TensorBoard events, config and final metrics as HParams (only when
+                    tensorboard is installed: the ``tensorboard`` extra)
 
 Truncated backpropagation through time: the training split is cut into
 ``data.batch_size`` streams walked in windows of ``data.bptt`` steps; the model
@@ -543,11 +544,13 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
         with _messages_above_the_bar(bar), stop or contextlib.nullcontext():
             run.stop = stop
             stopped, train_loss, speed = _loop(run, log, bar, on_step)
+        results = _results(run, stopped, train_loss, speed)
+        log.hparams(to_dict(cfg), results)  # TensorBoard's HParams view: config -> outcome
     finally:
         run.stop = None
         bar.close()
         log.close()
-    return _results(run, stopped, train_loss, speed)
+    return results
 
 
 def _messages_above_the_bar(bar: Any) -> contextlib.AbstractContextManager:
