@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -104,6 +105,7 @@ from moglstm.lm.runs.folder import (
 )
 from moglstm.lm.runs.payload import CheckpointPayload
 from moglstm.lm.runtime import autocast, autocast_dtype, capture_rng_state, resolve_device
+from moglstm.lm.safety import write_atomic
 from moglstm.lm.state import cat_states, detach_state, map_state, split_state
 from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
 
@@ -546,11 +548,35 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
             stopped, train_loss, speed = _loop(run, log, bar, on_step)
         results = _results(run, stopped, train_loss, speed)
         log.hparams(to_dict(cfg), results)  # TensorBoard's HParams view: config -> outcome
+    except BaseException as exc:
+        if ctx.is_main:
+            ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+            _write_status(run, ended, exc)
+        raise
     finally:
         run.stop = None
         bar.close()
         log.close()
+    if ctx.is_main:
+        _write_status(run, stopped)
     return results
+
+
+STATUS_FILE = "status.json"  # how the last session ended: see _write_status
+
+
+def _write_status(run: _Run, stopped: str, error: BaseException | None = None) -> None:
+    """Record how this session ended, for ``moglstm report``: ``{"step", "stopped"}`` with
+    ``stopped`` as in the results, ``"interrupted"`` (a second signal) or ``"error"``
+    (then ``"error"`` names the exception: ``TrialPruned`` is a study's pruning). A
+    session killed outright leaves the previous session's file, whose step is behind."""
+    record: dict[str, Any] = {"step": run.counters.step, "stopped": stopped}
+    if error is not None:
+        record["error"] = f"{type(error).__name__}: {error}"[:500]
+    try:
+        write_atomic(run.run_dir / STATUS_FILE, json.dumps(record).encode("utf-8"))
+    except OSError as exc:  # the run's outcome matters more than its label
+        logger.warning("could not record the run's status: %s", exc)
 
 
 def _messages_above_the_bar(bar: Any) -> contextlib.AbstractContextManager:
