@@ -87,7 +87,7 @@ def test_study_prunes_resumes_and_reports(tmp_path: Path, word_corpus_dir: Path)
     assert summary["best_ppl"] == pytest.approx(done.best_valid["ppl"])
     assert done.status == "done" and done.step == 8
     # the first validation (step 2) is the warm-up: pruned at the second
-    assert pruned.status == "stopped" and pruned.step == 4
+    assert pruned.status == "pruned" and pruned.step == 4
     assert done.config["train.lr"] == 0.03 and pruned.config["train.lr"] == 1e-6
     trial, cut = open_study(study_dir).trials
     assert trial.intermediate_values == {r["step"]: r["loss"] for r in done.valid}

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from moglstm.lm.errors import UserError
-from moglstm.lm.runs.folder import EVALUATIONS_FILE
+from moglstm.lm.runs.folder import EVALUATIONS_FILE, STATUS_FILE
 from moglstm.lm.safety import load_yaml_file, short_repr
 
 __all__ = [
@@ -215,7 +215,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     run.evaluations = read_jsonl(path / EVALUATIONS_FILE)
     run.params = _count_parameters(path)
     run.running = _is_running(path)
-    run.ended = _read_status(path / "status.json")
+    run.ended = _read_status(path / STATUS_FILE)
     run.trial = _study_trial(path)
     return run
 

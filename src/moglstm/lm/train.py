@@ -13,6 +13,7 @@ metrics file (:mod:`moglstm.lm.metrics`), run folders and resume rules
 
     config.yaml     the resolved config (with the hidden size a num_params budget solved)
     metrics.jsonl   one JSON object per log or validation event
+    status.json     how the last session ended: {"step", "stopped"[, "error"]}
     last.pt         written every train.eval_every steps and at the end
     best.pt         written whenever the validation loss improves
     events.*        TensorBoard events, config and final metrics as HParams (only when
@@ -98,6 +99,7 @@ from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import LOCK_FILE, RunLock
 from moglstm.lm.runs.checkpoint import remove_stale_temp_files, save_checkpoint
 from moglstm.lm.runs.folder import (
+    STATUS_FILE,
     _check_resumable,
     _check_run_folder,
     _load_last,
@@ -560,9 +562,6 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
     if ctx.is_main:
         _write_status(run, stopped)
     return results
-
-
-STATUS_FILE = "status.json"  # how the last session ended: see _write_status
 
 
 def _write_status(run: _Run, stopped: str, error: BaseException | None = None) -> None:

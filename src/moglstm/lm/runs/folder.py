@@ -104,7 +104,8 @@ RESUMABLE_KEYS = frozenset(
 #: The checkpoints of a run folder: a folder without any holds a run that can only start over.
 CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt")
 #: Files whose presence marks a folder as holding a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", *CHECKPOINT_FILES)
+STATUS_FILE = "status.json"  # how a run's last session ended (written by train)
+RUN_FILES = ("config.yaml", "metrics.jsonl", STATUS_FILE, *CHECKPOINT_FILES)
 
 
 
