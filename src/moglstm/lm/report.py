@@ -19,6 +19,10 @@ records it in the run folder), the training speed and the time spent; with
 legible: the best few are named and coloured, the rest drawn faint.
 
 The figure needs matplotlib (``pip install 'moglstm[plot]'``); the table does not.
+
+Why about 750 lines: reading a run (its curves, end state and study trial), the
+table with its exports, and the figure are three views of one :class:`RunRecord`
+that change together; each is a section of its own below.
 """
 
 from __future__ import annotations
