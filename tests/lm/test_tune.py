@@ -70,6 +70,7 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_study_prunes_resumes_and_reports(tmp_path: Path, word_corpus_dir: Path) -> None:
     space = write_space(tmp_path, word_corpus_dir)
     out = tmp_path / "tune"
@@ -208,6 +209,37 @@ def test_a_killed_workers_trial_is_retried_from_its_checkpoint(
     assert retried.user_attrs["run_dir"] == str(checkpoint.parent)  # resumed in place
     run = read_run(checkpoint.parent)
     assert run.status == "done" and [r["step"] for r in run.valid] == list(range(2, 17, 2))
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_while_another_uses_the_budget(
+    tmp_path: Path, word_corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The killed trial holds its place in the budget until its heartbeat is stale; then it
+    is failed and its retry, not a new trial, takes the place: nothing stays RUNNING."""
+    from moglstm.lm import tune as tune_module
+
+    space = write_space(tmp_path, word_corpus_dir, max_steps=16)
+    out = tmp_path / "tune"
+    argv = ["tune", str(space), "--trials", "2", "--out-dir", str(out), "--pruner", "none"]
+    worker = start_group([*argv, "--heartbeat", "1"], tmp_path)
+    try:
+        wait_for(out / "space" / "trial-0000" / "last.pt", worker)
+    finally:
+        end_group(worker)  # killed: trial 0 RUNNING, its heartbeat not yet stale
+    call = tune_module._ValidationReporter.__call__
+
+    def slow(self: object, step: int, info: dict) -> None:  # longer than the grace period
+        time.sleep(0.25)
+        call(self, step, info)
+
+    monkeypatch.setattr(tune_module._ValidationReporter, "__call__", slow)
+    summary = tune(space, trials=2, out_dir=out, heartbeat=1, pruner="none")
+    study = open_study(out / "space")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert (summary["complete"], summary["fail"], summary["running"]) == (2, 1, 0)
+    retry = study.trials[2]
+    assert retry.user_attrs["run_dir"] == str(out / "space" / "trial-0000")  # resumed
 
 
 def test_hyperband_and_time_budget(tmp_path: Path, word_corpus_dir: Path) -> None:
