@@ -480,6 +480,7 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path: Path, word_corpus_dir: Path) ->
     finally:
         end_group(worker)
     assert worker.returncode == 130 and "moglstm tune: interrupted" in stderr, stderr
+    assert "Continue the study with: moglstm tune " in stderr
     (trial,) = open_study(out / "space").trials
     assert trial.state == optuna.trial.TrialState.FAIL
     assert read_run(out / "space" / "trial-0000").step < 400

@@ -158,6 +158,14 @@ def run(args: argparse.Namespace) -> int:
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
+def interrupted_note(args: argparse.Namespace) -> str:
+    """What a second Ctrl-C during ``tune`` leaves behind, and how to go on."""
+    return (
+        " (the running trial is marked failed and keeps its last checkpoint). Continue "
+        f"the study with: {_same_command()}"
+    )
+
+
 def _same_command() -> str:
     if sys.argv[1:2] == ["tune"]:
         return shlex.join(["moglstm", *sys.argv[1:]])

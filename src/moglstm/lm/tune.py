@@ -674,7 +674,8 @@ def trial_rows(study: Any, optuna: Any) -> list[dict[str, Any]]:
                 "number": t.number,
                 "state": t.state.name.lower(),
                 "value": value,
-                "params": dict(t.params),
+                # a waiting trial's values are fixed when it is queued (a retry, a resume)
+                "params": dict(t.params or t.system_attrs.get("fixed_params") or {}),
                 "run_dir": attrs.get("run_dir"),
                 "note": note,
             }
