@@ -288,6 +288,29 @@ def test_dynamic_evaluation_tuning(
         tune_dynamic(run, space, trials=1)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_dynamic_study_fails_a_dead_workers_trial_by_its_heartbeat(
+    tmp_path: Path, word_corpus_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    space = write_space(tmp_path, word_corpus_dir)
+    tune(space, trials=1, out_dir=tmp_path / "t", pruner="none")
+    run = tmp_path / "t" / "space" / "trial-0000"
+    # a worker that took a trial, beat once, and died
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run / 'dynamic.db'}", heartbeat_interval=1)
+    dead = optuna.create_study(study_name="dynamic", storage=storage)
+    trial = dead.ask({"dynamic.lr": optuna.distributions.FloatDistribution(3e-6, 3e-4, log=True)})
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(3.5)  # stale: twice the interval, on SQLite's whole-second clock
+    caplog.set_level("INFO", logger="moglstm.lm.tune")
+    summary = tune_dynamic(run, trials=1, max_tokens=120, device="cpu", heartbeat=1)
+    states = [t.state.name for t in optuna.load_study(study_name="dynamic", storage=storage).trials]
+    assert states[0] == "FAIL" and "RUNNING" not in states and summary["complete"] == 1
+    # progress: the gradients (bounded by default) and each trial are announced
+    assert "mean squared gradients over " in caplog.text and "scoring 120 validation" in caplog.text
+    assert "--dynamic-grad-batches 200" in summary["command"]
+
+
 def test_space_files(tmp_path: Path) -> None:
     names = list_spaces()
     for name in ("ptb-paper", "ptb-paper-lstm", "wt2-paper", "ptb-char-paper", "enwik8-paper"):
