@@ -247,6 +247,7 @@ def test_a_second_ctrl_c_is_recorded_as_interrupted(
     assert run.status == "interrupted" and run.ended["step"] == 3
 
 
+@pytest.mark.slow
 def test_a_study_s_trials_show_optuna_state_and_sort_by_result(
     tmp_path: Path, word_corpus_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
