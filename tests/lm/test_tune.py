@@ -507,3 +507,30 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path: Path, word_corpus_dir: Path) ->
     (trial,) = open_study(out / "space").trials
     assert trial.state == optuna.trial.TrialState.FAIL
     assert read_run(out / "space" / "trial-0000").step < 400
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_trial_trains_stops_at_its_first_step(
+    tmp_path: Path, word_corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a trial sets up (only the study's handler is in place): the trial
+    stops at its first step, is marked failed, and no further trial starts."""
+    from moglstm.lm import tune as tune_module
+
+    quiet = tune_module._quiet_training
+
+    @contextlib.contextmanager
+    def interrupted_setup():
+        os.kill(os.getpid(), signal.SIGINT)
+        with quiet():
+            yield
+
+    monkeypatch.setattr(tune_module, "_quiet_training", interrupted_setup)
+    space = write_space(tmp_path, word_corpus_dir)
+    summary = tune(space, trials=3, out_dir=tmp_path / "t", pruner="none")
+    assert summary["interrupted"] == "SIGINT"
+    first, waiting = open_study(tmp_path / "t" / "space").trials
+    assert first.state.name == "FAIL" and first.user_attrs["interrupted"] == "SIGINT"
+    assert waiting.state.name == "WAITING" and waiting.user_attrs["resumes"] == 0
+    run = read_run(tmp_path / "t" / "space" / "trial-0000")
+    assert run.status == "interrupted" and run.ended["step"] == 1

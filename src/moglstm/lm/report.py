@@ -172,8 +172,9 @@ class RunRecord:
         if not isinstance(ended.get("step"), int) or ended["step"] < self.step:
             return "crashed"  # a later session wrote records and no end: killed
         stopped = ended.get("stopped")
-        if stopped == "error":
-            return "pruned" if str(ended.get("error", "")).startswith("TrialPruned") else "crashed"
+        if stopped == "error":  # a study's pruner and signals end a trial by exceptions
+            error = str(ended.get("error", "")).partition(":")[0]
+            return _STUDY_ERRORS.get(error, "crashed")
         return _ENDINGS.get(stopped, "stopped")
 
     @property
@@ -192,6 +193,7 @@ _ENDINGS = {
     "SIGTERM": "interrupted",
     "interrupted": "interrupted",
 }
+_STUDY_ERRORS = {"TrialPruned": "pruned", "StudyInterrupted": "interrupted"}
 STATES = ("running", "done", "early stop", "time limit", "interrupted", "pruned", "crashed")
 
 

@@ -725,9 +725,9 @@ class _ValidationReporter:
         self.session, self.pruned = session, session.optuna.TrialPruned
 
     def __call__(self, step: int, _: dict[str, float]) -> None:
-        signal = self.session.stop.requested
-        if signal is not None:
-            raise self.session.interrupted(self.trial, signal, None)
+        stop = self.session.stop
+        if stop.requested is not None and not stop.handled_inside:  # came before train's own
+            raise self.session.interrupted(self.trial, stop.requested, None)
         if step % self.eval_every:
             return
         record = _last_validation(self.metrics / "metrics.jsonl", step)
