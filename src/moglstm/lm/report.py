@@ -442,7 +442,12 @@ def run_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
                 **{k: run.config.get(k) for k in differing},
             }
         )
-    return rows
+    # JSON has no inf or NaN (a diverged run's perplexity): they are exported as null
+    return [{k: _finite_or_none(v) for k, v in row.items()} for row in rows]
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def rows_csv(rows: Sequence[dict[str, Any]]) -> str:
