@@ -311,6 +311,28 @@ def test_a_dynamic_study_fails_a_dead_workers_trial_by_its_heartbeat(
     assert "--dynamic-grad-batches 200" in summary["command"]
 
 
+def test_ctrl_c_stops_a_dynamic_study_within_its_trial(
+    tmp_path: Path, word_corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moglstm.lm import progress
+
+    space = write_space(tmp_path, word_corpus_dir, max_steps=2)
+    tune(space, trials=1, out_dir=tmp_path / "t", pruner="none")
+    run = tmp_path / "t" / "space" / "trial-0000"
+
+    class Interrupting(progress.ScoreProgress):
+        def update(self, tokens, loss_sum):  # the first scored window: Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+            super().update(tokens, loss_sum)
+
+    monkeypatch.setattr(progress, "ScoreProgress", Interrupting)
+    summary = tune_dynamic(run, trials=5, max_tokens=120, device="cpu")
+    assert summary["interrupted"] == "SIGINT" and summary["complete"] == 0
+    storage = f"sqlite:///{run / 'dynamic.db'}"
+    (trial,) = optuna.load_study(study_name="dynamic", storage=storage).trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"] == "SIGINT"
+
+
 def test_space_files(tmp_path: Path) -> None:
     names = list_spaces()
     for name in ("ptb-paper", "ptb-paper-lstm", "wt2-paper", "ptb-char-paper", "enwik8-paper"):

@@ -512,6 +512,7 @@ def _run_study(
     trials: int | None,
     timeout: float | None,
     catch: tuple[type[Exception], ...],
+    heartbeat: int,
 ) -> str | None:
     """Optimize until the study has ``trials`` finished ones (all workers) or time is up.
 
@@ -557,16 +558,15 @@ def _run_study(
     finally:
         optuna_log.removeFilter(session.filter)
         fail_stale(study)  # a worker killed while the others used up the budget
-        _log_running(study, optuna)
+        _log_running(study, optuna, heartbeat)
     return session.stop.requested
 
 
-def _log_running(study: Any, optuna: Any) -> None:
+def _log_running(study: Any, optuna: Any, heartbeat: int) -> None:
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
-    if running and interval:
+    if running:
         numbers = ", ".join(str(t.number) for t in running)
-        stale = 2 * interval  # the grace period _storage sets
+        stale = 2 * heartbeat  # the grace period _storage sets
         logger.info(
             "trial %s still running: another worker's, or a killed worker's that the next "
             "`moglstm tune` of this study marks failed (and retries) once its heartbeat is "
@@ -873,6 +873,7 @@ def tune(
         trials,
         seconds,
         (NonFiniteLossError, RunLockedError, ValueError),
+        heartbeat,
     )
     out = _summary(study_obj, optuna, {"study_dir": str(study_dir), "storage": storage})
     if out["best_trial"] is not None:
@@ -913,6 +914,22 @@ def train_command(
 
 
 # --------------------------------------------------------------------------- dynamic evaluation
+
+
+class _Stoppable:
+    """A progress bar's ``update`` that ends a dynamic trial at once on a signal: it has
+    nothing to save, and the weights are restored on the way out."""
+
+    def __init__(self, bar: Any, session: _Session, trial: Any) -> None:
+        self.bar, self.session, self.trial = bar, session, trial
+
+    def update(self, tokens: int, loss_sum: Any) -> None:
+        signal = self.session.stop.requested
+        if signal is not None:
+            self.session.quiet.add(self.trial.number)
+            self.trial.set_user_attr("interrupted", signal)
+            raise StudyInterrupted(signal, self.trial.number)
+        self.bar.update(tokens, loss_sum)
 
 
 def tune_dynamic(
@@ -995,7 +1012,7 @@ def tune_dynamic(
                     train_data,
                     cfg.data.bptt,
                     max_batches=settings.grad_batches,
-                    progress=bar,
+                    progress=_Stoppable(bar, session, trial),
                 )
             logger.info("gradients done in %.0f s", time.perf_counter() - started)
         logger.info("trial %d: scoring %d validation tokens %s", trial.number, tokens, values)
@@ -1007,7 +1024,7 @@ def tune_dynamic(
                 stats[settings.grad_batches],
                 settings,
                 max_tokens=max_tokens,
-                progress=bar,
+                progress=_Stoppable(bar, session, trial),
             )
         if not math.isfinite(loss):
             raise optuna.TrialPruned(f"diverged (loss {loss})")
@@ -1027,7 +1044,7 @@ def tune_dynamic(
         direction="minimize",
         load_if_exists=True,
     )
-    interrupted = _run_study(optuna, study_obj, objective, trials, seconds, ())
+    interrupted = _run_study(optuna, study_obj, objective, trials, seconds, (), heartbeat)
     out = _summary(study_obj, optuna, {"run_dir": str(run_dir), "storage": storage})
     out["interrupted"] = interrupted
     if out["best_trial"] is not None:
