@@ -136,16 +136,11 @@ def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
 
 
 def _solved(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
-    """Sizes that the same budget or ratio solves: a checkpoint records the solved ones
-    (``with_resolved_sizes``), a preset asking for the same budget has its defaults."""
-    keys = set()
-    for rule, sizes in (
-        ("model.num_params", {"model.hidden_size", "model.embedding_size"}),
-        ("model.embedding_ratio", {"model.embedding_size"}),
-    ):
-        if old.get(rule) is not None and old.get(rule) == new.get(rule):
-            keys |= sizes
-    return keys
+    """The size that the same parameter budget solves: a checkpoint records the solved
+    one (``with_resolved_sizes``), a preset asking for the same budget has its default."""
+    budget = old.get("model.num_params")
+    same = budget is not None and budget == new.get("model.num_params")
+    return {"model.hidden_size"} if same else set()
 
 
 def resume_config(
