@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import yaml
 
 from moglstm.lm.budget import largest_fitting, parse_count
 from moglstm.lm.config import ModelConfig, load_config, model_config
@@ -143,3 +144,42 @@ def test_num_params_in_the_config_takes_text_or_numbers():
         load_config(None, ["model.num_params=lots"])
     with pytest.raises(ValueError, match="model.num_params.*recurrent"):
         load_config(None, ["model.kind=transformer", "model.num_params=1M"])
+
+
+def test_a_run_records_the_sizes_its_budget_solved(
+    word_corpus_dir, tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    """config.yaml and the checkpoint say what was built; each message is printed once."""
+    from moglstm.cli import main
+    from moglstm.lm.runs.folder import load_run
+
+    args = [
+        "data.corpus=text",
+        f"data.path={word_corpus_dir}",
+        "data.batch_size=4",
+        "data.bptt=8",
+        "model.num_layers=1",
+        "model.num_params=20k",
+        "model.embedding_ratio=0.5",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.device=cpu",
+    ]
+    assert main(["train", "--out-dir", str(tmp_path), "--name", "budget", *args]) == 0
+    err = capsys.readouterr().err
+    run = tmp_path / "budget"
+    loaded = load_run(run, "last", "cpu")
+    built = loaded.model
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert saved["hidden_size"] == built.hidden_size != 256  # not the default it started from
+    assert built.embedding.weight.shape[1] == round(0.5 * built.hidden_size)
+    assert saved["num_params"] == "20k"  # the request is kept beside its answer
+    assert loaded.config.model.hidden_size == built.hidden_size
+    assert err.count(f"model.num_params=20k: hidden size {built.hidden_size}") == 1, err
+    # the same command with --resume resumes (the budget asks for the recorded sizes)
+    resumed = ["train", "--resume", "--out-dir", str(tmp_path), "--name", "budget"]
+    assert main([*resumed, *args[:-3], "train.max_steps=4", "train.device=cpu"]) == 0
+    assert "hidden size" not in capsys.readouterr().err  # confirmed, not searched again
+    for command in (["evaluate", str(run)], ["generate", str(run), "--tokens", "3"]):
+        assert main([*command, "--device", "cpu"]) == 0
+        assert "hidden size" not in capsys.readouterr().err

@@ -73,9 +73,12 @@ def test_table_shows_differences_and_results(two_runs: list[Path]) -> None:
     assert config_differences(runs) == ["model.kind", "model.mogrifier.rounds"]
     table = markdown_table(runs)
     lines = table.splitlines()
-    assert lines[0].split(" | ")[:4] == ["| run", "status", "step", "config"]
+    assert lines[0].split(" | ")[:4] == ["| run", "state", "step", "config"]
     assert len(lines) == 4
-    mog_row, lstm_row = lines[2], lines[3]
+    # best validation first
+    first, second = sorted(runs, key=lambda r: r.best_valid["loss"])
+    assert [line.split(" | ")[0] for line in lines[2:]] == [f"| {first.name}", f"| {second.name}"]
+    mog_row, lstm_row = sorted(lines[2:], key=lambda line: "| lstm " in line)
     assert "model.kind=mogrifier, model.mogrifier.rounds=2" in mog_row
     assert "model.kind=lstm, model.mogrifier.rounds=0" in lstm_row
     best = runs[1].best_valid
@@ -129,6 +132,7 @@ def test_a_run_in_progress(two_runs: list[Path], tmp_path: Path) -> None:
 def test_stopped_run_and_held_lock(two_runs: list[Path], tmp_path: Path) -> None:
     run = read_run(two_runs[0])
     run.config["train.max_steps"] = 100
+    run.ended = None  # a run of an older version: no record of how it ended
     assert run.status == "stopped"
     with RunLock(two_runs[0]):
         assert read_run(two_runs[0]).running
@@ -201,4 +205,123 @@ def test_a_config_it_cannot_read_leaves_the_rest(two_runs: list[Path], tmp_path:
     (copy / "config.yaml").write_text("model: [unclosed\n")
     run = read_run(copy)
     assert run.config == {} and [r["step"] for r in run.valid] == [4, 8]
-    assert "| copy | stopped | 8 |" in markdown_table([run])  # no max_steps known: stopped
+    # no max_steps known, but status.json says the run reached it
+    assert "| copy | done | 8 |" in markdown_table([run])
+
+
+# --------------------------------------------------------------------------- states, studies
+
+
+def test_states_of_runs_that_ended_otherwise(two_runs: list[Path], tmp_path: Path) -> None:
+    """Each way a session ends, as status.json records it, and a session killed outright."""
+    copy = tmp_path / "copy"
+    shutil.copytree(two_runs[0], copy)
+    status = copy / "status.json"
+    cases = {
+        '{"step": 8, "stopped": "SIGINT"}': "interrupted",
+        '{"step": 8, "stopped": "SIGTERM"}': "interrupted",
+        '{"step": 8, "stopped": "early_stop"}': "early stop",
+        '{"step": 8, "stopped": "max_time"}': "time limit",
+        '{"step": 8, "stopped": "error", "error": "TrialPruned: median pruner"}': "pruned",
+        '{"step": 8, "stopped": "error", "error": "NonFiniteLossError: nan"}': "crashed",
+        '{"step": 4, "stopped": "SIGINT"}': "crashed",  # a later session left no end: killed
+        "not json": "crashed",
+    }
+    for text, state in cases.items():
+        status.write_text(text)
+        assert read_run(copy).status == state, text
+
+
+def test_a_second_ctrl_c_is_recorded_as_interrupted(
+    word_data_config: DataConfig, tmp_path: Path
+) -> None:
+    cfg = tiny_run(word_data_config, tmp_path, "cut")
+
+    def interrupt(step: int, _: dict[str, float]) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, quiet=True, on_step=interrupt)
+    run = read_run(tmp_path / "cut")
+    assert run.status == "interrupted" and run.ended["step"] == 3
+
+
+@pytest.mark.slow
+def test_a_study_s_trials_show_optuna_state_and_sort_by_result(
+    tmp_path: Path, word_corpus_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    optuna = pytest.importorskip("optuna")
+    from moglstm.lm.tune import tune
+    from tests.lm.test_tune import write_space
+
+    space = write_space(tmp_path, word_corpus_dir)
+    study_dir = tmp_path / "tune" / "space"
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name="space", storage=f"sqlite:///{study_dir / 'study.db'}")
+    study.enqueue_trial({"train.lr": 0.03, "model.mogrify_rounds": 2})
+    study.enqueue_trial({"train.lr": 1e-6, "model.mogrify_rounds": 2})
+    tune(space, trials=2, out_dir=tmp_path / "tune", prune_startup=1, seed=0)
+    out = tmp_path / "rep"
+    argv = ["report", str(study_dir), "--out", str(out), "--no-plot", "--csv", "--json"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["run"], r["state"], r["trial"], r["trial_state"]) for r in rows] == [
+        ("trial-0000", "done", 0, "complete"),
+        ("trial-0001", "pruned", 1, "pruned"),
+    ]
+    assert rows[0]["objective"] < rows[1]["objective"]
+    assert rows[0]["objective"] == pytest.approx(study.trials[0].value)
+    assert rows[0]["train.lr"] == 0.03 and rows[1]["train.lr"] == 1e-6  # differing config
+    assert json.loads((tmp_path / "rep.json").read_text()) == rows
+    import csv
+
+    with open(tmp_path / "rep.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == ["trial-0000", "trial-0001"]
+    assert table[1]["trial_state"] == "pruned" and float(table[0]["objective"]) > 0
+    md = (tmp_path / "rep.md").read_text()
+    assert "| trial-0000 | done | 0 complete, loss " in md
+    assert "| trial-0001 | pruned | 1 pruned" in md
+
+
+def test_many_runs_stay_legible(two_runs: list[Path], tmp_path: Path) -> None:
+    """30 runs: the best 8 named and coloured (no colour twice), the rest faint."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+
+    from moglstm.lm.report import HIGHLIGHTED, LOAD_CAVEAT, plot_runs
+
+    base = read_run(two_runs[0])
+    runs = []
+    for i in range(30):
+        run = read_run(two_runs[0])
+        run.path = tmp_path / f"run-{i:02d}"
+        shift = (i * 7) % 30 / 10  # best runs not in name order
+        run.valid = [{**r, "loss": r["loss"] + shift, "ppl": r["ppl"] * math.exp(shift)}
+                     for r in base.valid]
+        runs.append(run)
+    fig = plot_runs(runs)
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    best = sorted(runs, key=lambda r: r.best_valid["loss"])[:HIGHLIGHTED]
+    assert [label.split()[0] for label in labels[:-1]] == [r.name for r in best]
+    assert labels[-1] == f"{30 - HIGHLIGHTED} more runs (faint)"
+    colours = [to_hex(h.get_color()) for h in legend.legend_handles[:-1]]
+    assert len(set(colours)) == HIGHLIGHTED
+    lines = fig.axes[0].get_lines()
+    faint = [line for line in lines if line.get_alpha() is not None and line.get_alpha() < 0.5]
+    assert len(faint) == 30 - HIGHLIGHTED
+    assert fig.axes[1].get_title() == LOAD_CAVEAT
+    fig.savefig(tmp_path / "many.png", dpi=60)
+
+
+def test_panels_before_the_first_validation_say_so(two_runs: list[Path]) -> None:
+    pytest.importorskip("matplotlib")
+    from moglstm.lm.report import plot_runs
+
+    run = read_run(two_runs[0])
+    run.valid, run.train = [], []
+    fig = plot_runs([run])
+    texts = [[t.get_text() for t in ax.texts] for ax in fig.axes[:4]]
+    assert texts == [["no validation yet"]] * 2 + [["no training loss logged yet"]] * 2

@@ -191,3 +191,18 @@ def test_training_reports_the_expected_duration_and_time_left(word_data_config, 
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("about ") and "to go: " in m and "s/step" in m for m in messages)
     assert any(m.startswith("step 8: train loss") and m.endswith(" left") for m in messages)
+
+
+def test_a_nested_stop_passes_the_request_outwards() -> None:
+    import os
+    import signal
+
+    from moglstm.lm.stopping import GracefulStop
+
+    with GracefulStop() as outer:
+        with GracefulStop() as inner:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert inner.requested == outer.requested == "SIGINT"
+        assert outer.handled_inside and not inner.handled_inside
+        with pytest.raises(KeyboardInterrupt):  # the outer one has had its first signal
+            os.kill(os.getpid(), signal.SIGINT)

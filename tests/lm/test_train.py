@@ -223,6 +223,15 @@ class FakeSummaryWriter:
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self.scalars.append((tag, value, step))
 
+    def _get_file_writer(self) -> FakeSummaryWriter:  # where the HParams summaries go
+        return self
+
+    def add_summary(self, summary: object) -> None:
+        self.summaries = [*getattr(self, "summaries", []), summary]
+
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 
@@ -240,6 +249,36 @@ def test_tensorboard_events_when_available(word_data_config, tmp_path, monkeypat
     assert {("train/loss", 2), ("train/ppl", 4), ("valid/loss", 4), ("train/lr", 2)} <= tags
     train(with_train(cfg, max_steps=6), resume=True, quiet=True)
     assert FakeSummaryWriter.instances[-1].purge_step == 5  # drop events after step 4
+
+
+def test_tensorboard_events_and_hparams_read_back(word_data_config, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    cfg = make_cfg(word_data_config, tmp_path, max_steps=4)
+    results = train(cfg, quiet=True)
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "valid/loss", "valid/ppl", "hparams/best_valid_loss"} <= set(scalars)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    valid = [(r["step"], r["loss"]) for r in logged if r["split"] == "valid"]
+    read = [(e.step, e.value) for e in events.Scalars("valid/loss")]
+    assert read == [(step, pytest.approx(loss)) for step, loss in valid] and valid
+    (best,) = events.Scalars("hparams/best_valid_loss")
+    assert best.step == 4 and best.value == pytest.approx(results["best_valid_loss"])
+    # the HParams plugin's records: the experiment (metrics), the session's values
+    content = events.PluginTagToContent("hparams")
+    data = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    start = next(d.session_start_info for d in data if d.HasField("session_start_info"))
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert values["train.lr"] == pytest.approx(cfg.train.lr)
+    assert values["model.kind"] == cfg.model.kind
+    assert values["data.batch_size"] == cfg.data.batch_size
+    experiment = next(d.experiment for d in data if d.HasField("experiment"))
+    names = {m.name.tag for m in experiment.metric_infos}
+    assert {"hparams/best_valid_loss", "hparams/best_valid_ppl", "hparams/step"} <= names
 
 
 def test_no_tensorboard_is_fine(word_data_config, tmp_path, monkeypatch):

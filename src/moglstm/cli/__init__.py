@@ -140,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        note = train_command.interrupted_note(args) if args.command == "train" else ""
+        notes = {"train": train_command.interrupted_note, "tune": tune_command.interrupted_note}
+        note = notes[args.command](args) if args.command in notes else ""
         print(f"moglstm {args.command}: interrupted{note}", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from typing import Any
 
@@ -19,11 +20,17 @@ COMMAND = (
     """\
 Writes OUT.png and OUT.svg (validation perplexity or bits per character and
 training loss, against steps and against wall-clock time, one line per run) and
-OUT.md, the table that is also printed: status, the config keys in which the
-runs differ, parameters, best and final validation, the latest test evaluation
-(`moglstm evaluate --split test` records it in the run folder), median training
-tokens/s and time. A folder of run folders (a `moglstm tune` study) stands for
-all its runs. The figure needs matplotlib: pip install 'moglstm[plot]'.
+OUT.md, the table that is also printed, best validation first: state (running,
+done, early stop, time limit, interrupted, pruned, crashed) and, for a trial of
+a `moglstm tune` study, its Optuna state and objective, the config keys in which
+the runs differ, parameters, best and final validation, the latest test
+evaluation (`moglstm evaluate --split test` records it in the run folder),
+median training tokens/s and time. --csv and --json also write OUT.csv and
+OUT.json, one row per run (--json prints it instead of the table). A folder of
+run folders (a `moglstm tune` study) stands for all its runs; with many runs
+the figure names and colours the best 8 and draws the rest faint. Wall-clock
+panels compare machine load as much as runs: compare runs made on one idle
+machine. The figure needs matplotlib: pip install 'moglstm[plot]'.
 
 examples:
   moglstm report runs/ptb-small runs/ptb-small-lstm --out ptb-small
@@ -41,13 +48,27 @@ def add(sub: Any) -> None:
     )
     parser.add_argument("--title", help="the figure's title")
     parser.add_argument("--no-plot", action="store_true", help="the table alone (no matplotlib)")
+    parser.add_argument("--csv", action="store_true", help="also write OUT.csv, a row per run")
+    parser.add_argument(
+        "--json", action="store_true", help="also write OUT.json; print it instead of the table"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``moglstm report``: print the table, write the files."""
-    result = report(args.runs, args.out, plot=not args.no_plot, title=args.title)
-    print(result["table"], end="")
+    result = report(
+        args.runs,
+        args.out,
+        plot=not args.no_plot,
+        title=args.title,
+        csv=args.csv,
+        json_file=args.json,
+    )
+    if args.json:
+        print(json.dumps(result["rows"]))
+    else:
+        print(result["table"], end="")
     for path in result["files"]:
         logger.info("wrote %s", path)
     return 0

@@ -78,6 +78,36 @@ class MetricsLog:
                 if key not in ("step", "split") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
+    def hparams(self, config: dict[str, Any], results: dict[str, Any]) -> None:
+        """Log the run's config and final metrics to TensorBoard's HParams view.
+
+        ``config`` is the run's nested config (flattened to dotted keys); the metrics
+        are the numeric ``results`` (``best_valid_loss``, ``best_valid_ppl``, ``step``,
+        ``tokens_per_s`` ...), written as scalars ``hparams/<name>`` at the last step,
+        in this run's own event files (no sub-folder per call, as ``add_hparams`` makes).
+        A resumed run logs them again at its new last step.
+        """
+        if self._writer is None:
+            return
+        try:
+            from torch.utils.tensorboard.summary import hparams
+        except ImportError:  # a stand-in writer (tests), or a partial install
+            return
+
+        flat = {k: _hparam_value(v) for k, v in _flatten(config).items()}
+        metrics = {
+            f"hparams/{k}": float(v)
+            for k, v in results.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        writer = self._writer._get_file_writer()
+        for summary in hparams(flat, metrics):  # experiment, session start, session end
+            writer.add_summary(summary)
+        step = int(results.get("step") or 0)
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
     def close(self) -> None:
         """Close the file (and the TensorBoard writer)."""
         self._file.close()
@@ -103,6 +133,9 @@ class NullLog:
     def close(self) -> None:
         pass
 
+    def hparams(self, config: dict[str, Any], results: dict[str, Any]) -> None:
+        pass
+
     def rewind(self, step: int) -> None:
         pass
 
@@ -126,6 +159,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", math.inf) <= step:
             kept.append(line + "\n")
     write_atomic(path, "".join(kept).encode("utf-8"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    """What TensorBoard's HParams take: numbers, text and booleans (the rest as text)."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _tensorboard_writer(run_dir: Path, purge_step: int | None) -> Any:

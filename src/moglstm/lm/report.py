@@ -9,12 +9,20 @@ tolerating a run still in progress (a half-written last line, no checkpoint yet)
 
 writes ``ptb-small.png`` and ``ptb-small.svg`` (validation perplexity or bits per
 character and training loss, against steps and against wall-clock time) and
-``ptb-small.md`` (the table, also printed): per run its status, the config keys in
-which the runs differ, the parameter count, best and final validation, the latest
-test evaluation (``moglstm evaluate --split test`` records it in the run folder),
-the training speed and the time spent.
+``ptb-small.md`` (the table, also printed), best validation first: per run its state
+(running, done, early stop, time limit, interrupted, pruned, crashed; from the
+run's ``status.json``) and, for a trial of a ``moglstm tune`` study, Optuna's state
+and objective, the config keys in which the runs differ, the parameter count, best
+and final validation, the latest test evaluation (``moglstm evaluate --split test``
+records it in the run folder), the training speed and the time spent; with
+``--csv``/``--json`` the same rows as ``ptb-small.csv``/``.json``. Many runs stay
+legible: the best few are named and coloured, the rest drawn faint.
 
 The figure needs matplotlib (``pip install 'moglstm[plot]'``); the table does not.
+
+Why about 750 lines: reading a run (its curves, end state and study trial), the
+table with its exports, and the figure are three views of one :class:`RunRecord`
+that change together; each is a section of its own below.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Any
 import torch
 
 from moglstm.lm.errors import UserError
-from moglstm.lm.runs.folder import EVALUATIONS_FILE
+from moglstm.lm.runs.folder import EVALUATIONS_FILE, STATUS_FILE
 from moglstm.lm.safety import load_yaml_file, short_repr
 
 __all__ = [
@@ -46,6 +54,9 @@ __all__ = [
     "read_run",
     "require",
     "report",
+    "rows_csv",
+    "run_rows",
+    "sort_runs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +99,11 @@ class RunRecord:
         params: number of parameters (counted once per tied tensor), ``None`` before
             the first checkpoint.
         running: a training process holds the folder's lock right now.
+        ended: how the last training session ended (its ``status.json``: ``step``,
+            ``stopped``, ``error``), ``None`` for runs of older versions.
+        trial: for a trial of a ``moglstm tune`` study (the study's ``study.db`` beside
+            the run folder): ``{"study", "number", "state", "value"}`` with Optuna's
+            state in lower case (``complete``, ``pruned``, ``fail``, ``running``).
     """
 
     path: Path
@@ -97,6 +113,8 @@ class RunRecord:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     params: int | None = None
     running: bool = False
+    ended: dict[str, Any] | None = None
+    trial: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -139,14 +157,44 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        """``running``, ``done`` (reached ``train.max_steps``) or ``stopped`` (before it:
-        interrupted, crashed or stopped early)."""
+        """How the run stands: ``running``; ``done`` (reached ``train.max_steps``),
+        ``early stop``, ``time limit`` (``train.max_time``): finished; ``interrupted``
+        (Ctrl-C, SIGTERM), ``pruned`` (by a study's pruner), ``crashed`` (an error, or a
+        session killed outright: its records go past the last recorded end); ``stopped``
+        when a run of an older version left no record of how it ended."""
         if self.running:
             return "running"
         max_steps = self.config.get("train.max_steps")
-        if max_steps is not None and self.step >= max_steps:
-            return "done"
-        return "stopped"
+        ended = self.ended
+        if ended is None:  # an older run: only the step count tells
+            done = max_steps is not None and self.step >= max_steps
+            return "done" if done else "stopped"
+        if not isinstance(ended.get("step"), int) or ended["step"] < self.step:
+            return "crashed"  # a later session wrote records and no end: killed
+        stopped = ended.get("stopped")
+        if stopped == "error":  # a study's pruner and signals end a trial by exceptions
+            error = str(ended.get("error", "")).partition(":")[0]
+            return _STUDY_ERRORS.get(error, "crashed")
+        return _ENDINGS.get(stopped, "stopped")
+
+    @property
+    def objective(self) -> float | None:
+        """What the runs are sorted by: the best validation loss (a study's objective)."""
+        best = self.best_valid
+        return None if best is None else best["loss"]
+
+
+# status.json's `stopped` -> the state a report shows
+_ENDINGS = {
+    "max_steps": "done",
+    "early_stop": "early stop",
+    "max_time": "time limit",
+    "SIGINT": "interrupted",
+    "SIGTERM": "interrupted",
+    "interrupted": "interrupted",
+}
+_STUDY_ERRORS = {"TrialPruned": "pruned", "StudyInterrupted": "interrupted"}
+STATES = ("running", "done", "early stop", "time limit", "interrupted", "pruned", "crashed")
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
@@ -173,7 +221,67 @@ def read_run(run_dir: str | Path) -> RunRecord:
     run.evaluations = read_jsonl(path / EVALUATIONS_FILE)
     run.params = _count_parameters(path)
     run.running = _is_running(path)
+    run.ended = _read_status(path / STATUS_FILE)
+    run.trial = _study_trial(path)
     return run
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"step": None}  # unreadable: treated as no end recorded
+    return record if isinstance(record, dict) else {"step": None}
+
+
+def _study_trial(path: Path) -> dict[str, Any] | None:
+    """The Optuna trial whose run folder is ``path``, from ``study.db`` beside it."""
+    trials = _study_trials(path.parent)
+    return trials.get(path.name)
+
+
+_STUDIES: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+
+
+def _study_trials(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{run folder name: trial}`` of every study in ``folder/study.db`` (read once per
+    report while the file is unchanged); empty without the file or Optuna."""
+    db = folder / "study.db"
+    try:
+        key = (str(db.resolve()), db.stat().st_mtime)
+    except OSError:
+        return {}
+    if key in _STUDIES:
+        return _STUDIES[key]
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{db}", skip_compatibility_check=True, skip_table_creation=True
+        )
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            for t in study.get_trials(deepcopy=False):
+                run_dir = t.user_attrs.get("run_dir")
+                if run_dir is None or t.user_attrs.get("skipped"):
+                    continue
+                # a retried trial runs in the folder it retries: the latest trial wins
+                found[Path(run_dir).name] = {
+                    "study": summary.study_name,
+                    "number": t.number,
+                    "state": t.state.name.lower(),
+                    "value": t.value,
+                }
+        storage.remove_session()
+        storage.engine.dispose()
+    except Exception as exc:  # no Optuna, another schema, a locked or broken file
+        logger.debug("no trials from %s: %s", db, exc)
+    _STUDIES[key] = found
+    return found
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -292,12 +400,87 @@ def config_differences(runs: Sequence[RunRecord]) -> list[str]:
     return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
 
 
-def markdown_table(runs: Sequence[RunRecord]) -> str:
-    """One row per run: status, differing config, parameters, validation, test, speed, time."""
+def sort_runs(runs: Sequence[RunRecord]) -> list[RunRecord]:
+    """Best first: by best validation loss (runs without a validation last), then name."""
+    return sorted(runs, key=lambda r: (r.objective is None, r.objective or 0.0, r.name))
+
+
+def run_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """One flat dict per run, best first: what ``--csv``/``--json`` export.
+
+    Keys: ``run``, ``path``, ``state`` (see :attr:`RunRecord.status`), ``step``,
+    ``objective`` (best validation loss), ``best_valid_<ppl|bpc>``, ``best_step``,
+    ``final_valid_<ppl|bpc>``, ``test_<ppl|bpc>``, ``params``, ``tokens_per_s``,
+    ``elapsed`` (seconds), ``study``, ``trial``, ``trial_state`` (Optuna's, for a
+    study's trial), then the config keys in which the runs differ.
+    """
     differing = config_differences(runs)
+    rows = []
+    for run in sort_runs(runs):
+        metric, best = run.metric, run.best_valid
+        final = run.valid[-1] if run.valid else None
+        trial = run.trial or {}
+        test = run.test
+        test_metric = None if test is None else ("bpc" if "bpc" in test else "ppl")
+        rows.append(
+            {
+                "run": run.name,
+                "path": str(run.path),
+                "state": run.status,
+                "step": run.step,
+                "objective": run.objective,
+                f"best_valid_{metric}": None if best is None else best.get(metric),
+                "best_step": None if best is None else best.get("step"),
+                f"final_valid_{metric}": None if final is None else final.get(metric),
+                f"test_{test_metric or metric}": None if test is None else test.get(test_metric),
+                "params": run.params,
+                "tokens_per_s": run.tokens_per_s,
+                "elapsed": run.elapsed,
+                "study": trial.get("study"),
+                "trial": trial.get("number"),
+                "trial_state": trial.get("state"),
+                **{k: run.config.get(k) for k in differing},
+            }
+        )
+    # JSON has no inf or NaN (a diverged run's perplexity): they are exported as null
+    return [{k: _finite_or_none(v) for k, v in row.items()} for row in rows]
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def rows_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """:func:`run_rows` as CSV, the union of their keys as columns (in first-seen order)."""
+    import csv
+    import io
+
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def markdown_table(runs: Sequence[RunRecord]) -> str:
+    """One row per run, best validation first: state (and a study trial's Optuna state),
+    differing config, parameters, validation, test, speed, time."""
+    differing = config_differences(runs)
+    studied = any(run.trial for run in runs)
     header = [
         "run",
-        "status",
+        "state",
+        "trial" if studied else None,
         "step",
         "config" if differing else None,
         "params",
@@ -309,11 +492,12 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
     ]
     header = [h for h in header if h is not None]
     rows = [header, ["---"] * len(header)]
-    for run in runs:
+    for run in sort_runs(runs):
         best, final = run.best_valid, (run.valid[-1] if run.valid else None)
         row = [
             run.name,
             run.status,
+            _trial(run.trial) if studied else None,
             str(run.step),
             ", ".join(f"{k}={_short(run.config.get(k))}" for k in differing) if differing else None,
             _count(run.params),
@@ -325,6 +509,15 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
         ]
         rows.append([c for c in row if c is not None])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+
+
+def _trial(trial: dict[str, Any] | None) -> str:
+    """``"7 pruned"`` or ``"3 complete, loss 4.1234"`` (Optuna's number, state, value)."""
+    if not trial:
+        return "-"
+    text = f"{trial['number']} {trial['state']}"
+    value = trial.get("value")
+    return text if value is None else f"{text}, loss {value:.4f}"
 
 
 def _short(value: Any) -> str:
@@ -372,9 +565,23 @@ def _duration(seconds: float | None) -> str:
 # --------------------------------------------------------------------------- the figure
 
 
+HIGHLIGHTED = 8  # with more runs than ALL_NAMED, the best this many are named and coloured
+ALL_NAMED = 12
+LOAD_CAVEAT = (
+    "wall-clock time depends on the machine's load: compare only runs made on the same,\n"
+    "otherwise idle machine (tokens/s in the table shows the speed each run had)"
+)
+
+
 def plot_runs(runs: Sequence[RunRecord], title: str | None = None) -> Any:
     """A matplotlib figure of 2 x 2 panels: validation metric (top) and training loss
     (bottom), against steps (left) and wall-clock time (right), one line per run.
+
+    Up to :data:`ALL_NAMED` runs each get a colour of their own and a legend entry
+    (outside the panels, best first); with more (a study's trials), the best
+    :data:`HIGHLIGHTED` do and the rest are drawn faint grey as one entry. Colours
+    never repeat. A panel with nothing to draw yet says so; the wall-clock panels
+    carry the caveat that they compare machine load as much as runs.
 
     Runs of mixed levels (perplexity and bits per character) are drawn as validation
     loss in nats per token instead.
@@ -390,25 +597,50 @@ def plot_runs(runs: Sequence[RunRecord], title: str | None = None) -> Any:
     label = {"ppl": "validation perplexity", "bpc": "validation bits per character"}.get(
         metric, "validation loss (nats/token)"
     )
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    ordered = sort_runs(runs)
+    named = ordered if len(ordered) <= ALL_NAMED else ordered[:HIGHLIGHTED]
+    colours = _colours(len(named))
+    fig = Figure(figsize=(12.5, 7.5), layout="constrained")
     axes = fig.subplots(2, 2, sharey="row")
-    for run in runs:
-        colour = None
+    drawn = [[0, 0], [0, 0]]
+    faint = ordered[len(named) :]
+    for run, colour in [*zip(named, colours, strict=True), *((r, None) for r in faint)]:
+        style_of_run = (
+            {"color": colour, "zorder": 3}
+            if colour is not None
+            else {"color": "0.6", "alpha": 0.35, "zorder": 1}
+        )
         for row, (records, key) in enumerate(((run.valid, metric), (run.train, "loss"))):
             points = [r for r in records if key in r and math.isfinite(r[key])]
             ys = [r[key] for r in points]
             for col, xkey in enumerate(("step", "elapsed")):
                 xs = [r.get(xkey, math.nan) / (60 if xkey == "elapsed" else 1) for r in points]
                 style = {"marker": "o", "markersize": 3} if row == 0 else {"linewidth": 1}
-                (line,) = axes[row][col].plot(xs, ys, color=colour, label=run.name, **style)
-                colour = line.get_color()
+                if colour is None:
+                    style = {"linewidth": 0.8}
+                axes[row][col].plot(xs, ys, **style_of_run, **style)
+                drawn[row][col] += bool(points)
+    empty = ("no validation yet", "no training loss logged yet")
     for row, ylabel in enumerate((label, "training loss (nats/token)")):
         axes[row][0].set_ylabel(ylabel)
         for col, xlabel in enumerate(("step", "wall-clock time (minutes)")):
             ax = axes[row][col]
             ax.set_xlabel(xlabel)
             ax.grid(True, alpha=0.3)
-    if metric == "ppl":
+            if not drawn[row][col]:
+                ax.text(
+                    0.5,
+                    0.5,
+                    empty[row],
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="center",
+                    color="0.4",
+                )
+                ax.tick_params(labelbottom=False, labelleft=False, length=0)
+                ax.grid(False)
+    axes[0][1].set_title(LOAD_CAVEAT, fontsize="small", color="0.35")
+    if metric == "ppl" and any(drawn[0]):
         from matplotlib import ticker
 
         axis = axes[0][0].yaxis  # shared with the time panel
@@ -417,11 +649,49 @@ def plot_runs(runs: Sequence[RunRecord], title: str | None = None) -> Any:
         axis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
         minor = ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
         axis.set_minor_formatter(minor)
-    if len(runs) <= 20:  # more (a study's trials) read as a cloud, not by name
-        axes[0][1].legend(fontsize="small", ncol=2 if len(runs) > 8 else 1)
+    _legend(fig, named, colours, faint, metric)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _colours(n: int) -> list[Any]:
+    """``n`` distinct colours, none of them the grey of the faint runs: tab10 without its
+    grey for up to 9, else evenly spaced along the turbo colour map."""
+    from matplotlib import colormaps
+
+    if n <= 9:
+        tab = colormaps["tab10"]
+        return [tab(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)[:n]]
+    return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def _legend(fig: Any, named: list[RunRecord], colours: list[Any], faint: list, metric: str) -> None:
+    """Outside the panels, on the right: the named runs best first, with their best score."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = [], []
+    for run, colour in zip(named, colours, strict=True):
+        handles.append(Line2D([], [], color=colour, marker="o", markersize=3))
+        best = run.best_valid
+        score = "" if best is None or metric not in best else f"  {_format(best[metric], metric)}"
+        state = "" if run.status == "done" else f" ({run.status})"
+        labels.append(f"{run.name}{score}{state}")
+    if faint:
+        handles.append(Line2D([], [], color="0.6", alpha=0.5))
+        labels.append(f"{len(faint)} more runs (faint)")
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="outside right upper",
+            fontsize="small",
+            title=f"best {metric} first" if metric != "loss" else "best first",
+        )
+
+
+def _format(value: float, metric: str) -> str:
+    return f"{value:.3f}" if metric in ("bpc", "loss") else f"{value:.2f}"
 
 
 # --------------------------------------------------------------------------- report
@@ -433,6 +703,8 @@ def report(
     *,
     plot: bool = True,
     title: str | None = None,
+    csv: bool = False,
+    json_file: bool = False,
 ) -> dict[str, Any]:
     """Compare runs: write the figure (PNG and SVG) and the markdown table.
 
@@ -442,9 +714,12 @@ def report(
             ``<out>.md``; ``None`` writes nothing (the table is still returned).
         plot: draw the figure (needs matplotlib); ``False`` for the table alone.
         title: the figure's title.
+        csv: also write ``<out>.csv``, one row per run (:func:`run_rows`).
+        json_file: also write ``<out>.json``, the same rows as a JSON list.
 
     Returns:
-        ``{"runs": [RunRecord...], "table": str, "files": [paths written]}``.
+        ``{"runs": [RunRecord...], "rows": [dict...], "table": str, "files": [paths
+        written]}``, the runs and rows best first.
 
     Raises:
         FileNotFoundError: a run folder is missing.
@@ -452,8 +727,9 @@ def report(
     """
     if plot:
         require("matplotlib", "plot", "the report's figure (or use --no-plot)")
-    records = [read_run(p) for p in find_runs(runs)]
+    records = sort_runs([read_run(p) for p in find_runs(runs)])
     table = markdown_table(records)
+    rows = run_rows(records)
     files: list[Path] = []
     if out is not None:
         prefix = Path(out).expanduser()
@@ -464,7 +740,13 @@ def report(
                 path = prefix.with_name(f"{prefix.name}.{fmt}")
                 fig.savefig(path, dpi=120)
                 files.append(path)
-        path = prefix.with_name(f"{prefix.name}.md")
-        path.write_text(table, encoding="utf-8")
-        files.append(path)
-    return {"runs": records, "table": table, "files": files}
+        exports = {"md": table}
+        if csv:
+            exports["csv"] = rows_csv(rows)
+        if json_file:
+            exports["json"] = json.dumps(rows, indent=1) + "\n"
+        for suffix, text in exports.items():
+            path = prefix.with_name(f"{prefix.name}.{suffix}")
+            path.write_text(text, encoding="utf-8")
+            files.append(path)
+    return {"runs": records, "rows": rows, "table": table, "files": files}

@@ -78,16 +78,20 @@ class GracefulStop:
 
     Handlers are installed only in the main thread (Python delivers signals there); in
     another thread the context does nothing and :attr:`requested` stays ``None``. On
-    exit the previous handlers are put back.
+    exit the previous handlers are put back. Nested in another :class:`GracefulStop`
+    (a study's trial inside the study), a request is the outer one's too.
 
     Attributes:
         requested: ``"SIGINT"`` or ``"SIGTERM"`` once a stop was asked for, else ``None``.
+        handled_inside: the request came through a nested stop (which stops its own
+            work first), not to this one directly.
     """
 
     _SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self, what: str = "stopping after this step") -> None:
         self.requested: str | None = None
+        self.handled_inside = False  # the request came through a nested stop, which acts on it
         self._what = what
         self._previous: dict[int, Any] = {}
 
@@ -109,5 +113,10 @@ class GracefulStop:
         if self.requested is not None:
             raise KeyboardInterrupt(f"second {name}: stopped at once")
         self.requested = name
+        outer = getattr(self._previous.get(number), "__self__", None)
+        while isinstance(outer, GracefulStop) and outer.requested is None:
+            # a stop nested in another (a study's trial in the study) asks both to stop
+            outer.requested, outer.handled_inside = name, True
+            outer = getattr(outer._previous.get(number), "__self__", None)
         key = "Ctrl-C" if name == "SIGINT" else name
         logger.warning("%s received: %s (%s again to quit at once)", name, self._what, key)

@@ -11,11 +11,13 @@ metrics file (:mod:`moglstm.lm.metrics`), run folders and resume rules
 :func:`train` runs a :class:`~moglstm.lm.config.RunConfig` in its run folder
 ``<out_dir>/<name>/``, which ends up holding::
 
-    config.yaml     the resolved config
+    config.yaml     the resolved config (with the hidden size a num_params budget solved)
     metrics.jsonl   one JSON object per log or validation event
+    status.json     how the last session ended: {"step", "stopped"[, "error"]}
     last.pt         written every train.eval_every steps and at the end
     best.pt         written whenever the validation loss improves
-    events.*        TensorBoard events (only when tensorboard is installed)
+    events.*        TensorBoard events, config and final metrics as HParams (only when
+                    tensorboard is installed: the ``tensorboard`` extra)
 
 Truncated backpropagation through time: the training split is cut into
 ``data.batch_size`` streams walked in windows of ``data.bptt`` steps; the model
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -90,12 +93,13 @@ from moglstm.lm.evaluate import (
     score_split,
 )
 from moglstm.lm.metrics import MetricsLog, NullLog, metric_name, metrics_for
-from moglstm.lm.models import build_model, count_parameters
+from moglstm.lm.models import build_model, count_parameters, with_resolved_sizes
 from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule, make_optimizer
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import LOCK_FILE, RunLock
 from moglstm.lm.runs.checkpoint import remove_stale_temp_files, save_checkpoint
 from moglstm.lm.runs.folder import (
+    STATUS_FILE,
     _check_resumable,
     _check_run_folder,
     _load_last,
@@ -103,6 +107,7 @@ from moglstm.lm.runs.folder import (
 )
 from moglstm.lm.runs.payload import CheckpointPayload
 from moglstm.lm.runtime import autocast, autocast_dtype, capture_rng_state, resolve_device
+from moglstm.lm.safety import write_atomic
 from moglstm.lm.state import cat_states, detach_state, map_state, split_state
 from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
 
@@ -170,6 +175,8 @@ def _setup(
     vocab = Vocab.from_dict(checkpoint["vocab"]) if checkpoint else None
     # rank 0 first: it alone downloads a missing corpus into the cache
     corpus = distributed.main_first(lambda: load_corpus(cfg.data, vocab=vocab), ctx)
+    # config.yaml and the checkpoints record the sizes a model.num_params budget gives
+    cfg = dataclasses.replace(cfg, model=with_resolved_sizes(cfg.model, len(corpus.vocab)))
     # before anything is allocated: refuse a model whose training cannot fit
     estimate = distributed.run_on_main(
         lambda: check_training_fits(cfg, len(corpus.vocab), device, ctx.world_size), ctx
@@ -541,11 +548,34 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
         with _messages_above_the_bar(bar), stop or contextlib.nullcontext():
             run.stop = stop
             stopped, train_loss, speed = _loop(run, log, bar, on_step)
+        results = _results(run, stopped, train_loss, speed)
+        log.hparams(to_dict(cfg), results)  # TensorBoard's HParams view: config -> outcome
+    except BaseException as exc:
+        if ctx.is_main:
+            ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+            _write_status(run, ended, exc)
+        raise
     finally:
         run.stop = None
         bar.close()
         log.close()
-    return _results(run, stopped, train_loss, speed)
+    if ctx.is_main:
+        _write_status(run, stopped)
+    return results
+
+
+def _write_status(run: _Run, stopped: str, error: BaseException | None = None) -> None:
+    """Record how this session ended, for ``moglstm report``: ``{"step", "stopped"}`` with
+    ``stopped`` as in the results, ``"interrupted"`` (a second signal) or ``"error"``
+    (then ``"error"`` names the exception: ``TrialPruned`` is a study's pruning). A
+    session killed outright leaves the previous session's file, whose step is behind."""
+    record: dict[str, Any] = {"step": run.counters.step, "stopped": stopped}
+    if error is not None:
+        record["error"] = f"{type(error).__name__}: {error}"[:500]
+    try:
+        write_atomic(run.run_dir / STATUS_FILE, json.dumps(record).encode("utf-8"))
+    except OSError as exc:  # the run's outcome matters more than its label
+        logger.warning("could not record the run's status: %s", exc)
 
 
 def _messages_above_the_bar(bar: Any) -> contextlib.AbstractContextManager:

@@ -105,6 +105,10 @@ def resolve_sizes(cfg: ModelConfig, vocab_size: int) -> tuple[int, int | None]:
     if cfg.num_params is None:
         return cfg.hidden_size, _embedding_size(cfg, cfg.hidden_size)
     budget = parse_count(cfg.num_params)
+    if _is_largest_fitting(cfg, vocab_size, cfg.hidden_size, budget):
+        # a run's config records the size solved for its budget (see with_resolved_sizes):
+        # two counts confirm it instead of a search, and nothing is announced again
+        return cfg.hidden_size, _embedding_size(cfg, cfg.hidden_size)
     try:
         hidden = largest_fitting(lambda h: _count_on_meta(cfg, vocab_size, h), budget)
     except ValueError as exc:
@@ -115,8 +119,33 @@ def resolve_sizes(cfg: ModelConfig, vocab_size: int) -> tuple[int, int | None]:
             f"model.num_params={cfg.num_params!r} is more than the largest model considered "
             f"(hidden size {hidden:,}: {most:,} parameters); give a smaller budget"
         )
-    logger.info("model.num_params=%s: hidden size %d", cfg.num_params, hidden)
+    message = f"model.num_params={cfg.num_params}: hidden size {hidden}"
+    if message not in _ANNOUNCED:  # once per process, however often a model is rebuilt
+        _ANNOUNCED.add(message)
+        logger.info("%s", message)
     return hidden, _embedding_size(cfg, hidden)
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _is_largest_fitting(cfg: ModelConfig, vocab_size: int, hidden: int, budget: int) -> bool:
+    if not 1 <= hidden < MAX_SEARCHED_SIZE:
+        return False
+    fits = _count_on_meta(cfg, vocab_size, hidden)
+    next_one = _count_on_meta(cfg, vocab_size, hidden + 1)
+    return fits is not None and fits <= budget and next_one is not None and next_one > budget
+
+
+def with_resolved_sizes(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    """``cfg`` with ``hidden_size`` set to the size its ``num_params`` budget solves, the
+    budget kept: what a run's ``config.yaml`` records, so it says what was built (and
+    rebuilding it needs no search). An ``embedding_ratio`` stays the embedding's size
+    (``round(ratio * hidden_size)``): the config takes a ratio or a size, not both."""
+    if cfg.kind == "transformer" or cfg.num_params is None:
+        return cfg
+    hidden, _ = resolve_sizes(cfg, vocab_size)
+    return dataclasses.replace(cfg, hidden_size=hidden)
 
 
 def _count_on_meta(cfg: ModelConfig, vocab_size: int, hidden_size: int) -> int | None:

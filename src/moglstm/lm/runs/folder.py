@@ -104,7 +104,8 @@ RESUMABLE_KEYS = frozenset(
 #: The checkpoints of a run folder: a folder without any holds a run that can only start over.
 CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt")
 #: Files whose presence marks a folder as holding a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", *CHECKPOINT_FILES)
+STATUS_FILE = "status.json"  # how a run's last session ended (written by train)
+RUN_FILES = ("config.yaml", "metrics.jsonl", STATUS_FILE, *CHECKPOINT_FILES)
 
 
 
@@ -121,13 +122,25 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
     """Raise ValueError naming every non-resumable key on which the configs differ."""
     old, new = _flat(to_dict(saved)), _flat(to_dict(wanted))
-    changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE_KEYS]
+    changed = [
+        k
+        for k in new
+        if new[k] != old.get(k) and k not in RESUMABLE_KEYS and k not in _solved(old, new)
+    ]
     if changed:
         details = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new[k]!r})" for k in changed)
         raise UserError(
             f"cannot change {details} when resuming; only these may change: "
             f"{', '.join(sorted(RESUMABLE_KEYS))}. Start a new run (new name) instead."
         )
+
+
+def _solved(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """The size that the same parameter budget solves: a checkpoint records the solved
+    one (``with_resolved_sizes``), a preset asking for the same budget has its default."""
+    budget = old.get("model.num_params")
+    same = budget is not None and budget == new.get("model.num_params")
+    return {"model.hidden_size"} if same else set()
 
 
 def resume_config(
