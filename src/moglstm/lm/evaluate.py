@@ -75,9 +75,10 @@ def evaluate_loss(
 ) -> tuple[float, int]:
     """Mean cross-entropy of ``model`` over a batchified split, state carried across windows.
 
-    The model is put in eval mode (and left there). Losses are summed in float64,
-    so the mean does not depend on how the split is cut into windows beyond the
-    model's own arithmetic.
+    The model is put in eval mode (and left there). Token losses are summed in
+    float64, so the mean does not depend on how the split is cut into windows beyond
+    the model's own arithmetic, and it is bit for bit :func:`score_split`'s at
+    temperature 1.
 
     Args:
         model: a language model from :func:`~moglstm.lm.models.build_model`.
@@ -104,7 +105,8 @@ def evaluate_loss(
             logits, state = model(inputs, state)  # logits: (T, B, V)
         state = detach_state(state)
         flat = logits.float().reshape(-1, logits.size(-1))
-        window = F.cross_entropy(flat, targets.reshape(-1), reduction="sum").double()
+        # score_split's sum (float64, token by token): both give the same bits at T = 1
+        window = _token_losses([flat], targets.reshape(-1), [1.0])[0]
         total += window
         count += targets.numel()
         if progress is not None:
