@@ -102,7 +102,13 @@ from moglstm.lm.runs.folder import (
     check_fresh,
 )
 from moglstm.lm.runs.payload import CheckpointPayload
-from moglstm.lm.runtime import autocast, autocast_dtype, capture_rng_state, resolve_device
+from moglstm.lm.runtime import (
+    autocast,
+    autocast_dtype,
+    capture_rng_state,
+    fix_cpu_threads,
+    resolve_device,
+)
 from moglstm.lm.state import cat_states, detach_state, map_state, split_state
 from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
 
@@ -121,7 +127,13 @@ class _Counters:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # completed passes over the training split
     tokens: int = 0  # training tokens seen
-    elapsed: float = 0.0  # wall seconds, summed over sessions
+    elapsed: float = 0.0  # wall seconds trained so far, summed over sessions
+    # the training-loss average since the last log line: a resumed run's first line then
+    # averages the same steps as an uninterrupted run's
+    window_loss: float = 0.0  # sum of loss * tokens
+    window_tokens: int = 0
+    window_time: float = 0.0  # seconds of those steps (the logged speed)
+    threads: int = 0  # CPU threads the run trains with (0: not recorded)
     best_saved_loss: float = math.inf  # validation loss of best.pt
     valid_loss: float | None = None  # the latest validation loss
     skipped_steps: int = 0  # steps without an update: non-finite loss, train.nonfinite=skip
@@ -165,6 +177,7 @@ def _setup(
     """
     ctx = ctx or DistContext(device=resolve_device(cfg.train.device))
     device = ctx.device
+    threads = fix_cpu_threads(cfg.train.threads)  # sums split over threads: a fixed split
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
     vocab = Vocab.from_dict(checkpoint["vocab"]) if checkpoint else None
@@ -203,14 +216,28 @@ def _setup(
         valid_data=distributed.shard_eval_streams(
             batchify(corpus.valid, cfg.data.eval_batch_size), ctx
         ).to(device),
-        counters=_Counters(),
+        counters=_Counters(threads=threads),
         dist=ctx,
     )
     run.averager = WeightAverager(model)
     if checkpoint is not None:
         _restore(run, checkpoint)
+        _check_threads(run, threads)
     run.net = distributed.wrap_model(model, ctx)  # after restoring: ranks start equal
     return run
+
+
+def _check_threads(run: _Run, threads: int) -> None:
+    """Resuming on another CPU thread count: say that the bits will differ."""
+    trained_on, run.counters.threads = run.counters.threads, threads
+    if trained_on and trained_on != threads and run.device.type == "cpu" and run.dist.is_main:
+        logger.warning(
+            "this run was trained on %d CPU threads and goes on with %d: the results will "
+            "differ in the last bits from an uninterrupted run (train.threads=%d gives the same)",
+            trained_on,
+            threads,
+            trained_on,
+        )
 
 
 def _restore(run: _Run, ckpt: CheckpointPayload) -> None:
@@ -574,8 +601,7 @@ def _loop(
     t = cfg.train
     run.model.train()
     run.session_start = time.perf_counter() - c.elapsed
-    window_loss = window_tokens = 0.0  # since the last log line
-    window_time = train_time = session_tokens = 0.0
+    train_time = session_tokens = 0.0
     train_loss = None
     last_eval = c.step  # the checkpoint (if any) was taken right after a validation
     eta = _Eta(run)
@@ -592,28 +618,28 @@ def _loop(
         loss = _train_step(run, inputs, targets)
         c.step += 1
         if not math.isfinite(loss) and _on_nonfinite(run, log, loss) == "rollback":
-            c = run.counters  # restored from last.pt
+            c = run.counters  # restored from last.pt, loss window included
             last_eval = bar.n = c.step
-            window_loss = window_tokens = window_time = 0.0
             continue
         tokens = targets.numel() * run.dist.world_size  # the global batch's
         c.epoch = run.stream.epoch
         c.tokens += tokens
         elapsed = time.perf_counter() - step_start
         if math.isfinite(loss):  # a skipped step (train.nonfinite=skip) adds nothing
-            window_loss += loss * tokens
-            window_tokens += tokens
-        window_time += elapsed
+            c.window_loss += loss * tokens
+            c.window_tokens += tokens
+        c.window_time += elapsed
         train_time += elapsed
         session_tokens += tokens
         bar.update(1)
         eta.step_done(elapsed)
 
-        if c.step % t.log_every == 0 and window_tokens:
-            train_loss = window_loss / window_tokens
+        if c.step % t.log_every == 0 and c.window_tokens:
+            train_loss = c.window_loss / c.window_tokens
             c.elapsed = time.perf_counter() - run.session_start
-            _log_train(run, log, bar, train_loss, window_tokens / window_time, eta)
-            window_loss = window_tokens = window_time = 0.0
+            speed = c.window_tokens / c.window_time if c.window_time else 0.0
+            _log_train(run, log, bar, train_loss, speed, eta)
+            c.window_loss, c.window_tokens, c.window_time = 0.0, 0, 0.0
 
         if c.step % t.eval_every == 0:
             eval_start = time.perf_counter()
@@ -632,8 +658,8 @@ def _loop(
     c.elapsed = time.perf_counter() - run.session_start
     if stopped is None:
         stopped = "early_stop" if _early_stopped(run) else "max_steps"
-    if train_loss is None and window_tokens:
-        train_loss = window_loss / window_tokens
+    if train_loss is None and c.window_tokens:
+        train_loss = c.window_loss / c.window_tokens
     return stopped, train_loss, session_tokens / train_time if train_time else 0.0
 
 
@@ -755,7 +781,10 @@ def _save_checkpoints(run: _Run, *, best: bool) -> None:
     Every rank must call this (the payload gathers state from all); rank 0 writes,
     and an error writing (e.g. a full disk) is raised on every rank.
     """
-    run.counters.nonfinite_streak = 0  # progress is saved: the allowance starts over
+    c = run.counters
+    c.nonfinite_streak = 0  # progress is saved: the allowance starts over
+    if run.session_start:  # in the loop: the checkpoint holds the time trained so far
+        c.elapsed = time.perf_counter() - run.session_start
     payload = _payload(run)
 
     def save() -> None:
@@ -854,7 +883,8 @@ def _log_train(
 
 def _log_start(run: _Run, resume: bool) -> None:
     what = f"resuming from step {run.counters.step}" if resume else "starting"
-    logger.info("%s in %s on %s", what, run.run_dir, run.device)
+    threads = f" ({run.counters.threads} CPU threads)" if run.device.type == "cpu" else ""
+    logger.info("%s in %s on %s%s", what, run.run_dir, run.device, threads)
     logger.info(
         "%r; model %s with %s parameters%s",
         run.corpus,

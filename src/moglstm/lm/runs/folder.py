@@ -92,6 +92,7 @@ RESUMABLE_KEYS = frozenset(
         "train.early_stop_patience",
         "train.eval_max_tokens",
         "train.device",
+        "train.threads",
         "train.amp",
         "train.nonfinite",
         "train.rollback_lr_factor",
