@@ -3,11 +3,12 @@ Triton's interpreter), so the script that waits for a GPU does not rot."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import processes
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "dry.json"
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
         capture_output=True,
         text=True,

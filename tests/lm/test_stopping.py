@@ -206,3 +206,26 @@ def test_training_reports_the_expected_duration_and_time_left(word_data_config, 
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("about ") and "to go: " in m and "s/step" in m for m in messages)
     assert any(m.startswith("step 8: train loss") and m.endswith(" left") for m in messages)
+
+
+def test_the_bar_shows_its_fields_from_the_first_step_and_nothing_left_at_the_end(
+    word_data_config, tmp_path, monkeypatch
+):
+    import io
+
+    from tqdm import tqdm
+
+    from moglstm.lm import train as train_module
+
+    screen = io.StringIO()
+
+    def shown_bar(*args, **kwargs):  # as on a terminal, redrawn at every step
+        kwargs.update(disable=False, file=screen, mininterval=0, miniters=1)
+        return tqdm(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "tqdm", shown_bar)
+    train(make_cfg(word_data_config, tmp_path, max_steps=6, log_every=4), quiet=False)
+    frames = [f for f in screen.getvalue().split("\r") if "/6" in f]
+    first = next(f for f in frames if " 1/6" in f)
+    assert "loss=" in first and "ppl=" in first and "left=" in first  # before the first log
+    assert frames[-1].rstrip().endswith("left=0s]")  # not the estimate of an earlier step

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import processes
+
 triton = pytest.importorskip("triton")
+# ahead-of-time compiles take minutes: run with -m slow (.ci/run does)
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "triton_aot.py"
@@ -29,7 +32,8 @@ def compile_reports(tmp_path, *args: str) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = tmp_path / "aot.json"
-    done = subprocess.run(
+    # its own process group: a timeout ends the script's compile workers too
+    done = processes.run(
         [sys.executable, str(SCRIPT), *args, "--json", str(out)],
         capture_output=True,
         text=True,

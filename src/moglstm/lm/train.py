@@ -166,6 +166,7 @@ class _Run:
     net: nn.Module | None = None  # `model` wrapped for data-parallel training (or None)
     averager: WeightAverager | None = None  # running weight average (train.average_*)
     valid_temperature: float = 1.0  # the latest validation's (train.eval_temperature_tokens)
+    bar_fields: dict[str, str] = dataclasses.field(default_factory=dict)  # the bar's postfix
 
 
 def _setup(
@@ -631,8 +632,9 @@ def _loop(
         c.window_time += elapsed
         train_time += elapsed
         session_tokens += tokens
-        bar.update(1)
         eta.step_done(elapsed)
+        _show_progress(run, bar, eta)
+        bar.update(1)  # redraws with the fields
 
         if c.step % t.log_every == 0 and c.window_tokens:
             train_loss = c.window_loss / c.window_tokens
@@ -658,6 +660,7 @@ def _loop(
     c.elapsed = time.perf_counter() - run.session_start
     if stopped is None:
         stopped = "early_stop" if _early_stopped(run) else "max_steps"
+    _show_progress(run, bar, eta, left=0.0)  # nothing left of this session
     if train_loss is None and c.window_tokens:
         train_loss = c.window_loss / c.window_tokens
     return stopped, train_loss, session_tokens / train_time if train_time else 0.0
@@ -858,6 +861,23 @@ def _record(run: _Run, split: str, metrics: dict[str, float], speed: float) -> d
     }
 
 
+def _show_progress(run: _Run, bar: Any, eta: _Eta, left: float | None = None) -> None:
+    """The bar's fields after every step: the training loss and speed since the last log
+    line (or the latest logged ones), and the time left (``left``, else the estimate)."""
+    if bar.disable:
+        return
+    c, fields = run.counters, run.bar_fields
+    if c.window_tokens:
+        loss, level = c.window_loss / c.window_tokens, run.corpus.level
+        name = metric_name(level)
+        fields.update(loss=f"{loss:.3f}", **{name: f"{metrics_for(loss, level)[name]:.2f}"})
+        if c.window_time:
+            fields["tok_s"] = f"{c.window_tokens / c.window_time:.0f}"
+    left = eta.left() if left is None else left
+    fields["left"] = "?" if left is None else format_duration(left)
+    bar.set_postfix(fields, refresh=False)  # shown at the bar's next refresh
+
+
 def _log_train(
     run: _Run, log: MetricsLog, bar: Any, loss: float, speed: float, eta: _Eta
 ) -> None:
@@ -866,9 +886,6 @@ def _log_train(
     name = metric_name(run.corpus.level)
     left = eta.left()
     left_text = "?" if left is None else format_duration(left)
-    bar.set_postfix(
-        loss=f"{loss:.3f}", **{name: f"{metrics[name]:.2f}"}, tok_s=f"{speed:.0f}", left=left_text
-    )
     if bar.disable:
         logger.info(
             "step %d: train loss %.4f, %s %.3f, %.0f tokens/s, %s left",
