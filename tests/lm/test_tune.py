@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from moglstm.lm.tune import (
     tune,
     tune_dynamic,
 )
+from tests import processes
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,17 +115,20 @@ def test_two_workers_share_the_sqlite_study(tmp_path: Path, word_corpus_dir: Pat
         """
     )
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", worker],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [w.communicate(timeout=300) for w in workers]
+    with contextlib.ExitStack() as stack:  # both ended with their groups, on a timeout too
+        workers = [
+            stack.enter_context(
+                processes.started(
+                    [sys.executable, "-c", worker],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            for _ in range(2)
+        ]
+        outputs = [w.communicate(timeout=300) for w in workers]
     ran = []
     for w, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, stderr
