@@ -55,6 +55,7 @@ def test_every_readme_command_line_parses(words, capsys):
         cli._take_overrides(args, extras)  # only KEY=VALUE items may be left over
 
 
+@pytest.mark.slow  # trains on the bundled corpus: 10-30 s
 def test_the_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's first command, with a few steps: install is done, train, then sample."""
     steps = commands(QUICK_START.split("```bash", 1)[1].split("```", 1)[0])
