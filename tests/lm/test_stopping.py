@@ -206,6 +206,18 @@ def test_training_reports_the_expected_duration_and_time_left(word_data_config, 
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("about ") and "to go: " in m and "s/step" in m for m in messages)
     assert any(m.startswith("step 8: train loss") and m.endswith(" left") for m in messages)
+    assert not any("train.max_time=15m" in m for m in messages)  # a short run needs no bound
+
+
+def test_a_long_estimate_says_how_to_bound_the_run(word_data_config, tmp_path, caplog, monkeypatch):
+    from moglstm.lm import train as train_module
+
+    monkeypatch.setattr(train_module._Eta, "_BOUND_HINT", 0.0)  # every run counts as long
+    cfg = with_train(make_cfg(word_data_config, tmp_path), max_steps=4)
+    with caplog.at_level(logging.INFO, logger="moglstm"):
+        train(cfg, quiet=True)
+    estimate = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("about "))
+    assert "train.max_time=15m bounds a run" in estimate and "--resume" in estimate
 
 
 def test_the_bar_shows_its_fields_from_the_first_step_and_nothing_left_at_the_end(

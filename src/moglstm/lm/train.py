@@ -690,6 +690,7 @@ class _Eta:
     """
 
     _FIRST_REPORT = 3  # steps taken (the first one not timed) before the estimate is logged
+    _BOUND_HINT = 20 * 60  # seconds to go beyond which the estimate says how to bound a run
 
     def __init__(self, run: _Run) -> None:
         self.run = run
@@ -728,12 +729,14 @@ class _Eta:
         left = self.left()
         budget = self.run.cfg.train.max_time
         capped = f" (train.max_time={budget})" if budget is not None else ""
+        if budget is None and (left or 0.0) > self._BOUND_HINT:
+            capped = "; train.max_time=15m bounds a run (Ctrl-C stops it; --resume goes on)"
         logger.info(
-            "about %s to go%s: %d steps at %.2f s/step, plus validations",
+            "about %s to go: %d steps at %.2f s/step, plus validations%s",
             format_duration(left or 0.0),
-            capped,
             max(0, self.run.cfg.train.max_steps - self.run.counters.step),
             self.per_step() or 0.0,
+            capped,
         )
 
 
