@@ -36,7 +36,7 @@ from moglstm.lm.models import softmax_temperature
 from moglstm.lm.progress import ScoreProgress
 from moglstm.lm.regularize import scaled_dropout
 from moglstm.lm.runs.folder import load_run, record_evaluation
-from moglstm.lm.runtime import autocast, autocast_dtype
+from moglstm.lm.runtime import autocast, autocast_dtype, fix_cpu_threads
 from moglstm.lm.state import detach_state
 
 __all__ = [
@@ -330,6 +330,7 @@ def evaluate(
         if value is not None and value < 1:
             raise UserError(f"{name}={value} must be >= 1")
     _check_protocol(temperature, mc_samples, mc_dropout_scale, dynamic)
+    fix_cpu_threads()  # the process's count, not adapted to the load (docs/reproducibility.md)
     loaded = load_run(run, checkpoint, device)
     cfg = loaded.config
     if data_dir is not None:
