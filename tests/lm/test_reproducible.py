@@ -77,3 +77,16 @@ def test_a_resume_on_another_thread_count_says_the_bits_will_differ(
         train(dataclasses.replace(cfg, train=one), resume=True, quiet=True)
     assert "trained on 2 CPU threads and goes on with 1" in caplog.text
     assert "train.threads=2" in caplog.text
+
+
+def test_the_triton_self_check_draws_nothing_from_the_global_generator():
+    """On CUDA it runs at a run's first step, so again after a resume: a draw from the
+    global generator would shift every later dropout mask of the resumed run."""
+    from moglstm.nn.backends.triton import self_check_problem
+
+    before = torch.get_rng_state()
+    first = self_check_problem(torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.get_rng_state(), before)
+    again = self_check_problem(torch.device("cpu"), torch.float32)
+    for a, b in zip(first[0].parameters(), again[0].parameters(), strict=True):
+        assert torch.equal(a, b)  # the same problem every time
