@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import lzma
-import re
 import tarfile
 from pathlib import Path
+
+from moglstm.lm.data.vocab import split_punctuation
 
 SPLITS = {
     "train": (
@@ -47,15 +48,13 @@ SPLITS = {
     "test": ("tempest",),
 }
 
-# "--", a word (inner apostrophes/hyphens, a leading or trailing apostrophe), or one
-# punctuation character
-_TOKEN = re.compile(r"--|'?[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*'?|\S")
 
 OUT = Path(__file__).resolve().parents[1] / "src/moglstm/lm/corpora/shakespeare"
 
 
 def tokenize_line(line: str) -> str:
-    return " ".join(_TOKEN.findall(line))
+    # the package cuts prompts with the same rule (moglstm generate --prompt)
+    return " ".join(split_punctuation(line))
 
 
 def play_text(archive: tarfile.TarFile, play: str) -> str:

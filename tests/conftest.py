@@ -197,5 +197,9 @@ def shared_data_dir() -> Path:
     env = os.environ.get("MOGLSTM_TEST_DATA")
     path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     if not (path / "ptb" / "train.txt").is_file():
-        pytest.skip(f"real corpora not found in {path} (set MOGLSTM_TEST_DATA)")
+        where = f"$MOGLSTM_TEST_DATA={env} has no ptb/train.txt" if env else "not set up"
+        pytest.skip(
+            f"real corpora: {where}; set MOGLSTM_TEST_DATA to a folder laid out like "
+            "data.data_dir (ptb/, ptb-char/, wikitext-2/) to run these tests"
+        )
     return path

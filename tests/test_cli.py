@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import yaml
 
 from moglstm import cli
 from moglstm.lm.config import list_presets
+from tests import processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -302,12 +302,8 @@ def test_subcommand_help_has_examples(capsys):
 
 
 def test_python_dash_m_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "moglstm", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = processes.run(
+        [sys.executable, "-m", "moglstm", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0
     for word in ("train", "evaluate", "generate", "presets", "examples:"):

@@ -29,6 +29,7 @@ def runs(tmp_path) -> Path:
 # --------------------------------------------------------------------------- quick start
 
 
+@pytest.mark.slow  # trains on the bundled corpus: 10-30 s
 def test_quick_start_end_to_end_on_the_bundled_corpus(capsys, runs):
     """`moglstm train` with no preset (a few steps), then evaluate and generate from it."""
     code, out, err = run_cli(

@@ -55,6 +55,7 @@ def test_every_readme_command_line_parses(words, capsys):
         cli._take_overrides(args, extras)  # only KEY=VALUE items may be left over
 
 
+@pytest.mark.slow  # trains on the bundled corpus: 10-30 s
 def test_the_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's first command, with a few steps: install is done, train, then sample."""
     steps = commands(QUICK_START.split("```bash", 1)[1].split("```", 1)[0])
@@ -78,12 +79,19 @@ def test_the_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     ci_steps = [line.strip() for line in ci.splitlines() if line.startswith("python3 -m ")]
     dev_line = QUICK_START.split("```bash", 2)[2].split("```", 1)[0]
+    tests_section = TEXT.split("## Tests", 1)[1].split("\n## ", 1)[0]
     for step in ci_steps:
         if "pip install" in step and "torch" in step:
             continue  # CI pins the torch it tests; users install theirs (see Install)
         words = step.replace("python3", "python").replace("--quiet ", "")
         words = words.replace("python -m pip", "pip")
-        assert words in dev_line, words
+        if words.endswith("-m slow"):  # the second run, which the Tests section names
+            assert f"`{words}`" in tests_section.replace("\n", " ")
+            continue
+        # CI adds the gpu extra (Triton, for its tests under the interpreter)
+        assert words.replace("[dev,gpu]", "[dev]") in dev_line, words
+        if "[dev,gpu]" in words:
+            assert "`.[dev,gpu]`" in tests_section
 
 
 def test_install_lines_are_right_for_cpu_and_cuda():

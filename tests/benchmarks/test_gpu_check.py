@@ -4,15 +4,14 @@ Triton's interpreter), so the script that waits for a GPU does not rot: every pa
 float64, the latency probe, timings with the profile, ptb-paper and ptb-paper-lstm on a
 synthetic corpus, the tests on a deadline) writes its entry of the JSON summary."""
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import processes
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,22 +21,22 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "dry.json"
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    script = ROOT / "benchmarks" / "gpu_check.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--dry-run", "--out", str(out), "--budget", "400"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    done = processes.run(  # its children (compile checks, pytest) end with its group
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--budget",
+            "400",
+        ],
+        capture_output=True,
         text=True,
         env=env,
-        start_new_session=True,  # its children (compile checks, pytest) end with it
+        timeout=600,
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["compile"]["verdicts"] == {"pass": len(summary["compile"]["rows"])}
     correctness = summary["correctness"]
@@ -55,4 +54,4 @@ def test_gpu_check_dry_run(tmp_path):
         assert run["steps"] == 2 and run["tokens_per_s"] > 0 and run["loss_curve"], run
         assert run["layer_calls_by_backend"], run
     assert summary["tests"]["rc"] == 0, summary["tests"]["tail"]
-    assert "ptb-paper:" in stdout
+    assert "ptb-paper:" in done.stdout

@@ -37,6 +37,7 @@ from moglstm.lm.runs.checkpoint import (
     save_checkpoint,
 )
 from moglstm.lm.train import train
+from tests import processes
 
 KILL_SEED = 20240611  # the kill points are random, but repeatable
 
@@ -157,11 +158,26 @@ class Always:
 # --------------------------------------------------------------------------- SIGKILL
 
 
+_LAUNCHED: list[subprocess.Popen] = []  # ended with their process groups by the test
+
+
 def _launch(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "moglstm", "train", *args, "--quiet"]
     with open(log, "a") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    _LAUNCHED.append(process)
+    return process
+
+
+@pytest.fixture
+def launched():
+    """Ends whatever :func:`_launch` started, on a failure or timeout too."""
+    yield
+    while _LAUNCHED:
+        processes.kill_group(_LAUNCHED.pop())
 
 
 def _lines(path: Path) -> int:
@@ -212,7 +228,7 @@ def _kill_at_random(
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_resume_is_exact(make_text_corpus, tmp_path):
+def test_sigkill_at_random_points_then_resume_is_exact(make_text_corpus, tmp_path, launched):
     """Kill a training subprocess 4 times at random points; the end is bit-identical.
 
     Each kill lands at a random metric line still to come in that session (after the

@@ -183,3 +183,47 @@ def test_generate_rejects_bad_values(word_data_config, tmp_path):
         generate(run_dir, "the", 0)
     with pytest.raises(FileNotFoundError):
         generate(tmp_path / "nothing", "the", 5)
+
+
+# --------------------------------------------------------------------------- prompts as typed
+
+_PLAY = [
+    "ROMEO .",
+    "Romeo , where art thou ? I am here -- in the garden .",
+    "'Tis the east , and thou art the sun !",
+    "O Romeo , Romeo ! wherefore art thou Romeo ?",
+]
+
+
+def test_a_prompt_is_cut_as_the_shakespeare_corpus_was():
+    from moglstm.lm.data import Vocab
+    from moglstm.lm.data.vocab import split_punctuation
+
+    vocab = Vocab.from_tokens(" ".join(_PLAY).split())
+    assert vocab.tokenize_prompt("Romeo, where art thou?") == [
+        "Romeo", ",", "where", "art", "thou", "?",
+    ]  # fmt: skip
+    # known tokens stay whole ('Tis, --), case is kept, unknown words are still words
+    assert vocab.tokenize_prompt("'Tis thou--ROMEO. Juliet!") == [
+        "'Tis", "thou", "--", "ROMEO", ".", "Juliet", "!",
+    ]  # fmt: skip
+    assert vocab.tokenize_prompt("romeo\nthe sun") == ["romeo", "<eos>", "the", "sun"]
+    # the corpus itself is made with the same rule
+    assert all(" ".join(split_punctuation(line)) == line for line in _PLAY)
+
+
+def test_generate_reads_punctuation_as_the_corpus_has_it(tmp_path, make_text_corpus):
+    from moglstm.lm.config import DataConfig
+
+    folder = tmp_path / "play"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.txt").write_text("\n".join(_PLAY * 20) + "\n", encoding="utf-8")
+    data = DataConfig(corpus="text", path=str(folder), batch_size=4, bptt=8, eval_batch_size=2)
+    run_dir = trained(data, tmp_path)
+    result = generate(run_dir, "Romeo, where art thou?", 5, seed=1, device="cpu")
+    assert result["prompt_tokens"] == ["Romeo", ",", "where", "art", "thou", "?"]
+    assert result["unknown"] == 0 and result["text"].startswith("Romeo , where art thou ?")
+    typo = generate(run_dir, "Juliet, wherefore?", 5, seed=1, device="cpu")
+    assert typo["prompt_tokens"] == ["<unk>", ",", "wherefore", "?"]
+    assert typo["unknown_words"] == [["Juliet", None]]  # named as before

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -19,10 +18,18 @@ import pytest
 import torch
 
 from moglstm.lm.config import DataConfig
+from moglstm.lm.report import read_run
 from moglstm.lm.runs.folder import resume_config
 from moglstm.lm.stopping import format_duration, parse_duration
 from moglstm.lm.train import train
-from tests.lm.test_train import assert_same_checkpoint, make_cfg, with_train
+from tests import processes
+from tests.lm.test_train import (
+    assert_same_checkpoint,
+    comparable,
+    make_cfg,
+    read_metrics,
+    with_train,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,7 +90,7 @@ def run_signalled(tmp_path: Path, data: DataConfig, at: int, signals: str, name:
     env = {**os.environ, "PYTHONPATH": str(SRC), "AT": str(at), "SIGNALS": signals}
     cmd = [sys.executable, "-c", _SIGNALLING_CLI, "train", "--out-dir", str(tmp_path)]
     cmd += ["--name", name, "--quiet", *tiny_overrides(data)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    return processes.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -125,11 +132,19 @@ def test_a_signal_saves_the_step_reached_and_the_run_resumes_exactly(
     assert f"stopped at step 5 ({signal_name} received)" in result.stderr
     assert f"moglstm train --resume {run_dir}" in result.stderr
     assert "stopped: " + signal_name in result.stdout  # the results are still printed
+    # the checkpoint holds the time trained so far and step 5's loss, not logged yet
+    saved = torch.load(run_dir / "last.pt", weights_only=True)["counters"]
+    assert saved["elapsed"] > 0 and saved["window_tokens"] > 0
+    assert read_run(run_dir).elapsed == saved["elapsed"]  # `report`: later than any log line
     # resuming ends bit for bit where a run that never stopped ends
-    train(resume_config(run_dir), resume=True, quiet=True)
+    resumed = train(resume_config(run_dir), resume=True, quiet=True)
+    assert resumed["elapsed"] > saved["elapsed"]  # the time before the signal counts
     cfg = make_cfg(dataclasses.replace(word_data_config, variable_length=True), tmp_path, "whole")
     train(cfg, quiet=True)
     assert_same_checkpoint(run_dir / "last.pt", tmp_path / "whole" / "last.pt")
+    # the same log lines, the first after the resume (step 6: steps 5 and 6) included
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(tmp_path / "whole"))
+    assert min(r["elapsed"] for r in read_metrics(run_dir) if r["step"] > 5) > saved["elapsed"]
 
 
 def test_a_second_ctrl_c_quits_at_once(word_data_config, tmp_path):
@@ -191,6 +206,7 @@ def test_training_reports_the_expected_duration_and_time_left(word_data_config, 
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("about ") and "to go: " in m and "s/step" in m for m in messages)
     assert any(m.startswith("step 8: train loss") and m.endswith(" left") for m in messages)
+    assert not any("train.max_time=15m" in m for m in messages)  # a short run needs no bound
 
 
 def test_a_nested_stop_passes_the_request_outwards() -> None:
@@ -206,3 +222,37 @@ def test_a_nested_stop_passes_the_request_outwards() -> None:
         assert outer.handled_inside and not inner.handled_inside
         with pytest.raises(KeyboardInterrupt):  # the outer one has had its first signal
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_long_estimate_says_how_to_bound_the_run(word_data_config, tmp_path, caplog, monkeypatch):
+    from moglstm.lm import train as train_module
+
+    monkeypatch.setattr(train_module._Eta, "_BOUND_HINT", 0.0)  # every run counts as long
+    cfg = with_train(make_cfg(word_data_config, tmp_path), max_steps=4)
+    with caplog.at_level(logging.INFO, logger="moglstm"):
+        train(cfg, quiet=True)
+    estimate = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("about "))
+    assert "train.max_time=15m bounds a run" in estimate and "--resume" in estimate
+
+
+def test_the_bar_shows_its_fields_from_the_first_step_and_nothing_left_at_the_end(
+    word_data_config, tmp_path, monkeypatch
+):
+    import io
+
+    from tqdm import tqdm
+
+    from moglstm.lm import train as train_module
+
+    screen = io.StringIO()
+
+    def shown_bar(*args, **kwargs):  # as on a terminal, redrawn at every step
+        kwargs.update(disable=False, file=screen, mininterval=0, miniters=1)
+        return tqdm(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "tqdm", shown_bar)
+    train(make_cfg(word_data_config, tmp_path, max_steps=6, log_every=4), quiet=False)
+    frames = [f for f in screen.getvalue().split("\r") if "/6" in f]
+    first = next(f for f in frames if " 1/6" in f)
+    assert "loss=" in first and "ppl=" in first and "left=" in first  # before the first log
+    assert frames[-1].rstrip().endswith("left=0s]")  # not the estimate of an earlier step

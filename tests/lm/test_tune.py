@@ -27,6 +27,7 @@ from moglstm.lm.tune import (
     tune,
     tune_dynamic,
 )
+from tests import processes
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,22 +136,20 @@ def test_two_workers_share_the_sqlite_study(tmp_path: Path, word_corpus_dir: Pat
         """
     )
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", worker],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        for _ in range(2)
-    ]
-    try:
+    with contextlib.ExitStack() as stack:  # both ended with their groups, on a timeout too
+        workers = [
+            stack.enter_context(
+                processes.started(
+                    [sys.executable, "-c", worker],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            for _ in range(2)
+        ]
         outputs = [w.communicate(timeout=300) for w in workers]
-    finally:
-        for w in workers:
-            end_group(w)
     ran = []
     for w, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, stderr

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moglstm.nn import Mogrifier, MogrifierLSTM, MogrifierLSTMCell
+from tests import processes
 
 D = torch.double
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
@@ -164,7 +165,8 @@ def test_whole_model_saved_and_loaded_with_weights_only(tmp_path):
             model = torch.load(f)
         print(type(model.rnn).__name__)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    command = [sys.executable, "-c", script]
+    done = processes.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "MogrifierLSTM"
 

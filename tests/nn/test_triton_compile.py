@@ -7,17 +7,18 @@ and read by triton when it is first imported).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import processes
+
 triton = pytest.importorskip("triton")
+# ahead-of-time compiles take minutes: run with -m slow (.ci/run does)
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "triton_aot.py"
@@ -31,26 +32,18 @@ def compile_reports(tmp_path, *args: str) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = tmp_path / "aot.json"
-    # its own process group, ended whatever happens: the script's compile workers
-    # (a process pool) would otherwise outlive a timeout
-    proc = subprocess.Popen(
+    # its own process group: a timeout ends the script's compile workers too
+    done = processes.run(
         [sys.executable, str(SCRIPT), *args, "--json", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         env=env,
-        start_new_session=True,
+        timeout=900,
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=900)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
     if not out.exists():
-        raise AssertionError(f"compile failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        raise AssertionError(f"compile failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     reports = json.loads(out.read_text())
-    assert proc.returncode == 0, stdout[-3000:]  # the script lists the problems
+    assert done.returncode == 0, done.stdout[-3000:]  # the script lists the problems
     return reports
 
 

@@ -53,5 +53,7 @@ def _preset_summary(name: str) -> str:
     )
     if m.num_params is not None:  # the hidden size is solved for the budget
         shape = f"{m.num_layers} layers, {m.num_params} parameters"
-    settings = f"[{cfg.data.corpus}, {m.kind} {shape}, {cfg.train.max_steps} steps]"
+    # the paper's LSTM baselines are Mogrifier models with no rounds: plain LSTMs
+    kind = "lstm" if m.kind == "mogrifier" and m.mogrifier.rounds == 0 else m.kind
+    settings = f"[{cfg.data.corpus}, {kind} {shape}, {cfg.train.max_steps} steps]"
     return f"{phrase} {settings}" if phrase else settings

@@ -41,6 +41,10 @@ at the step reached and says how to resume; a second Ctrl-C quits at once.
 train.max_time=90m (or 1h30m, 45s, ...) stops cleanly within that wall-clock
 time, final validation and checkpoint included.
 
+The same command and seed on the same machine give the same bits, busy or
+idle: train.threads fixes the CPU threads for the run (default: one per core;
+another count changes the last bits).
+
 --resume continues a stopped run from its last.pt with the checkpoint's config,
 bit for bit on CPU (runs written by earlier versions too: old key names such as
 model.mogrify_rounds still work). Only these may be overridden when resuming:

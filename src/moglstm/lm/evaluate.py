@@ -36,7 +36,7 @@ from moglstm.lm.models import softmax_temperature
 from moglstm.lm.progress import ScoreProgress
 from moglstm.lm.regularize import scaled_dropout
 from moglstm.lm.runs.folder import load_run, record_evaluation
-from moglstm.lm.runtime import autocast, autocast_dtype
+from moglstm.lm.runtime import autocast, autocast_dtype, fix_cpu_threads
 from moglstm.lm.state import detach_state
 
 __all__ = [
@@ -75,9 +75,10 @@ def evaluate_loss(
 ) -> tuple[float, int]:
     """Mean cross-entropy of ``model`` over a batchified split, state carried across windows.
 
-    The model is put in eval mode (and left there). Losses are summed in float64,
-    so the mean does not depend on how the split is cut into windows beyond the
-    model's own arithmetic.
+    The model is put in eval mode (and left there). Token losses are summed in
+    float64, so the mean does not depend on how the split is cut into windows beyond
+    the model's own arithmetic, and it is bit for bit :func:`score_split`'s at
+    temperature 1.
 
     Args:
         model: a language model from :func:`~moglstm.lm.models.build_model`.
@@ -104,7 +105,8 @@ def evaluate_loss(
             logits, state = model(inputs, state)  # logits: (T, B, V)
         state = detach_state(state)
         flat = logits.float().reshape(-1, logits.size(-1))
-        window = F.cross_entropy(flat, targets.reshape(-1), reduction="sum").double()
+        # score_split's sum (float64, token by token): both give the same bits at T = 1
+        window = _token_losses([flat], targets.reshape(-1), [1.0])[0]
         total += window
         count += targets.numel()
         if progress is not None:
@@ -328,6 +330,7 @@ def evaluate(
         if value is not None and value < 1:
             raise UserError(f"{name}={value} must be >= 1")
     _check_protocol(temperature, mc_samples, mc_dropout_scale, dynamic)
+    fix_cpu_threads()  # the process's count, not adapted to the load (docs/reproducibility.md)
     loaded = load_run(run, checkpoint, device)
     cfg = loaded.config
     if data_dir is not None:

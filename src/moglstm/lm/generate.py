@@ -1,6 +1,7 @@
 """Sampling text from a trained language model.
 
-The prompt is tokenized with the corpus vocabulary (unknown words become
+The prompt is tokenized with the corpus vocabulary, punctuation split off words the
+vocabulary lacks (:meth:`~moglstm.lm.data.Vocab.tokenize_prompt`; unknown words become
 ``<unk>``). A recurrent model reads the prompt once and then carries its state
 token by token; a Transformer, which keeps no state, re-reads the last
 ``max_len`` tokens for every new one. Each next token is drawn from the softmax
@@ -198,7 +199,7 @@ def generate(
         raise UserError(f"tokens={short_repr(num_tokens)} must be an int >= 1")
     loaded = load_run(run, checkpoint, device)
     vocab = loaded.vocab
-    tokens = vocab.tokenize(prompt)
+    tokens = vocab.tokenize_prompt(prompt)  # punctuation split off as the corpus has it
     generator = torch.Generator()
     if seed is None:
         generator.seed()

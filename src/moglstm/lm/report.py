@@ -115,6 +115,8 @@ class RunRecord:
     running: bool = False
     ended: dict[str, Any] | None = None
     trial: dict[str, Any] | None = None
+    saved_elapsed: float | None = None  # the time trained by last.pt's step (it may be later
+    # than the last log line: a run stopped by Ctrl-C)
 
     @property
     def name(self) -> str:
@@ -136,6 +138,8 @@ class RunRecord:
     @property
     def elapsed(self) -> float | None:
         times = [r["elapsed"] for r in self.train + self.valid if "elapsed" in r]
+        if self.saved_elapsed is not None:
+            times.append(self.saved_elapsed)
         return max(times) if times else None
 
     @property
@@ -220,6 +224,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     run.valid = [r for r in records if r.get("split") == "valid"]
     run.evaluations = read_jsonl(path / EVALUATIONS_FILE)
     run.params = _count_parameters(path)
+    run.saved_elapsed = _saved_elapsed(path)
     run.running = _is_running(path)
     run.ended = _read_status(path / STATUS_FILE)
     run.trial = _study_trial(path)
@@ -366,6 +371,18 @@ def _count_parameters(path: Path) -> int | None:
         except Exception as exc:  # missing, being replaced, or unreadable: try the other
             logger.debug("no parameter count from %s: %s", path / name, exc)
     return None
+
+
+def _saved_elapsed(path: Path) -> float | None:
+    """``elapsed`` of the run's last.pt (only its counters are read), or None."""
+    try:
+        payload = torch.load(path / "last.pt", map_location="cpu", weights_only=True, mmap=True)
+        elapsed = payload["counters"]["elapsed"]
+    except Exception as exc:  # missing, being replaced, or unreadable: the log lines tell
+        logger.debug("no elapsed time from %s: %s", path / "last.pt", exc)
+        return None
+    ok = isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool)
+    return float(elapsed) if ok and math.isfinite(elapsed) and elapsed >= 0 else None
 
 
 def _is_running(path: Path) -> bool:

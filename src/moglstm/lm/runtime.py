@@ -8,10 +8,13 @@ generator through here. Imports torch and nothing else of moglstm but the error 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import random
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ __all__ = [
     "autocast",
     "autocast_dtype",
     "capture_rng_state",
+    "fix_cpu_threads",
     "is_device_spec",
     "resolve_device",
     "restore_rng_state",
@@ -37,6 +41,49 @@ _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 def is_device_spec(spec: str) -> bool:
     """Whether ``spec`` is spelled like a device setting (see :data:`DEVICE_HELP`)."""
     return _DEVICE_RE.fullmatch(spec) is not None
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+
+def fix_cpu_threads(threads: int | None = None) -> int:
+    """Fix the CPU thread count for the rest of the process; return it.
+
+    Same command, same machine, same bits: every sum that torch, its BLAS (MKL on x86)
+    or moglstm's compiled step loop splits over threads is cut by the thread count, so
+    the count must not move during a run. It is set explicitly (``threads``, or torch's
+    default: one per physical core) and the thread libraries' dynamic adjustment is
+    turned off (``MKL_DYNAMIC``, on by default until ``torch.set_num_threads`` is called,
+    lets MKL take fewer threads than asked; ``OMP_DYNAMIC`` lets OpenMP do the same
+    when the machine is busy). A different count gives results that differ in the last
+    bits; see docs/reproducibility.md.
+    """
+    n = threads if threads is not None else torch.get_num_threads()
+    torch.set_num_threads(n)  # with MKL, also mkl_set_dynamic(0)
+    for symbol in ("MKL_Set_Dynamic", "omp_set_dynamic"):
+        fn = _torch_symbol(symbol)
+        if fn is not None:
+            fn.argtypes, fn.restype = [ctypes.c_int], None
+            fn(0)
+    return n
+
+
+@functools.cache
+def _torch_library() -> ctypes.CDLL | None:
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).exists():
+            try:
+                return ctypes.CDLL(str(lib_dir / name))  # already loaded: the same handle
+            except OSError:
+                return None
+    return None
+
+
+def _torch_symbol(name: str) -> Any:
+    """A C function of torch's CPU library or of what it links (MKL, OpenMP), or None."""
+    lib = _torch_library()
+    return None if lib is None else getattr(lib, name, None)
 
 
 # --------------------------------------------------------------------------- devices

@@ -106,7 +106,13 @@ from moglstm.lm.runs.folder import (
     check_fresh,
 )
 from moglstm.lm.runs.payload import CheckpointPayload
-from moglstm.lm.runtime import autocast, autocast_dtype, capture_rng_state, resolve_device
+from moglstm.lm.runtime import (
+    autocast,
+    autocast_dtype,
+    capture_rng_state,
+    fix_cpu_threads,
+    resolve_device,
+)
 from moglstm.lm.safety import write_atomic
 from moglstm.lm.state import cat_states, detach_state, map_state, split_state
 from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
@@ -126,7 +132,13 @@ class _Counters:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # completed passes over the training split
     tokens: int = 0  # training tokens seen
-    elapsed: float = 0.0  # wall seconds, summed over sessions
+    elapsed: float = 0.0  # wall seconds trained so far, summed over sessions
+    # the training-loss average since the last log line: a resumed run's first line then
+    # averages the same steps as an uninterrupted run's
+    window_loss: float = 0.0  # sum of loss * tokens
+    window_tokens: int = 0
+    window_time: float = 0.0  # seconds of those steps (the logged speed)
+    threads: int = 0  # CPU threads the run trains with (0: not recorded)
     best_saved_loss: float = math.inf  # validation loss of best.pt
     valid_loss: float | None = None  # the latest validation loss
     skipped_steps: int = 0  # steps without an update: non-finite loss, train.nonfinite=skip
@@ -159,6 +171,7 @@ class _Run:
     net: nn.Module | None = None  # `model` wrapped for data-parallel training (or None)
     averager: WeightAverager | None = None  # running weight average (train.average_*)
     valid_temperature: float = 1.0  # the latest validation's (train.eval_temperature_tokens)
+    bar_fields: dict[str, str] = dataclasses.field(default_factory=dict)  # the bar's postfix
 
 
 def _setup(
@@ -170,6 +183,7 @@ def _setup(
     """
     ctx = ctx or DistContext(device=resolve_device(cfg.train.device))
     device = ctx.device
+    threads = fix_cpu_threads(cfg.train.threads)  # sums split over threads: a fixed split
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
     vocab = Vocab.from_dict(checkpoint["vocab"]) if checkpoint else None
@@ -210,14 +224,28 @@ def _setup(
         valid_data=distributed.shard_eval_streams(
             batchify(corpus.valid, cfg.data.eval_batch_size), ctx
         ).to(device),
-        counters=_Counters(),
+        counters=_Counters(threads=threads),
         dist=ctx,
     )
     run.averager = WeightAverager(model)
     if checkpoint is not None:
         _restore(run, checkpoint)
+        _check_threads(run, threads)
     run.net = distributed.wrap_model(model, ctx)  # after restoring: ranks start equal
     return run
+
+
+def _check_threads(run: _Run, threads: int) -> None:
+    """Resuming on another CPU thread count: say that the bits will differ."""
+    trained_on, run.counters.threads = run.counters.threads, threads
+    if trained_on and trained_on != threads and run.device.type == "cpu" and run.dist.is_main:
+        logger.warning(
+            "this run was trained on %d CPU threads and goes on with %d: the results will "
+            "differ in the last bits from an uninterrupted run (train.threads=%d gives the same)",
+            trained_on,
+            threads,
+            trained_on,
+        )
 
 
 def _restore(run: _Run, ckpt: CheckpointPayload) -> None:
@@ -604,8 +632,7 @@ def _loop(
     t = cfg.train
     run.model.train()
     run.session_start = time.perf_counter() - c.elapsed
-    window_loss = window_tokens = 0.0  # since the last log line
-    window_time = train_time = session_tokens = 0.0
+    train_time = session_tokens = 0.0
     train_loss = None
     last_eval = c.step  # the checkpoint (if any) was taken right after a validation
     eta = _Eta(run)
@@ -622,28 +649,29 @@ def _loop(
         loss = _train_step(run, inputs, targets)
         c.step += 1
         if not math.isfinite(loss) and _on_nonfinite(run, log, loss) == "rollback":
-            c = run.counters  # restored from last.pt
+            c = run.counters  # restored from last.pt, loss window included
             last_eval = bar.n = c.step
-            window_loss = window_tokens = window_time = 0.0
             continue
         tokens = targets.numel() * run.dist.world_size  # the global batch's
         c.epoch = run.stream.epoch
         c.tokens += tokens
         elapsed = time.perf_counter() - step_start
         if math.isfinite(loss):  # a skipped step (train.nonfinite=skip) adds nothing
-            window_loss += loss * tokens
-            window_tokens += tokens
-        window_time += elapsed
+            c.window_loss += loss * tokens
+            c.window_tokens += tokens
+        c.window_time += elapsed
         train_time += elapsed
         session_tokens += tokens
-        bar.update(1)
         eta.step_done(elapsed)
+        _show_progress(run, bar, eta)
+        bar.update(1)  # redraws with the fields
 
-        if c.step % t.log_every == 0 and window_tokens:
-            train_loss = window_loss / window_tokens
+        if c.step % t.log_every == 0 and c.window_tokens:
+            train_loss = c.window_loss / c.window_tokens
             c.elapsed = time.perf_counter() - run.session_start
-            _log_train(run, log, bar, train_loss, window_tokens / window_time, eta)
-            window_loss = window_tokens = window_time = 0.0
+            speed = c.window_tokens / c.window_time if c.window_time else 0.0
+            _log_train(run, log, bar, train_loss, speed, eta)
+            c.window_loss, c.window_tokens, c.window_time = 0.0, 0, 0.0
 
         if c.step % t.eval_every == 0:
             eval_start = time.perf_counter()
@@ -662,8 +690,9 @@ def _loop(
     c.elapsed = time.perf_counter() - run.session_start
     if stopped is None:
         stopped = "early_stop" if _early_stopped(run) else "max_steps"
-    if train_loss is None and window_tokens:
-        train_loss = window_loss / window_tokens
+    _show_progress(run, bar, eta, left=0.0)  # nothing left of this session
+    if train_loss is None and c.window_tokens:
+        train_loss = c.window_loss / c.window_tokens
     return stopped, train_loss, session_tokens / train_time if train_time else 0.0
 
 
@@ -691,6 +720,7 @@ class _Eta:
     """
 
     _FIRST_REPORT = 3  # steps taken (the first one not timed) before the estimate is logged
+    _BOUND_HINT = 20 * 60  # seconds to go beyond which the estimate says how to bound a run
 
     def __init__(self, run: _Run) -> None:
         self.run = run
@@ -729,12 +759,14 @@ class _Eta:
         left = self.left()
         budget = self.run.cfg.train.max_time
         capped = f" (train.max_time={budget})" if budget is not None else ""
+        if budget is None and (left or 0.0) > self._BOUND_HINT:
+            capped = "; train.max_time=15m bounds a run (Ctrl-C stops it; --resume goes on)"
         logger.info(
-            "about %s to go%s: %d steps at %.2f s/step, plus validations",
+            "about %s to go: %d steps at %.2f s/step, plus validations%s",
             format_duration(left or 0.0),
-            capped,
             max(0, self.run.cfg.train.max_steps - self.run.counters.step),
             self.per_step() or 0.0,
+            capped,
         )
 
 
@@ -785,7 +817,10 @@ def _save_checkpoints(run: _Run, *, best: bool) -> None:
     Every rank must call this (the payload gathers state from all); rank 0 writes,
     and an error writing (e.g. a full disk) is raised on every rank.
     """
-    run.counters.nonfinite_streak = 0  # progress is saved: the allowance starts over
+    c = run.counters
+    c.nonfinite_streak = 0  # progress is saved: the allowance starts over
+    if run.session_start:  # in the loop: the checkpoint holds the time trained so far
+        c.elapsed = time.perf_counter() - run.session_start
     payload = _payload(run)
 
     def save() -> None:
@@ -859,6 +894,23 @@ def _record(run: _Run, split: str, metrics: dict[str, float], speed: float) -> d
     }
 
 
+def _show_progress(run: _Run, bar: Any, eta: _Eta, left: float | None = None) -> None:
+    """The bar's fields after every step: the training loss and speed since the last log
+    line (or the latest logged ones), and the time left (``left``, else the estimate)."""
+    if bar.disable:
+        return
+    c, fields = run.counters, run.bar_fields
+    if c.window_tokens:
+        loss, level = c.window_loss / c.window_tokens, run.corpus.level
+        name = metric_name(level)
+        fields.update(loss=f"{loss:.3f}", **{name: f"{metrics_for(loss, level)[name]:.2f}"})
+        if c.window_time:
+            fields["tok_s"] = f"{c.window_tokens / c.window_time:.0f}"
+    left = eta.left() if left is None else left
+    fields["left"] = "?" if left is None else format_duration(left)
+    bar.set_postfix(fields, refresh=False)  # shown at the bar's next refresh
+
+
 def _log_train(
     run: _Run, log: MetricsLog, bar: Any, loss: float, speed: float, eta: _Eta
 ) -> None:
@@ -867,9 +919,6 @@ def _log_train(
     name = metric_name(run.corpus.level)
     left = eta.left()
     left_text = "?" if left is None else format_duration(left)
-    bar.set_postfix(
-        loss=f"{loss:.3f}", **{name: f"{metrics[name]:.2f}"}, tok_s=f"{speed:.0f}", left=left_text
-    )
     if bar.disable:
         logger.info(
             "step %d: train loss %.4f, %s %.3f, %.0f tokens/s, %s left",
@@ -884,7 +933,8 @@ def _log_train(
 
 def _log_start(run: _Run, resume: bool) -> None:
     what = f"resuming from step {run.counters.step}" if resume else "starting"
-    logger.info("%s in %s on %s", what, run.run_dir, run.device)
+    threads = f" ({run.counters.threads} CPU threads)" if run.device.type == "cpu" else ""
+    logger.info("%s in %s on %s%s", what, run.run_dir, run.device, threads)
     logger.info(
         "%r; model %s with %s parameters%s",
         run.corpus,

@@ -37,6 +37,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ def _build(cc: str) -> Path:
         for name, text in sources.items():
             (Path(tmp) / name).write_text(text)
         src, obj, out = (Path(tmp) / n for n in ("moglstm.c", "moglstm.o", "moglstm.so"))
-        run = {"check": True, "capture_output": True, "timeout": 120}
+        # no timeout: which step loop runs (and so the last bits of every result) must not
+        # depend on how busy the machine is while it compiles
+        run = {"check": True, "capture_output": True}
         subprocess.run([cc, *_FLAGS, "-c", str(src), "-o", str(obj)], **run)
         subprocess.run([cc, *_LINK_FLAGS, str(obj), "-o", str(out), "-lm"], **run)
         os.replace(out, target)  # atomic: a concurrent build gives the same file
@@ -109,7 +112,18 @@ def load() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        lines = detail.strip().splitlines()
+        warnings.warn(
+            f"moglstm: the C kernels could not be built with {cc} ({lines[-1] if lines else exc}); "
+            "the fused path runs its slower Python step loop, whose results differ from the "
+            "compiled loop's in the last bits",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     _declare(lib)
     check_layout(lib)

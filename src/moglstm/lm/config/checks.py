@@ -392,7 +392,7 @@ def _check_train(t: TrainConfig) -> list[str]:
     problems += _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
     problems += _positive(t, "train.", ["lr", "eps", "max_steps", "eval_every", "log_every"])
     problems += _positive(t, "train.", ["max_nonfinite", "dist_timeout"])
-    problems += _positive(t, "train.", ["eval_max_tokens"], optional=True)
+    problems += _positive(t, "train.", ["eval_max_tokens", "threads"], optional=True)
     problems += _at_least_zero(
         t, "train.", ["weight_decay", "clip", "lr_patience", "early_stop_patience", "seed"]
     )

@@ -98,7 +98,7 @@ def _parse_override(item: Any) -> tuple[str, Any]:
     key = current_key(key.strip())  # an old name (model.mogrify_rounds) reaches its field
     if not sep or not key:
         raise ConfigError(
-            f"malformed override {short_repr(item)}: expected 'key=value', e.g. model.bptt=35"
+            f"malformed override {short_repr(item)}: expected 'key=value', e.g. data.bptt=35"
         )
     tp = _field_type(key)
     value = load_yaml(raw, f"override {short_repr(item)}: cannot parse the value, which")

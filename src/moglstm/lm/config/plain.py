@@ -96,8 +96,26 @@ def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
     valid = list(hints(cls))
     section = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
     message = f"unknown config key '{key}'; valid keys of {section}: {', '.join(valid)}"
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
-    return message + (f" (did you mean '{prefix}{close[0]}'?)" if close else "")
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, valid, n=1)
+    if close:
+        return message + f" (did you mean '{prefix}{close[0]}'?)"
+    # a key of a section given without it (hidden_size=100 for model.hidden_size)
+    by_name: dict[str, str] = {}
+    for dotted in _nested_keys(cls, prefix):
+        by_name.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    found = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.85)
+    return message + (f" (did you mean '{by_name[found[0]]}'?)" if found else "")
+
+
+def _nested_keys(cls: type, prefix: str) -> list[str]:
+    """The dotted keys inside the sections of ``cls`` (not its own keys), depth first."""
+    out = []
+    for name, tp in hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += [f"{prefix}{name}.{k}" for k in hints(tp)]
+            out += _nested_keys(tp, f"{prefix}{name}.")
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

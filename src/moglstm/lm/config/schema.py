@@ -141,6 +141,7 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int | None = None  # CPU threads, fixed for the run; None: one per core (torch's)
     amp: bool = True  # mixed precision on CUDA; ignored elsewhere
     eval_max_tokens: int | None = None  # cap on validation tokens per check; None = all
     eval_temperature_tokens: int = 0  # >0: each validation searches the temperature on these

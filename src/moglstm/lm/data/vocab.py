@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
@@ -13,7 +14,18 @@ from moglstm.lm.data.sources import EOS, LEVELS, UNK
 from moglstm.lm.errors import UserError
 from moglstm.lm.safety import short_repr, utf8_bytes
 
-__all__ = ["Vocab"]
+__all__ = ["WORD_TOKEN", "Vocab", "split_punctuation"]
+
+#: How the bundled Shakespeare corpus was cut into words (experiments/make_shakespeare.py):
+#: "--", a word (inner apostrophes and hyphens, a leading or trailing apostrophe), or one
+#: punctuation character. Case is kept.
+WORD_TOKEN = re.compile(r"--|'?[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*'?|\S")
+
+
+def split_punctuation(text: str) -> list[str]:
+    """``text`` cut like the Shakespeare corpus: ``"Romeo, where art thou?"`` ->
+    ``["Romeo", ",", "where", "art", "thou", "?"]``."""
+    return WORD_TOKEN.findall(text)
 
 
 class Vocab:
@@ -165,6 +177,21 @@ class Vocab:
             if k and self.eos is not None:
                 out.append(self.eos)
             out.extend(self._line_tokens(line))
+        return out
+
+    def tokenize_prompt(self, text: str) -> list[str]:
+        """:meth:`tokenize` for text as people type it: at word level a word the vocabulary
+        lacks is cut with :func:`split_punctuation` when that gives several tokens
+        (``Romeo,`` -> ``Romeo ,``; ``thou?`` -> ``thou ?``), as corpora that split
+        punctuation off words were cut. Case is kept, as the corpus has it; what is still
+        unknown maps to ``unk``."""
+        tokens = self.tokenize(text)
+        if self.level != "word":
+            return tokens
+        out: list[str] = []
+        for token in tokens:
+            pieces = [] if token in self or token == self.eos else split_punctuation(token)
+            out.extend(pieces if len(pieces) > 1 else [token])
         return out
 
     def _line_tokens(self, line: str) -> list[str]:

@@ -92,6 +92,7 @@ RESUMABLE_KEYS = frozenset(
         "train.early_stop_patience",
         "train.eval_max_tokens",
         "train.device",
+        "train.threads",
         "train.amp",
         "train.nonfinite",
         "train.rollback_lr_factor",
@@ -219,8 +220,9 @@ def check_fresh(run_dir: Path) -> None:
         return
     if found:
         raise RunExistsError(
-            f"run folder {str(run_dir)!r} already holds a run ({', '.join(found)}); continue "
-            "it with --resume (resume=True), or choose a new name (--name / name=...)"
+            f"run folder {str(run_dir)!r} already holds a run ({', '.join(found)}); to train it "
+            f"further: moglstm train --resume {run_dir} (with a higher train.max_steps if it has "
+            "finished); to start a new run: another --name"
         )
 
 

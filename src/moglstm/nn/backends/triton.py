@@ -961,9 +961,13 @@ def self_check_problem(
     from moglstm.nn import MogrifierLSTM
 
     g = torch.Generator().manual_seed(0)
-    ref = MogrifierLSTM(
-        19, 37, num_layers=1, mogrify_rounds=5, mogrify_rank=7, implementation="reference"
-    )
+    # the first training step runs the check: its weights must not draw from the global
+    # generator, or a resumed run's dropout masks would follow another stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ref = MogrifierLSTM(
+            19, 37, num_layers=1, mogrify_rounds=5, mogrify_rank=7, implementation="reference"
+        )
     x = torch.randn(3, 3, 19, generator=g)
     hx = tuple(torch.randn(1, 3, 37, generator=g) for _ in range(2))
     return ref.to(device, dtype), x.to(device, dtype), tuple(h.to(device, dtype) for h in hx)
