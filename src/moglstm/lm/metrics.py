@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moglstm.lm.runlock import check_writer
 from moglstm.lm.safety import open_regular, read_regular, write_atomic
 
 __all__ = ["MetricsLog", "NullLog", "metric_name", "metrics_for"]
@@ -71,6 +72,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a flat dict with ``step`` and ``split``)."""
+        check_writer(self.path.parent)  # still the folder this run locked
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:

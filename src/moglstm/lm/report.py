@@ -262,23 +262,9 @@ def _count_parameters(path: Path) -> int | None:
 
 def _is_running(path: Path) -> bool:
     """Whether a process holds the run's lock (see :mod:`moglstm.lm.runlock`)."""
-    from moglstm.lm.runlock import LOCK_FILE
+    from moglstm.lm.runlock import is_locked
 
-    lock = path / LOCK_FILE
-    try:
-        import fcntl
-
-        if lock.stat().st_size == 0:  # released locks are emptied: nobody trains here
-            return False
-        with open(lock, "rb") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    except (ImportError, OSError):
-        return False
-    return False
+    return is_locked(path)
 
 
 # --------------------------------------------------------------------------- the table

@@ -93,7 +93,7 @@ from moglstm.lm.metrics import MetricsLog, NullLog, metric_name, metrics_for
 from moglstm.lm.models import build_model, count_parameters
 from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule, make_optimizer
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
-from moglstm.lm.runlock import LOCK_FILE, RunLock
+from moglstm.lm.runlock import LOCK_FILE, RunLock, check_writer
 from moglstm.lm.runs.checkpoint import remove_stale_temp_files, save_checkpoint
 from moglstm.lm.runs.folder import (
     _check_resumable,
@@ -485,7 +485,9 @@ def train(
                 run.deadline = started + parse_duration(cfg.train.max_time)
             return _train_run(run, resume, quiet, on_step)
         finally:
-            failed_start = new_folder and ctx.is_main and _holds_only_the_lock(run_dir)
+            failed_start = (
+                new_folder and ctx.is_main and lock.owns_folder() and _holds_only_the_lock(run_dir)
+            )
             if failed_start:  # unlinked while still locked: no other run can be using it
                 (run_dir / LOCK_FILE).unlink(missing_ok=True)
             lock.release()
@@ -759,6 +761,7 @@ def _save_checkpoints(run: _Run, *, best: bool) -> None:
     payload = _payload(run)
 
     def save() -> None:
+        check_writer(run.run_dir)  # still the folder this run locked: else write nothing
         if best:
             save_checkpoint(run.run_dir / "best.pt", payload, keep_previous=True)
         save_checkpoint(run.run_dir / "last.pt", payload, keep_previous=True)
