@@ -6,6 +6,7 @@ never hang a run. Each test is one row of the table in docs/reliability.md.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -819,3 +820,75 @@ def test_out_of_memory_hint_fits_the_command(command, trained, tmp_path, capsys,
     err = _error(capsys, argv, code=1)
     assert "out of memory" in err and "model.hidden_size" not in err and "data." not in err
     assert ("run folders" if command == "report" else "search-space") in err
+
+
+# --------------------------------------------------------------------------- second pass (issue 22)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.forget_bias=1e39",
+        "train.lr=1e308",
+        "train.dist_timeout=1e308",
+        "train.dist_timeout=1e-320",
+        "train.eps=1e-320",
+        "model.cell_init_factor=1e300",
+        "train.betas=[0.5, 1.0]",
+    ],
+)
+def test_floats_that_cannot_train_are_config_errors(override, trained, tmp_path, capsys):
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path), override]
+    err = _error(capsys, argv)
+    assert override.split("=")[0] in err and "must be" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_float_key_has_a_documented_range():
+    import dataclasses
+    import typing
+
+    from moglstm.lm.config import RunConfig
+    from moglstm.lm.config.plain import hints
+    from moglstm.lm.config.ranges import FLOAT_RANGES, describe_ranges
+
+    def floats(cls: type, prefix: str) -> list[str]:
+        found = []
+        for name, tp in hints(cls).items():
+            args = set(typing.get_args(tp)) | {tp}
+            if dataclasses.is_dataclass(tp):
+                found += floats(tp, f"{prefix}{name}.")
+            elif float in args or any(float in typing.get_args(a) for a in args):
+                found.append(prefix + name)
+        return found
+
+    assert sorted(floats(RunConfig, "")) == sorted(FLOAT_RANGES)
+    assert all(math.isfinite(r.low) and math.isfinite(r.high) for r in FLOAT_RANGES.values())
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    assert describe_ranges() in doc  # the docs' table is generated from the ranges
+
+
+def test_diverged_weights_never_end_in_success(trained, tmp_path, monkeypatch, capsys):
+    """Weights that become infinite while the loss stays finite: exit 1 naming the tensor,
+    nothing saved over the last finite checkpoint, which resumes."""
+    from moglstm.lm import train as train_module
+
+    real_step = train_module._train_step
+
+    def step(run: Any, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        loss = real_step(run, inputs, targets)
+        if run.counters.step == 2:  # the step being taken is the third
+            bias = dict(run.model.named_parameters())["layers.0.bias_hh_l0"]
+            with torch.no_grad():  # the forget gate's (i, f, g, o): saturated, loss finite
+                bias[8:16].fill_(math.inf)
+        return loss
+
+    monkeypatch.setattr(train_module, "_train_step", step)
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path)]
+    err = _error(capsys, argv, code=1)
+    assert "weights diverged by step 4" in err and "NaN or infinite" in err, err
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["counters"]["step"] == 2
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    monkeypatch.setattr(train_module, "_train_step", real_step)
+    assert main(_resume_argv(tmp_path / "run")) == 0

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moglstm.lm.runlock import check_writer
 from moglstm.lm.safety import open_regular, read_regular, write_atomic
 
 __all__ = ["MetricsLog", "NullLog", "metric_name", "metrics_for"]
@@ -41,7 +41,6 @@ def metrics_for(loss: float, level: str) -> dict[str, float]:
     return {"loss": loss, "ppl": ppl}
 
 
-
 class MetricsLog:
     """Appends metric records to ``metrics.jsonl`` (and TensorBoard when installed).
 
@@ -59,12 +58,19 @@ class MetricsLog:
             are removed first, so no event is recorded twice. ``None`` for a new run.
         tensorboard: also write TensorBoard events if ``torch.utils.tensorboard``
             imports.
+        before_write: called before each record is written; an exception it raises
+            stops the write (training passes :func:`~moglstm.lm.runlock.check_writer`).
     """
 
     def __init__(
-        self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True
+        self,
+        run_dir: str | Path,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._before_write = before_write
         if resume_step is not None:
             _truncate_metrics(self.path, resume_step)
         self._file = _append(self.path)  # closed in close()
@@ -72,7 +78,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a flat dict with ``step`` and ``split``)."""
-        check_writer(self.path.parent)  # still the folder this run locked
+        if self._before_write is not None:
+            self._before_write()  # e.g. the run's lock still holds this very folder
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -91,7 +92,12 @@ from moglstm.lm.evaluate import (
 )
 from moglstm.lm.metrics import MetricsLog, NullLog, metric_name, metrics_for
 from moglstm.lm.models import build_model, count_parameters
-from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule, make_optimizer
+from moglstm.lm.policies import (
+    NonFiniteLossError,
+    PlateauSchedule,
+    make_optimizer,
+    nonfinite_weights,
+)
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
 from moglstm.lm.runlock import LOCK_FILE, RunLock, check_writer
 from moglstm.lm.runs.checkpoint import remove_stale_temp_files, save_checkpoint
@@ -526,7 +532,10 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
     if not resume and cfg.train.nonfinite == "rollback":
         _save_checkpoints(run, best=False)  # somewhere to go back to before the first validation
     resume_step = run.counters.step if resume else None
-    log = distributed.run_on_main(lambda: MetricsLog(run.run_dir, resume_step), ctx) or NullLog()
+    guard = functools.partial(check_writer, run.run_dir)  # still the folder this run locked
+    log = distributed.run_on_main(
+        lambda: MetricsLog(run.run_dir, resume_step, before_write=guard), ctx
+    ) or NullLog()
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.counters.step,
@@ -757,6 +766,12 @@ def _save_checkpoints(run: _Run, *, best: bool) -> None:
     Every rank must call this (the payload gathers state from all); rank 0 writes,
     and an error writing (e.g. a full disk) is raised on every rank.
     """
+    diverged = nonfinite_weights(run.model)  # never replace a usable checkpoint with these
+    if diverged is not None:
+        raise NonFiniteLossError(
+            f"the weights diverged by step {run.counters.step}: {diverged}; nothing saved. "
+            + _checkpoint_note(run)
+        )
     run.counters.nonfinite_streak = 0  # progress is saved: the allowance starts over
     payload = _payload(run)
 
