@@ -892,3 +892,136 @@ def test_diverged_weights_never_end_in_success(trained, tmp_path, monkeypatch, c
     assert all(torch.isfinite(t).all() for t in last["model"].values())
     monkeypatch.setattr(train_module, "_train_step", real_step)
     assert main(_resume_argv(tmp_path / "run")) == 0
+
+
+def _count_by_building(model: Any, vocab: int) -> int:
+    from moglstm.lm.models import build_on_meta, count_parameters
+
+    return count_parameters(build_on_meta(model, vocab))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.kind=lstm", "model.num_layers=3", "model.hidden_size=12"],
+        ["model.kind=gru", "model.num_layers=1"],
+        ["model.kind=rnn", "model.num_layers=4", "model.embedding_size=6"],
+        ["model.num_layers=3", "model.mogrifier.rounds=0"],
+        ["model.num_layers=1", "model.mogrifier.rounds=1"],
+        ["model.num_layers=2", "model.mogrifier.rounds=4", "model.embedding_size=10"],
+        ["model.num_layers=3", "model.mogrifier.rounds=5", "model.mogrifier.rank=3"],
+        ["model.num_layers=4", "model.mogrifier.rounds=6", "model.output.tie_weights=false"],
+        ["model.num_layers=2", "model.mogrifier.rounds=7", "model.output.mos_components=3"],
+        ["model.mogrifier.rounds=9", "model.mogrifier.coupled=true", "model.embedding_size=7"],
+        ["model.mogrifier.rounds=8", "model.init=official", "model.embedding_ratio=0.5"],
+        ["model.kind=transformer", "model.transformer.depth=3", "model.transformer.max_len=20"],
+        [
+            "model.kind=transformer",
+            "model.transformer.depth=5",
+            "model.transformer.max_len=33",
+            "model.transformer.positional_kind=learned",
+            "model.transformer.ffn_size=24",
+        ],
+    ],
+)
+def test_the_bounded_parameter_count_equals_building_the_model(overrides):
+    from moglstm.lm.models import parameter_count
+
+    small = ["model.hidden_size=16", "model.transformer.d_model=16", "data.bptt=8"]
+    cfg = load_config(None, [*small, *overrides])
+    assert parameter_count(cfg.model, 37) == _count_by_building(cfg.model, 37)
+    estimate = budget.training_memory(cfg, 37, _count_by_building(cfg.model, 37))
+    assert budget.check_training_fits(cfg, 37, torch.device("cpu")).state == estimate.state
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.num_layers=1000000000",
+        "model.kind=mogrifier model.mogrifier.rounds=1000000000",
+        "model.kind=transformer model.transformer.depth=1000000000",
+        "model.kind=transformer model.transformer.max_len=1000000000",
+        "model.kind=transformer model.transformer.max_len=1000000000 "
+        "model.transformer.positional_kind=learned",
+    ],
+)
+def test_size_checks_are_arithmetic_not_loops(override, trained, tmp_path, capsys):
+    """A billion layers, rounds, blocks or positions: refused in well under a second of
+    counting, in little memory, with the numbers (issue 22, 3 and 4)."""
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path), *override.split()]
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        err = _error(capsys, argv)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 10 and peak < 50_000_000
+    assert "needs about" in err and "available" in err, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _fake_system(root: Path, cgroup: str, mountinfo: str, files: dict[str, str]) -> Path:
+    """A fake /proc and /sys under ``root`` (for budget.memory_limits)."""
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "meminfo").write_text("MemTotal: 100000000 kB\nMemAvailable: 20000000 kB\n")
+    (root / "proc" / "self" / "cgroup").write_text(cgroup)
+    (root / "proc" / "self" / "mountinfo").write_text(mountinfo)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+GiB = 1 << 30
+
+
+def test_memory_is_the_smallest_of_the_machine_and_the_process_cgroups(tmp_path):
+    v2 = _fake_system(
+        tmp_path / "v2",
+        "0::/user.slice/job\n",
+        "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+        {
+            "sys/fs/cgroup/memory.max": "max\n",
+            "sys/fs/cgroup/user.slice/memory.max": f"{8 * GiB}\n",
+            "sys/fs/cgroup/user.slice/memory.current": f"{1 * GiB}\n",
+            "sys/fs/cgroup/user.slice/job/memory.max": f"{3 * GiB}\n",
+            "sys/fs/cgroup/user.slice/job/memory.current": f"{GiB // 2}\n",
+        },
+    )
+    room, where = budget.available_memory(torch.device("cpu"), v2)
+    assert room == 3 * GiB - GiB // 2
+    assert where.startswith("this process's cgroup /user.slice/job (v2: memory.max 3.2 GB")
+    assert len(budget.memory_limits(v2)) == 3  # the machine, the job, its parent
+    v1 = _fake_system(
+        tmp_path / "v1",
+        "5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n",
+        "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n",
+        {
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2 * GiB}\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": "1000\n",
+        },
+    )
+    assert budget.available_memory(torch.device("cpu"), v1) == (
+        2 * GiB - 1000,
+        "this process's cgroup / (v1: memory.limit_in_bytes 2.1 GB, 1.0 kB in use) has",
+    )
+    free = _fake_system(tmp_path / "free", "0::/\n", "", {})  # no cgroup limit: the machine
+    machine = (20_480_000_000, "this machine has")
+    assert budget.available_memory(torch.device("cpu"), free) == machine
+    assert budget.available_memory(torch.device("cpu"), tmp_path / "nothing") is None
+
+
+def test_a_run_that_cannot_fit_its_cgroup_is_refused(trained, tmp_path, monkeypatch, capsys):
+    """400M parameters (6.4 GB to train) in a 3 GiB cgroup of a 20 GB machine (issue 22, 5)."""
+    root = _fake_system(
+        tmp_path / "sys",
+        "0::/job\n",
+        "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+        {"sys/fs/cgroup/job/memory.max": f"{3 * GiB}\n", "sys/fs/cgroup/job/memory.current": "0"},
+    )
+    monkeypatch.setattr(budget, "SYSTEM_ROOT", root)
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path)]
+    err = _error(capsys, [*argv, "model.hidden_size=5000", "model.num_layers=2"])
+    assert "this process's cgroup /job (v2: memory.max 3.2 GB" in err, err
+    assert main([*argv]) == 0  # a small model fits

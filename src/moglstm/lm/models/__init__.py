@@ -19,7 +19,13 @@ the model classes take the config (or its ``transformer`` settings) whole. Modul
 from __future__ import annotations
 
 from moglstm.lm.layers import LockedDropout
-from moglstm.lm.models.build import build_model, build_on_meta, count_parameters, resolve_sizes
+from moglstm.lm.models.build import (
+    build_model,
+    build_on_meta,
+    count_parameters,
+    parameter_count,
+    resolve_sizes,
+)
 from moglstm.lm.models.kinds import MODEL_KINDS, POSITIONAL_KINDS, RECURRENT_KINDS
 from moglstm.lm.models.recurrent import RNNLanguageModel, init_official, softmax_temperature
 from moglstm.lm.models.transformer import TransformerLanguageModel
@@ -35,6 +41,7 @@ __all__ = [
     "build_model",
     "build_on_meta",
     "count_parameters",
+    "parameter_count",
     "detach_state",
     "init_official",
     "resolve_sizes",
