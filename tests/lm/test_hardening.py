@@ -1025,3 +1025,54 @@ def test_a_run_that_cannot_fit_its_cgroup_is_refused(trained, tmp_path, monkeypa
     err = _error(capsys, [*argv, "model.hidden_size=5000", "model.num_layers=2"])
     assert "this process's cgroup /job (v2: memory.max 3.2 GB" in err, err
     assert main([*argv]) == 0  # a small model fits
+
+
+def test_report_never_waits_on_a_fifo_nor_follows_a_linked_metrics_file(
+    run_copy, tmp_path, capsys, caplog
+):
+    (run_copy / "best.pt").unlink()
+    os.mkfifo(run_copy / "best.pt")  # torch.load(mmap=True) of it waited forever
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"step": 999, "split": "valid", "loss": 0.001, "ppl": 1.0}\n')
+    (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "metrics.jsonl").symlink_to(outside)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(["report", str(run_copy)]) == 0
+    assert time.perf_counter() - start < 20
+    out = capsys.readouterr().out
+    assert "999" not in out  # the linked file's records are not the run's
+    warnings = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert len(warnings) == 1 and "symbolic link" in warnings[0], warnings
+
+
+def test_report_leaves_out_undecodable_and_ill_typed_metrics_lines(run_copy, capsys, caplog):
+    with open(run_copy / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "split": "train", "loss": "\xff\xfe"}\n')  # not UTF-8
+        f.write(b'{"step": "six", "split": "train", "loss": 1.0}\n')
+        f.write(b'{"step": 7, "split": "valid", "loss": [1, 2]}\n')
+        f.write(b'{"step": 8, "split": ["valid"], "loss": 1.0}\n')
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(["report", str(run_copy)]) == 0
+    lines = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert len(lines) == 1 and "4 line(s)" in lines[0], lines
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unreadable_best_falls_back_like_a_damaged_one(run_copy, monkeypatch, caplog):
+    from moglstm.lm.runs import checkpoint as checkpoint_module
+
+    best = run_copy / "best.pt"
+    save_checkpoint(best, load_checkpoint(best), keep_previous=True)  # best.prev.pt too
+    real_open = checkpoint_module.open_run_file
+
+    def open_run_file(path: Any, limit: Any = None) -> Any:
+        if Path(path) == best:  # what chmod 000 does for a user other than root
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, limit)
+
+    monkeypatch.setattr(checkpoint_module, "open_run_file", open_run_file)
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        result = evaluate(run_copy, "valid", device="cpu", max_tokens=50)
+    assert result["checkpoint"].endswith("best.prev.pt")
+    assert any("Permission denied" in r.getMessage() for r in caplog.records)
