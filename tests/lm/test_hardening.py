@@ -1076,3 +1076,52 @@ def test_an_unreadable_best_falls_back_like_a_damaged_one(run_copy, monkeypatch,
         result = evaluate(run_copy, "valid", device="cpu", max_tokens=50)
     assert result["checkpoint"].endswith("best.prev.pt")
     assert any("Permission denied" in r.getMessage() for r in caplog.records)
+
+
+def _position(payload: dict) -> None:
+    payload["data"]["position"] = -5
+
+
+def _state_3d(payload: dict) -> None:
+    h, c = payload["train_state"][0]
+    payload["train_state"][0] = (h.unsqueeze(0), c)
+
+
+def _step_nan(payload: dict) -> None:
+    payload["counters"]["step"] = float("nan")
+
+
+def _elapsed_inf(payload: dict) -> None:
+    payload["counters"]["elapsed"] = float("inf")
+
+
+def _layers(payload: dict) -> None:
+    payload["config"]["model"]["num_layers"] = 1_000_000_000
+
+
+@pytest.mark.parametrize("change", [_position, _state_3d, _step_nan, _elapsed_inf, _layers])
+def test_crafted_checkpoints_fall_back_to_the_previous_good_one(run_copy, caplog, change):
+    """Inconsistent data position, carried state, counters or layer count: one line, and
+    the run resumes from last.prev.pt (issue 22, minor)."""
+    assert (run_copy / "last.prev.pt").exists()
+    _rewrite(run_copy / "last.pt", change)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(_resume_argv(run_copy, "train.max_steps=6")) == 0
+    assert time.perf_counter() - start < 30
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and "last.pt" in skipped[0], skipped
+    assert load_checkpoint(run_copy / "last.pt")["counters"]["step"] == 6
+
+
+def test_a_folder_with_best_but_no_last_resumes_from_best(run_copy, caplog, capsys):
+    """Killed between the best.pt and last.pt installs of the first save: --resume goes on
+    from best.pt, said once (a new run there is refused, naming --resume)."""
+    for name in ("last.pt", "last.prev.pt"):
+        (run_copy / name).unlink()
+    step = load_checkpoint(run_copy / "best.pt")["counters"]["step"]
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(_resume_argv(run_copy, f"train.max_steps={step + 2}")) == 0
+    said = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(said) == 1 and "best.pt" in said[0], said
+    assert load_checkpoint(run_copy / "last.pt")["counters"]["step"] == step + 2

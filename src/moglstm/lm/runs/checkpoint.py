@@ -384,6 +384,10 @@ def _warn_once(path: Path, message: str, *args: Any) -> None:
         logger.warning(message, *args)
 
 
+#: For other modules: a warning about a run-folder file, given once per process per file.
+warn_once = _warn_once
+
+
 #: Temporary files this package writes next to their destination (see save_checkpoint).
 _TEMP_NAME = re.compile(r"\..+\.\d+(\.[0-9a-f]+)?\.tmp")
 
