@@ -1125,3 +1125,35 @@ def test_a_folder_with_best_but_no_last_resumes_from_best(run_copy, caplog, caps
     said = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
     assert len(said) == 1 and "best.pt" in said[0], said
     assert load_checkpoint(run_copy / "last.pt")["counters"]["step"] == step + 2
+
+
+@pytest.mark.parametrize("where", ["validation", "temperature search", "final validation"])
+def test_a_signal_ends_a_long_validation_at_once(where, trained, tmp_path, monkeypatch):
+    """SIGTERM while validation (or its temperature search) scores: the run stops within a
+    second, saving the step reached without that validation (issue 22, signals)."""
+    import signal
+
+    from moglstm.lm import train as train_module
+
+    real = {"evaluate_loss": train_module.evaluate_loss, "score_split": train_module.score_split}
+    target = "score_split" if where == "temperature search" else "evaluate_loss"
+    stopped_at = {}
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        stopped_at.setdefault("sent", time.perf_counter())
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(600):  # a validation of a minute, in small pieces of work
+            time.sleep(0.1)
+        return real[target](*args, **kwargs)
+
+    monkeypatch.setattr(train_module, target, slow)
+    steps = {"validation": 4, "temperature search": 4, "final validation": 3}[where]
+    extra = ["train.eval_temperature_tokens=40"] if where == "temperature search" else []
+    overrides = _cfg_overrides(trained["corpus"], tmp_path, max_steps=steps, eval_every=4)
+    result = train(load_config(None, [*overrides, *extra]), quiet=True)
+    assert time.perf_counter() - stopped_at["sent"] < 5
+    assert result["stopped"] == "SIGTERM" and result["step"] == steps
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["counters"]["step"] == steps
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"split": "valid"' not in records  # the abandoned validation left no record

@@ -110,7 +110,7 @@ from moglstm.lm.runs.folder import (
 from moglstm.lm.runs.payload import CheckpointPayload
 from moglstm.lm.runtime import autocast, autocast_dtype, capture_rng_state, resolve_device
 from moglstm.lm.state import cat_states, detach_state, map_state, split_state
-from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
+from moglstm.lm.stopping import GracefulStop, StopRequested, format_duration, parse_duration
 
 __all__ = ["train"]
 
@@ -533,9 +533,12 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
         _save_checkpoints(run, best=False)  # somewhere to go back to before the first validation
     resume_step = run.counters.step if resume else None
     guard = functools.partial(check_writer, run.run_dir)  # still the folder this run locked
-    log = distributed.run_on_main(
-        lambda: MetricsLog(run.run_dir, resume_step, before_write=guard), ctx
-    ) or NullLog()
+    log = (
+        distributed.run_on_main(
+            lambda: MetricsLog(run.run_dir, resume_step, before_write=guard), ctx
+        )
+        or NullLog()
+    )
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.counters.step,
@@ -628,7 +631,9 @@ def _loop(
 
         if c.step % t.eval_every == 0:
             eval_start = time.perf_counter()
-            _evaluate_and_save(run, log, on_schedule=True)
+            if not _validation_finished(run, log, on_schedule=True):
+                stopped = run.stop.requested  # a signal ended it: save the step reached
+                break
             eta.validation_done(time.perf_counter() - eval_start)
             last_eval = c.step
 
@@ -639,7 +644,9 @@ def _loop(
         if c.step > (c.last_saved_step or 0):
             _save_checkpoints(run, best=False)
     elif c.step > last_eval:  # the run ended between two scheduled validations
-        _evaluate_and_save(run, log, on_schedule=False)
+        if not _validation_finished(run, log, on_schedule=False):
+            stopped = run.stop.requested
+            _save_checkpoints(run, best=False)
     c.elapsed = time.perf_counter() - run.session_start
     if stopped is None:
         stopped = "early_stop" if _early_stopped(run) else "max_steps"
@@ -724,6 +731,19 @@ def _early_stopped(run: _Run) -> bool:
     return patience > 0 and run.schedule.bad >= patience
 
 
+def _validation_finished(run: _Run, log: MetricsLog, *, on_schedule: bool) -> bool:
+    """:func:`_evaluate_and_save`, unless SIGINT/SIGTERM ends the validation (or its
+    temperature search) at once: then nothing is recorded or saved and the step reached
+    is saved without it as the loop stops (False)."""
+    try:
+        _evaluate_and_save(run, log, on_schedule=on_schedule)
+    except StopRequested as exc:
+        run.model.train()
+        logger.warning("%s: validation of step %d abandoned", exc, run.counters.step)
+        return False
+    return True
+
+
 def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None:
     """Validate, log, and save ``best.pt`` (if improved) and ``last.pt``.
 
@@ -733,7 +753,8 @@ def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None
     """
     c = run.counters
     start = time.perf_counter()
-    c.valid_loss, scored = _validate(run)
+    with run.stop.interruptible() if run.stop is not None else contextlib.nullcontext():
+        c.valid_loss, scored = _validate(run)  # a signal ends it at once (StopRequested)
     speed = scored / max(time.perf_counter() - start, 1e-9)
     if on_schedule:
         run.schedule.update(c.valid_loss)
