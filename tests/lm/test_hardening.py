@@ -1157,3 +1157,68 @@ def test_a_signal_ends_a_long_validation_at_once(where, trained, tmp_path, monke
     assert last["counters"]["step"] == steps
     records = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"split": "valid"' not in records  # the abandoned validation left no record
+
+
+_SLOW_SCORING = """
+import os, signal, sys, time
+from moglstm.lm import dynamic_eval, evaluate
+def slow(*args, **kwargs):
+    print("scoring", flush=True)
+    for _ in range(600):
+        time.sleep(0.1)
+for module, name in ((evaluate, "evaluate_loss"), (evaluate, "score_split"),
+                     (dynamic_eval, "_window_loss")):
+    setattr(module, name, slow)
+from moglstm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "signame, extra",
+    [
+        ("SIGTERM", ["--dynamic"]),
+        pytest.param("SIGINT", ["--dynamic"], marks=pytest.mark.slow),
+        pytest.param("SIGTERM", [], marks=pytest.mark.slow),
+        pytest.param("SIGINT", [], marks=pytest.mark.slow),
+        pytest.param("SIGTERM", ["--temperature", "auto"], marks=pytest.mark.slow),
+        pytest.param("SIGINT", ["--temperature", "auto"], marks=pytest.mark.slow),
+    ],
+)
+def test_signals_end_evaluation_and_dynamic_evaluation_at_once(run_copy, signame, extra):
+    """``moglstm evaluate`` (plain, temperature search, dynamic) ends within seconds of
+    SIGINT or SIGTERM (issue 22, signals); the process group is ended in any case."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _SLOW_SCORING,
+            "evaluate",
+            str(run_copy),
+            "--max-tokens",
+            "50",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "scoring"
+        start = time.perf_counter()
+        proc.send_signal(getattr(signal, signame))
+        proc.wait(timeout=10)
+        assert time.perf_counter() - start < 5
+        assert proc.returncode in (130, -signal.SIGTERM, 143), proc.returncode
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
