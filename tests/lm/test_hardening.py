@@ -1222,3 +1222,134 @@ def test_signals_end_evaluation_and_dynamic_evaluation_at_once(run_copy, signame
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+# --------------------------------------------------------------------------- campaign
+
+CAMPAIGN_SEED = 22
+
+
+def _damage(rng: Any, run: Path, outside: Path) -> str:
+    """Do one random harm to the run folder; return what was done (for the message)."""
+    names = ["last.pt", "last.prev.pt", "best.pt", "best.prev.pt", "metrics.jsonl", ".lock"]
+    name = rng.choice(names)
+    path = run / name
+    action = rng.choice(
+        ["truncate", "flip", "delete", "fifo", "link", "folder", "garbage", "craft", "nothing"]
+    )
+    if action in ("fifo", "link", "folder"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        if action == "fifo":
+            os.mkfifo(path)
+        elif action == "link":
+            path.symlink_to(outside)
+        else:
+            path.mkdir()
+        return f"{action} {name}"
+    if not path.is_file() or path.is_symlink():
+        return f"nothing ({name} is not a file)"
+    data = path.read_bytes()
+    if action == "truncate":
+        path.write_bytes(data[: rng.randrange(len(data) + 1)])
+    elif action == "flip" and data:
+        i = rng.randrange(len(data))
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
+    elif action == "delete":
+        path.unlink()
+    elif action == "garbage":
+        path.write_bytes(data + bytes(rng.randrange(256) for _ in range(40)) + b"\n")
+    elif action == "craft" and name.endswith(".pt"):
+        try:
+            _rewrite(path, rng.choice([_position, _state_3d, _step_nan, _shape, _nan, _layers]))
+        except Exception:  # already damaged: torch cannot read it to craft it
+            return f"nothing ({name} unreadable)"
+    return f"{action} {name}"
+
+
+def _campaign(trained: dict[str, Path], tmp_path: Path, seconds: float, seed: int) -> int:
+    """Damage, crash and resume in a loop for ``seconds``: every resume succeeds or says
+    why in one line, and a run that could not go on is restored and goes on."""
+    import random
+
+    from moglstm.lm import train as train_module
+
+    rng = random.Random(seed)
+    run, outside = tmp_path / "runs" / "run", tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    pristine = tmp_path / "pristine"
+    shutil.copytree(trained["run"], pristine, symlinks=True)
+    shutil.copytree(pristine, run, symlinks=True)
+    rounds, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or rounds < 3:
+        rounds += 1
+        done = [_damage(rng, run, outside) for _ in range(rng.randrange(1, 3))]
+        crash_at = rng.choice([None, 1, 2])
+
+        def on_step(n: int, _: Any, crash_at: Any = crash_at, seen: dict = {}) -> None:  # noqa: B006
+            if crash_at is not None and n == seen.setdefault("first", n) + crash_at:
+                raise KeyboardInterrupt("simulated kill")  # a crash mid-run, between steps
+
+        code, err, what = _resume_with(run, rng.randrange(5, 9), on_step, train_module)
+        context = f"seed {seed}, round {rounds}: {'; '.join(done)}, crash at {crash_at}: {err}"
+        assert outside.read_text() == "precious\n", context  # nothing written through a link
+        assert "Traceback" not in err and code in (0, 1, 2, 130), context
+        if code == 2:  # it said why: the folder cannot go on as it is; start again from a copy
+            assert what.startswith("moglstm train: error:") and len(what) < SHORT, context
+            shutil.rmtree(run)
+            shutil.copytree(pristine, run, symlinks=True)
+        elif code == 0:  # what the next resume starts from is a good checkpoint
+            from moglstm.lm.runs.folder import _load_last
+
+            assert _load_last(run)["counters"]["step"] >= 4, context
+    return rounds
+
+
+def _resume_with(run: Path, steps: int, on_step: Any, train_module: Any) -> tuple[int, str, str]:
+    """``moglstm train --resume`` in this process with ``on_step`` hooked in; returns the
+    exit code, stderr, and its last line (the error, if any)."""
+    import contextlib
+    import io
+
+    real = train_module.train
+
+    def hooked(cfg: Any, resume: bool = False, **kwargs: Any) -> Any:
+        return real(cfg, resume, **{**kwargs, "on_step": on_step})
+
+    err = io.StringIO()
+    train_module.train = hooked  # the command imports it from the module when it runs
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(_resume_argv(run, f"train.max_steps={steps}"))
+    finally:
+        train_module.train = real
+    text = err.getvalue().strip()
+    return code, text, text.splitlines()[-1] if text else ""
+
+
+def test_campaign_of_kills_damage_and_planted_files(trained, tmp_path):
+    """A few seconds of random damage, planted files and crashes (the slow variant runs a
+    minute): every run resumes, or says in one line why it cannot (issue 22)."""
+    seconds = float(os.environ.get("MOGLSTM_CAMPAIGN_SECONDS", "4"))
+    assert _campaign(trained, tmp_path, seconds, CAMPAIGN_SEED) >= 3
+
+
+@pytest.mark.slow
+def test_campaign_of_kills_damage_and_planted_files_for_a_minute(trained, tmp_path):
+    assert _campaign(trained, tmp_path, 60.0, CAMPAIGN_SEED + 1) >= 10
+
+
+def test_a_deleted_lock_file_lets_no_second_writer_in(trained, tmp_path, capsys):
+    """The lock is on the run folder itself: without ``.lock`` a second run is refused,
+    naming the holder's pid and start time (issue 22, 1)."""
+    from moglstm.lm.runlock import RunLock
+
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path)]
+    assert main(argv) == 0
+    with RunLock(tmp_path / "run"):
+        (tmp_path / "run" / ".lock").unlink()
+        err = _error(capsys, [*_resume_argv(tmp_path / "run"), "train.max_steps=6"])
+        assert f"in use by another moglstm process (pid {os.getpid()}, since " in err, err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["counters"]["step"] == 4
