@@ -568,7 +568,7 @@ def test_a_folder_replaced_under_a_run_is_never_written(make_text_corpus, tmp_pa
 
     with pytest.raises(RunFolderChangedError, match="removed or replaced"):
         train(with_train(cfg, eval_every=4, log_every=1), quiet=True, on_step=swap)
-    assert list(run_dir.iterdir()) == []  # nothing of the first run landed in the new folder
+    assert list(run_dir.iterdir()) == [], list(run_dir.iterdir())  # nothing of the first run
 
 
 def test_run_lock_api(tmp_path):

@@ -88,9 +88,17 @@ class MetricsLog:
                     self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
     def close(self) -> None:
-        """Close the file (and the TensorBoard writer)."""
+        """Close the file (and the TensorBoard writer, whose pending events it writes)."""
         self._file.close()
         if self._writer is not None:
+            try:
+                if self._before_write is not None:
+                    self._before_write()
+            except Exception:  # noqa: BLE001 (the run is failing with it already)
+                # TensorBoard writes its files by name: its pending events would land in
+                # whatever folder now has the run's path. Dropped instead.
+                self._writer = None
+                return
             self._writer.close()
 
     def rewind(self, step: int) -> None:
