@@ -1330,15 +1330,16 @@ def _resume_with(run: Path, steps: int, on_step: Any, train_module: Any) -> tupl
 
 
 def test_campaign_of_kills_damage_and_planted_files(trained, tmp_path):
-    """A few seconds of random damage, planted files and crashes (the slow variant runs a
-    minute): every run resumes, or says in one line why it cannot (issue 22)."""
-    seconds = float(os.environ.get("MOGLSTM_CAMPAIGN_SECONDS", "4"))
+    """A few seconds of random damage, planted files and crashes (the slow variant runs 20 s,
+    or MOGLSTM_CAMPAIGN_SECONDS): every run resumes, or says in one line why it cannot."""
+    seconds = 3.0
     assert _campaign(trained, tmp_path, seconds, CAMPAIGN_SEED) >= 3
 
 
 @pytest.mark.slow
-def test_campaign_of_kills_damage_and_planted_files_for_a_minute(trained, tmp_path):
-    assert _campaign(trained, tmp_path, 60.0, CAMPAIGN_SEED + 1) >= 10
+def test_campaign_of_kills_damage_and_planted_files_for_longer(trained, tmp_path):
+    seconds = float(os.environ.get("MOGLSTM_CAMPAIGN_SECONDS", "20"))
+    assert _campaign(trained, tmp_path, seconds, CAMPAIGN_SEED + 1) >= 5
 
 
 def test_a_deleted_lock_file_lets_no_second_writer_in(trained, tmp_path, capsys):
