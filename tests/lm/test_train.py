@@ -223,6 +223,9 @@ class FakeSummaryWriter:
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self.scalars.append((tag, value, step))
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 

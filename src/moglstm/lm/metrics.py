@@ -86,6 +86,9 @@ class MetricsLog:
             for key, value in record.items():
                 if key not in ("step", "split") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+            # TensorBoard writes by file name from a thread: leave nothing pending that
+            # could land in another folder if this one is replaced before the next write
+            self._writer.flush()
 
     def close(self) -> None:
         """Close the file (and the TensorBoard writer, whose pending events it writes)."""
