@@ -37,9 +37,8 @@ the model is built: :func:`~moglstm.lm.runs.payload.check_training_checkpoint`);
 ``best.pt`` keeps ``best.prev.pt`` the same way. Nothing in the run folder is
 followed out of it (see :mod:`moglstm.lm.safety`). Before the model is built its
 training memory is estimated and a run that cannot fit is refused
-(:mod:`moglstm.lm.budget`). A run holds an exclusive lock on its folder
-(``.lock``, see :mod:`moglstm.lm.runlock`), so a second run on the same folder
-refuses to start. A NaN or infinite training loss stops the run, skips the step or
+(:mod:`moglstm.lm.budget`). A run holds an exclusive lock on its folder itself
+(see :mod:`moglstm.lm.runlock`), so a second run on the same folder refuses to start. A NaN or infinite training loss stops the run, skips the step or
 rolls back to ``last.pt`` with a lower learning rate (``train.nonfinite``).
 
 Stopping early loses no work: the first SIGINT (Ctrl-C) or SIGTERM lets the current step
