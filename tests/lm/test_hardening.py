@@ -1028,8 +1028,9 @@ def test_a_run_that_cannot_fit_its_cgroup_is_refused(trained, tmp_path, monkeypa
 
 
 def test_report_never_waits_on_a_fifo_nor_follows_a_linked_metrics_file(
-    run_copy, tmp_path, capsys, caplog
+    run_copy, tmp_path, capsys, caplog, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)  # report writes its files here
     (run_copy / "best.pt").unlink()
     os.mkfifo(run_copy / "best.pt")  # torch.load(mmap=True) of it waited forever
     outside = tmp_path / "outside.jsonl"
@@ -1046,7 +1047,10 @@ def test_report_never_waits_on_a_fifo_nor_follows_a_linked_metrics_file(
     assert len(warnings) == 1 and "symbolic link" in warnings[0], warnings
 
 
-def test_report_leaves_out_undecodable_and_ill_typed_metrics_lines(run_copy, capsys, caplog):
+def test_report_leaves_out_undecodable_and_ill_typed_metrics_lines(
+    run_copy, tmp_path, capsys, caplog, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # report writes its files here
     with open(run_copy / "metrics.jsonl", "ab") as f:
         f.write(b'{"step": 5, "split": "train", "loss": "\xff\xfe"}\n')  # not UTF-8
         f.write(b'{"step": "six", "split": "train", "loss": 1.0}\n')
