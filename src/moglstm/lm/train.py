@@ -38,12 +38,13 @@ the model is built: :func:`~moglstm.lm.runs.payload.check_training_checkpoint`);
 followed out of it (see :mod:`moglstm.lm.safety`). Before the model is built its
 training memory is estimated and a run that cannot fit is refused
 (:mod:`moglstm.lm.budget`). A run holds an exclusive lock on its folder itself
-(see :mod:`moglstm.lm.runlock`), so a second run on the same folder refuses to start. A NaN or infinite training loss stops the run, skips the step or
-rolls back to ``last.pt`` with a lower learning rate (``train.nonfinite``).
+(see :mod:`moglstm.lm.runlock`), so a second run on the same folder refuses to start.
+A NaN or infinite training loss stops the run, skips the step or rolls back to
+``last.pt`` with a lower learning rate (``train.nonfinite``).
 
 Stopping early loses no work: the first SIGINT (Ctrl-C) or SIGTERM lets the current step
-finish, saves ``last.pt`` at the step reached and returns (``stopped`` is the signal's
-name); a second one raises ``KeyboardInterrupt`` at once (:mod:`moglstm.lm.stopping`).
+finish (a validation or its temperature search is abandoned at once), saves ``last.pt`` at
+the step reached and returns (``stopped`` is the signal's name); a second one raises ``KeyboardInterrupt`` at once (:mod:`moglstm.lm.stopping`).
 ``train.max_time`` stops a session before the step that would overrun it, leaving time for
 the final validation and checkpoint. A start that fails before writing anything removes
 the run folder it created.
