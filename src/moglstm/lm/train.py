@@ -44,7 +44,8 @@ A NaN or infinite training loss stops the run, skips the step or rolls back to
 
 Stopping early loses no work: the first SIGINT (Ctrl-C) or SIGTERM lets the current step
 finish (a validation or its temperature search is abandoned at once), saves ``last.pt`` at
-the step reached and returns (``stopped`` is the signal's name); a second one raises ``KeyboardInterrupt`` at once (:mod:`moglstm.lm.stopping`).
+the step reached and returns (``stopped`` is the signal's name); a second one raises
+``KeyboardInterrupt`` at once (:mod:`moglstm.lm.stopping`).
 ``train.max_time`` stops a session before the step that would overrun it, leaving time for
 the final validation and checkpoint. A start that fails before writing anything removes
 the run folder it created.
