@@ -26,7 +26,7 @@ from moglstm.cli import main
 from moglstm.lm import train as train_module
 from moglstm.lm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, validate
 from moglstm.lm.policies import NonFiniteLossError
-from moglstm.lm.runlock import RunLock, RunLockedError
+from moglstm.lm.runlock import RunFolderChangedError, RunLock, RunLockedError
 from moglstm.lm.runs import checkpoint as checkpoint_module
 from moglstm.lm.runs.checkpoint import (
     CheckpointError,
@@ -538,6 +538,53 @@ def test_lock_held_by_another_process_until_it_is_killed(make_text_corpus, tmp_p
         holder.wait()
         holder.stdout.close()
     assert main(args) == 0
+
+
+def test_deleting_the_lock_file_lets_no_second_writer_in(make_text_corpus, tmp_path, capsys):
+    """The lock is on the folder itself: deleting (or replacing) ``.lock`` changes nothing,
+    and the refusal still names the holder's pid and start time (from /proc/locks)."""
+    corpus, run_dir = make_text_corpus(), tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from moglstm.lm.runlock import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(300)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (run_dir / ".lock").unlink()
+        args = ["train", *overrides(corpus, max_steps=2), "--out-dir", str(tmp_path), "--quiet"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another moglstm process (pid {holder.pid}, since " in err, err
+        (run_dir / ".lock").write_text("")  # an emptied lock file, as a released one is
+        assert main(args) == 2
+        assert f"(pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_a_folder_replaced_under_a_run_is_never_written(make_text_corpus, tmp_path):
+    cfg = make_cfg(make_text_corpus(), tmp_path, max_steps=8)
+    run_dir = tmp_path / "run"
+
+    def swap(step: int, _: Any) -> None:
+        if step == 2:
+            run_dir.rename(tmp_path / "moved")
+            run_dir.mkdir()  # another run's folder, say
+
+    with pytest.raises(RunFolderChangedError, match="removed or replaced"):
+        train(with_train(cfg, eval_every=4, log_every=1), quiet=True, on_step=swap)
+    assert list(run_dir.iterdir()) == [], list(run_dir.iterdir())  # nothing of the first run
 
 
 def test_run_lock_api(tmp_path):

@@ -6,6 +6,7 @@ never hang a run. Each test is one row of the table in docs/reliability.md.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -819,3 +820,541 @@ def test_out_of_memory_hint_fits_the_command(command, trained, tmp_path, capsys,
     err = _error(capsys, argv, code=1)
     assert "out of memory" in err and "model.hidden_size" not in err and "data." not in err
     assert ("run folders" if command == "report" else "search-space") in err
+
+
+# --------------------------------------------------------------------------- second pass (issue 22)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.forget_bias=1e39",
+        "train.lr=1e308",
+        "train.dist_timeout=1e308",
+        "train.dist_timeout=1e-320",
+        "train.eps=1e-320",
+        "model.cell_init_factor=1e300",
+        "train.betas=[0.5, 1.0]",
+    ],
+)
+def test_floats_that_cannot_train_are_config_errors(override, trained, tmp_path, capsys):
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path), override]
+    err = _error(capsys, argv)
+    assert override.split("=")[0] in err and "must be" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_float_key_has_a_documented_range():
+    import dataclasses
+    import typing
+
+    from moglstm.lm.config import RunConfig
+    from moglstm.lm.config.plain import hints
+    from moglstm.lm.config.ranges import FLOAT_RANGES, describe_ranges
+
+    def floats(cls: type, prefix: str) -> list[str]:
+        found = []
+        for name, tp in hints(cls).items():
+            args = set(typing.get_args(tp)) | {tp}
+            if dataclasses.is_dataclass(tp):
+                found += floats(tp, f"{prefix}{name}.")
+            elif float in args or any(float in typing.get_args(a) for a in args):
+                found.append(prefix + name)
+        return found
+
+    assert sorted(floats(RunConfig, "")) == sorted(FLOAT_RANGES)
+    assert all(math.isfinite(r.low) and math.isfinite(r.high) for r in FLOAT_RANGES.values())
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    assert describe_ranges() in doc  # the docs' table is generated from the ranges
+
+
+def test_diverged_weights_never_end_in_success(trained, tmp_path, monkeypatch, capsys):
+    """Weights that become infinite while the loss stays finite: exit 1 naming the tensor,
+    nothing saved over the last finite checkpoint, which resumes."""
+    from moglstm.lm import train as train_module
+
+    real_step = train_module._train_step
+
+    def step(run: Any, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        loss = real_step(run, inputs, targets)
+        if run.counters.step == 2:  # the step being taken is the third
+            bias = dict(run.model.named_parameters())["layers.0.bias_hh_l0"]
+            with torch.no_grad():  # the forget gate's (i, f, g, o): saturated, loss finite
+                bias[8:16].fill_(math.inf)
+        return loss
+
+    monkeypatch.setattr(train_module, "_train_step", step)
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path)]
+    err = _error(capsys, argv, code=1)
+    assert "weights diverged by step 4" in err and "NaN or infinite" in err, err
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["counters"]["step"] == 2
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    monkeypatch.setattr(train_module, "_train_step", real_step)
+    assert main(_resume_argv(tmp_path / "run")) == 0
+
+
+def _count_by_building(model: Any, vocab: int) -> int:
+    from moglstm.lm.models import build_on_meta, count_parameters
+
+    return count_parameters(build_on_meta(model, vocab))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.kind=lstm", "model.num_layers=3", "model.hidden_size=12"],
+        ["model.kind=gru", "model.num_layers=1"],
+        ["model.kind=rnn", "model.num_layers=4", "model.embedding_size=6"],
+        ["model.num_layers=3", "model.mogrifier.rounds=0"],
+        ["model.num_layers=1", "model.mogrifier.rounds=1"],
+        ["model.num_layers=2", "model.mogrifier.rounds=4", "model.embedding_size=10"],
+        ["model.num_layers=3", "model.mogrifier.rounds=5", "model.mogrifier.rank=3"],
+        ["model.num_layers=4", "model.mogrifier.rounds=6", "model.output.tie_weights=false"],
+        ["model.num_layers=2", "model.mogrifier.rounds=7", "model.output.mos_components=3"],
+        ["model.mogrifier.rounds=9", "model.mogrifier.coupled=true", "model.embedding_size=7"],
+        ["model.mogrifier.rounds=8", "model.init=official", "model.embedding_ratio=0.5"],
+        ["model.kind=transformer", "model.transformer.depth=3", "model.transformer.max_len=20"],
+        [
+            "model.kind=transformer",
+            "model.transformer.depth=5",
+            "model.transformer.max_len=33",
+            "model.transformer.positional_kind=learned",
+            "model.transformer.ffn_size=24",
+        ],
+    ],
+)
+def test_the_bounded_parameter_count_equals_building_the_model(overrides):
+    from moglstm.lm.models import parameter_count
+
+    small = ["model.hidden_size=16", "model.transformer.d_model=16", "data.bptt=8"]
+    cfg = load_config(None, [*small, *overrides])
+    assert parameter_count(cfg.model, 37) == _count_by_building(cfg.model, 37)
+    estimate = budget.training_memory(cfg, 37, _count_by_building(cfg.model, 37))
+    assert budget.check_training_fits(cfg, 37, torch.device("cpu")).state == estimate.state
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.num_layers=1000000000",
+        "model.kind=mogrifier model.mogrifier.rounds=1000000000",
+        "model.kind=transformer model.transformer.depth=1000000000",
+        "model.kind=transformer model.transformer.max_len=1000000000",
+        "model.kind=transformer model.transformer.max_len=1000000000 "
+        "model.transformer.positional_kind=learned",
+    ],
+)
+def test_size_checks_are_arithmetic_not_loops(override, trained, tmp_path, capsys):
+    """A billion layers, rounds, blocks or positions: refused in well under a second of
+    counting, in little memory, with the numbers (issue 22, 3 and 4)."""
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path), *override.split()]
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        err = _error(capsys, argv)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 10 and peak < 50_000_000
+    assert "needs about" in err and "available" in err, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _fake_system(root: Path, cgroup: str, mountinfo: str, files: dict[str, str]) -> Path:
+    """A fake /proc and /sys under ``root`` (for budget.memory_limits)."""
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "meminfo").write_text("MemTotal: 100000000 kB\nMemAvailable: 20000000 kB\n")
+    (root / "proc" / "self" / "cgroup").write_text(cgroup)
+    (root / "proc" / "self" / "mountinfo").write_text(mountinfo)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+GiB = 1 << 30
+
+
+def test_memory_is_the_smallest_of_the_machine_and_the_process_cgroups(tmp_path):
+    v2 = _fake_system(
+        tmp_path / "v2",
+        "0::/user.slice/job\n",
+        "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+        {
+            "sys/fs/cgroup/memory.max": "max\n",
+            "sys/fs/cgroup/user.slice/memory.max": f"{8 * GiB}\n",
+            "sys/fs/cgroup/user.slice/memory.current": f"{1 * GiB}\n",
+            "sys/fs/cgroup/user.slice/job/memory.max": f"{3 * GiB}\n",
+            "sys/fs/cgroup/user.slice/job/memory.current": f"{GiB // 2}\n",
+        },
+    )
+    room, where = budget.available_memory(torch.device("cpu"), v2)
+    assert room == 3 * GiB - GiB // 2
+    assert where.startswith("this process's cgroup /user.slice/job (v2: memory.max 3.2 GB")
+    assert len(budget.memory_limits(v2)) == 3  # the machine, the job, its parent
+    v1 = _fake_system(
+        tmp_path / "v1",
+        "5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n",
+        "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n",
+        {
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2 * GiB}\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": "1000\n",
+        },
+    )
+    assert budget.available_memory(torch.device("cpu"), v1) == (
+        2 * GiB - 1000,
+        "this process's cgroup / (v1: memory.limit_in_bytes 2.1 GB, 1.0 kB in use) has",
+    )
+    free = _fake_system(tmp_path / "free", "0::/\n", "", {})  # no cgroup limit: the machine
+    machine = (20_480_000_000, "this machine has")
+    assert budget.available_memory(torch.device("cpu"), free) == machine
+    assert budget.available_memory(torch.device("cpu"), tmp_path / "nothing") is None
+
+
+def test_a_run_that_cannot_fit_its_cgroup_is_refused(trained, tmp_path, monkeypatch, capsys):
+    """400M parameters (6.4 GB to train) in a 3 GiB cgroup of a 20 GB machine (issue 22, 5)."""
+    root = _fake_system(
+        tmp_path / "sys",
+        "0::/job\n",
+        "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+        {"sys/fs/cgroup/job/memory.max": f"{3 * GiB}\n", "sys/fs/cgroup/job/memory.current": "0"},
+    )
+    monkeypatch.setattr(budget, "SYSTEM_ROOT", root)
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path)]
+    err = _error(capsys, [*argv, "model.hidden_size=5000", "model.num_layers=2"])
+    assert "this process's cgroup /job (v2: memory.max 3.2 GB" in err, err
+    assert main([*argv]) == 0  # a small model fits
+
+
+def test_report_never_waits_on_a_fifo_nor_follows_a_linked_metrics_file(
+    run_copy, tmp_path, capsys, caplog, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # report writes its files here
+    (run_copy / "best.pt").unlink()
+    os.mkfifo(run_copy / "best.pt")  # torch.load(mmap=True) of it waited forever
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"step": 999, "split": "valid", "loss": 0.001, "ppl": 1.0}\n')
+    (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "metrics.jsonl").symlink_to(outside)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(["report", str(run_copy)]) == 0
+    assert time.perf_counter() - start < 20
+    out = capsys.readouterr().out
+    assert "999" not in out  # the linked file's records are not the run's
+    warnings = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert len(warnings) == 1 and "symbolic link" in warnings[0], warnings
+
+
+def test_report_leaves_out_undecodable_and_ill_typed_metrics_lines(
+    run_copy, tmp_path, capsys, caplog, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # report writes its files here
+    with open(run_copy / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "split": "train", "loss": "\xff\xfe"}\n')  # not UTF-8
+        f.write(b'{"step": "six", "split": "train", "loss": 1.0}\n')
+        f.write(b'{"step": 7, "split": "valid", "loss": [1, 2]}\n')
+        f.write(b'{"step": 8, "split": ["valid"], "loss": 1.0}\n')
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(["report", str(run_copy)]) == 0
+    lines = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert len(lines) == 1 and "4 line(s)" in lines[0], lines
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unreadable_best_falls_back_like_a_damaged_one(run_copy, monkeypatch, caplog):
+    from moglstm.lm.runs import checkpoint as checkpoint_module
+
+    best = run_copy / "best.pt"
+    save_checkpoint(best, load_checkpoint(best), keep_previous=True)  # best.prev.pt too
+    real_open = checkpoint_module.open_run_file
+
+    def open_run_file(path: Any, limit: Any = None) -> Any:
+        if Path(path) == best:  # what chmod 000 does for a user other than root
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, limit)
+
+    monkeypatch.setattr(checkpoint_module, "open_run_file", open_run_file)
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        result = evaluate(run_copy, "valid", device="cpu", max_tokens=50)
+    assert result["checkpoint"].endswith("best.prev.pt")
+    assert any("Permission denied" in r.getMessage() for r in caplog.records)
+
+
+def _position(payload: dict) -> None:
+    payload["data"]["position"] = -5
+
+
+def _state_3d(payload: dict) -> None:
+    h, c = payload["train_state"][0]
+    payload["train_state"][0] = (h.unsqueeze(0), c)
+
+
+def _step_nan(payload: dict) -> None:
+    payload["counters"]["step"] = float("nan")
+
+
+def _elapsed_inf(payload: dict) -> None:
+    payload["counters"]["elapsed"] = float("inf")
+
+
+def _layers(payload: dict) -> None:
+    payload["config"]["model"]["num_layers"] = 1_000_000_000
+
+
+@pytest.mark.parametrize("change", [_position, _state_3d, _step_nan, _elapsed_inf, _layers])
+def test_crafted_checkpoints_fall_back_to_the_previous_good_one(run_copy, caplog, change):
+    """Inconsistent data position, carried state, counters or layer count: one line, and
+    the run resumes from last.prev.pt (issue 22, minor)."""
+    assert (run_copy / "last.prev.pt").exists()
+    _rewrite(run_copy / "last.pt", change)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(_resume_argv(run_copy, "train.max_steps=6")) == 0
+    assert time.perf_counter() - start < 30
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and "last.pt" in skipped[0], skipped
+    assert load_checkpoint(run_copy / "last.pt")["counters"]["step"] == 6
+
+
+def test_a_folder_with_best_but_no_last_resumes_from_best(run_copy, caplog, capsys):
+    """Killed between the best.pt and last.pt installs of the first save: --resume goes on
+    from best.pt, said once (a new run there is refused, naming --resume)."""
+    for name in ("last.pt", "last.prev.pt"):
+        (run_copy / name).unlink()
+    step = load_checkpoint(run_copy / "best.pt")["counters"]["step"]
+    with caplog.at_level(logging.WARNING, logger="moglstm"):
+        assert main(_resume_argv(run_copy, f"train.max_steps={step + 2}")) == 0
+    said = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(said) == 1 and "best.pt" in said[0], said
+    assert load_checkpoint(run_copy / "last.pt")["counters"]["step"] == step + 2
+
+
+@pytest.mark.parametrize("where", ["validation", "temperature search", "final validation"])
+def test_a_signal_ends_a_long_validation_at_once(where, trained, tmp_path, monkeypatch):
+    """SIGTERM while validation (or its temperature search) scores: the run stops within a
+    second, saving the step reached without that validation (issue 22, signals)."""
+    import signal
+
+    from moglstm.lm import train as train_module
+
+    real = {"evaluate_loss": train_module.evaluate_loss, "score_split": train_module.score_split}
+    target = "score_split" if where == "temperature search" else "evaluate_loss"
+    stopped_at = {}
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        stopped_at.setdefault("sent", time.perf_counter())
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(600):  # a validation of a minute, in small pieces of work
+            time.sleep(0.1)
+        return real[target](*args, **kwargs)
+
+    monkeypatch.setattr(train_module, target, slow)
+    steps = {"validation": 4, "temperature search": 4, "final validation": 3}[where]
+    extra = ["train.eval_temperature_tokens=40"] if where == "temperature search" else []
+    overrides = _cfg_overrides(trained["corpus"], tmp_path, max_steps=steps, eval_every=4)
+    result = train(load_config(None, [*overrides, *extra]), quiet=True)
+    assert time.perf_counter() - stopped_at["sent"] < 5
+    assert result["stopped"] == "SIGTERM" and result["step"] == steps
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["counters"]["step"] == steps
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"split": "valid"' not in records  # the abandoned validation left no record
+
+
+_SLOW_SCORING = """
+import os, signal, sys, time
+from moglstm.lm import dynamic_eval, evaluate
+def slow(*args, **kwargs):
+    print("scoring", flush=True)
+    for _ in range(600):
+        time.sleep(0.1)
+for module, name in ((evaluate, "evaluate_loss"), (evaluate, "score_split"),
+                     (dynamic_eval, "_window_loss")):
+    setattr(module, name, slow)
+from moglstm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "signame, extra",
+    [
+        ("SIGTERM", ["--dynamic"]),
+        pytest.param("SIGINT", ["--dynamic"], marks=pytest.mark.slow),
+        pytest.param("SIGTERM", [], marks=pytest.mark.slow),
+        pytest.param("SIGINT", [], marks=pytest.mark.slow),
+        pytest.param("SIGTERM", ["--temperature", "auto"], marks=pytest.mark.slow),
+        pytest.param("SIGINT", ["--temperature", "auto"], marks=pytest.mark.slow),
+    ],
+)
+def test_signals_end_evaluation_and_dynamic_evaluation_at_once(run_copy, signame, extra):
+    """``moglstm evaluate`` (plain, temperature search, dynamic) ends within seconds of
+    SIGINT or SIGTERM (issue 22, signals); the process group is ended in any case."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _SLOW_SCORING,
+            "evaluate",
+            str(run_copy),
+            "--max-tokens",
+            "50",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "scoring"
+        start = time.perf_counter()
+        proc.send_signal(getattr(signal, signame))
+        proc.wait(timeout=10)
+        assert time.perf_counter() - start < 5
+        assert proc.returncode in (130, -signal.SIGTERM, 143), proc.returncode
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# --------------------------------------------------------------------------- campaign
+
+CAMPAIGN_SEED = 22
+
+
+def _damage(rng: Any, run: Path, outside: Path) -> str:
+    """Do one random harm to the run folder; return what was done (for the message)."""
+    names = ["last.pt", "last.prev.pt", "best.pt", "best.prev.pt", "metrics.jsonl", ".lock"]
+    name = rng.choice(names)
+    path = run / name
+    action = rng.choice(
+        ["truncate", "flip", "delete", "fifo", "link", "folder", "garbage", "craft", "nothing"]
+    )
+    if action in ("fifo", "link", "folder"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        if action == "fifo":
+            os.mkfifo(path)
+        elif action == "link":
+            path.symlink_to(outside)
+        else:
+            path.mkdir()
+        return f"{action} {name}"
+    if not path.is_file() or path.is_symlink():
+        return f"nothing ({name} is not a file)"
+    data = path.read_bytes()
+    if action == "truncate":
+        path.write_bytes(data[: rng.randrange(len(data) + 1)])
+    elif action == "flip" and data:
+        i = rng.randrange(len(data))
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
+    elif action == "delete":
+        path.unlink()
+    elif action == "garbage":
+        path.write_bytes(data + bytes(rng.randrange(256) for _ in range(40)) + b"\n")
+    elif action == "craft" and name.endswith(".pt"):
+        try:
+            _rewrite(path, rng.choice([_position, _state_3d, _step_nan, _shape, _nan, _layers]))
+        except Exception:  # already damaged: torch cannot read it to craft it
+            return f"nothing ({name} unreadable)"
+    return f"{action} {name}"
+
+
+def _campaign(trained: dict[str, Path], tmp_path: Path, seconds: float, seed: int) -> int:
+    """Damage, crash and resume in a loop for ``seconds``: every resume succeeds or says
+    why in one line, and a run that could not go on is restored and goes on."""
+    import random
+
+    from moglstm.lm import train as train_module
+
+    rng = random.Random(seed)
+    run, outside = tmp_path / "runs" / "run", tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    pristine = tmp_path / "pristine"
+    shutil.copytree(trained["run"], pristine, symlinks=True)
+    shutil.copytree(pristine, run, symlinks=True)
+    rounds, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or rounds < 3:
+        rounds += 1
+        done = [_damage(rng, run, outside) for _ in range(rng.randrange(1, 3))]
+        crash_at = rng.choice([None, 1, 2])
+
+        def on_step(n: int, _: Any, crash_at: Any = crash_at, seen: dict = {}) -> None:  # noqa: B006
+            if crash_at is not None and n == seen.setdefault("first", n) + crash_at:
+                raise KeyboardInterrupt("simulated kill")  # a crash mid-run, between steps
+
+        code, err, what = _resume_with(run, rng.randrange(5, 9), on_step, train_module)
+        context = f"seed {seed}, round {rounds}: {'; '.join(done)}, crash at {crash_at}: {err}"
+        assert outside.read_text() == "precious\n", context  # nothing written through a link
+        assert "Traceback" not in err and code in (0, 1, 2, 130), context
+        if code == 2:  # it said why: the folder cannot go on as it is; start again from a copy
+            assert what.startswith("moglstm train: error:") and len(what) < SHORT, context
+            shutil.rmtree(run)
+            shutil.copytree(pristine, run, symlinks=True)
+        elif code == 0:  # what the next resume starts from is a good checkpoint
+            from moglstm.lm.runs.folder import _load_last
+
+            assert _load_last(run)["counters"]["step"] >= 4, context
+    return rounds
+
+
+def _resume_with(run: Path, steps: int, on_step: Any, train_module: Any) -> tuple[int, str, str]:
+    """``moglstm train --resume`` in this process with ``on_step`` hooked in; returns the
+    exit code, stderr, and its last line (the error, if any)."""
+    import contextlib
+    import io
+
+    real = train_module.train
+
+    def hooked(cfg: Any, resume: bool = False, **kwargs: Any) -> Any:
+        return real(cfg, resume, **{**kwargs, "on_step": on_step})
+
+    err = io.StringIO()
+    train_module.train = hooked  # the command imports it from the module when it runs
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(_resume_argv(run, f"train.max_steps={steps}"))
+    finally:
+        train_module.train = real
+    text = err.getvalue().strip()
+    return code, text, text.splitlines()[-1] if text else ""
+
+
+def test_campaign_of_kills_damage_and_planted_files(trained, tmp_path):
+    """A few seconds of random damage, planted files and crashes (the slow variant runs 20 s,
+    or MOGLSTM_CAMPAIGN_SECONDS): every run resumes, or says in one line why it cannot."""
+    seconds = 3.0
+    assert _campaign(trained, tmp_path, seconds, CAMPAIGN_SEED) >= 3
+
+
+@pytest.mark.slow
+def test_campaign_of_kills_damage_and_planted_files_for_longer(trained, tmp_path):
+    seconds = float(os.environ.get("MOGLSTM_CAMPAIGN_SECONDS", "20"))
+    assert _campaign(trained, tmp_path, seconds, CAMPAIGN_SEED + 1) >= 5
+
+
+def test_a_deleted_lock_file_lets_no_second_writer_in(trained, tmp_path, capsys):
+    """The lock is on the run folder itself: without ``.lock`` a second run is refused,
+    naming the holder's pid and start time (issue 22, 1)."""
+    from moglstm.lm.runlock import RunLock
+
+    argv = ["train", "--quiet", *_cfg_overrides(trained["corpus"], tmp_path)]
+    assert main(argv) == 0
+    with RunLock(tmp_path / "run"):
+        (tmp_path / "run" / ".lock").unlink()
+        err = _error(capsys, [*_resume_argv(tmp_path / "run"), "train.max_steps=6"])
+        assert f"in use by another moglstm process (pid {os.getpid()}, since " in err, err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["counters"]["step"] == 4

@@ -39,10 +39,12 @@ from moglstm.lm.safety import short_repr
 
 __all__ = [
     "MAX_SEARCHED_SIZE",
+    "SYSTEM_ROOT",
     "MemoryBudgetError",
     "MemoryEstimate",
     "allocation_failure",
     "available_memory",
+    "memory_limits",
     "check_training_fits",
     "largest_fitting",
     "parse_count",
@@ -163,17 +165,20 @@ class MemoryEstimate:
         activations: what the forward pass of one training window keeps for the
             backward pass, for this process's share of the batch.
         tokens: the tokens of that window (streams x ``data.bptt``).
+        buffers: tensors the model holds besides its parameters (the Transformer's
+            sinusoidal table of ``max_len x d_model``).
     """
 
     parameters: int
     state: int
     activations: int
     tokens: int
+    buffers: int = 0
 
     @property
     def total(self) -> int:
-        """``state + activations``."""
-        return self.state + self.activations
+        """``state + activations + buffers``."""
+        return self.state + self.activations + self.buffers
 
 
 def training_memory(
@@ -211,20 +216,32 @@ def training_memory(
     per_token = layers * per_layer + 2 * width + output
     averaging = cfg.train.average_after_bad_evals or cfg.train.average_from_step
     copies = _STATE_COPIES + (1 if averaging else 0)
+    t = m.transformer
+    sinusoid = m.kind == "transformer" and t.positional and t.positional_kind == "sinusoidal"
     return MemoryEstimate(
         parameters=parameters,
         state=parameters * copies * _FLOAT_BYTES,
         activations=tokens * per_token * _FLOAT_BYTES,
         tokens=tokens,
+        buffers=t.max_len * t.d_model * _FLOAT_BYTES if sinusoid else 0,
     )
 
 
-def available_memory(device: Any) -> tuple[int, str] | None:
+#: Where :func:`memory_limits` finds ``/proc`` and ``/sys`` (tests point it at a fake tree).
+SYSTEM_ROOT = Path("/")
+
+
+def available_memory(device: Any, root: str | os.PathLike | None = None) -> tuple[int, str] | None:
     """``(bytes available, where)`` on ``device`` (a :class:`torch.device`), or ``None``.
 
-    CUDA: the GPU's free memory (:func:`torch.cuda.mem_get_info`). CPU: the
-    machine's available memory (``MemAvailable``), or a container's limit less its
-    use when that is smaller. ``None`` where it cannot be told (e.g. MPS).
+    CUDA: the GPU's free memory (:func:`torch.cuda.mem_get_info`). CPU: the smallest
+    of the machine's available memory (``MemAvailable``) and, for this process's own
+    cgroup and each cgroup above it (v2 ``memory.max``, v1 ``memory.limit_in_bytes``,
+    found through ``/proc/self/cgroup`` and ``/proc/self/mountinfo``), its limit less
+    its use; ``where`` says which one it is. ``None`` where it cannot be told (e.g. MPS).
+
+    Args:
+        root: where ``/proc`` and ``/sys`` are found; ``None``: :data:`SYSTEM_ROOT`.
     """
     import torch
 
@@ -233,42 +250,115 @@ def available_memory(device: Any) -> tuple[int, str] | None:
         return int(free), f"GPU {device} has"
     if device.type != "cpu":
         return None
-    found = [x for x in (_meminfo_available(), _cgroup_room()) if x is not None]
-    if not found:
-        return None
-    return min(found), "this machine has"
+    return min(memory_limits(root), default=None)
 
 
-def _meminfo_available() -> int | None:
+def memory_limits(root: str | os.PathLike | None = None) -> list[tuple[int, str]]:
+    """Every bound on this process's memory that can be read: ``(bytes, where)`` each.
+
+    ``where`` completes "... has N available": ``"this machine has"`` or ``"this
+    process's cgroup /x (v2: memory.max 3.0 GB, 0.5 GB in use) has"``. Reads a few
+    small files; a cgroup path is walked up to its mount, so the cost is bounded by
+    the path's depth.
+    """
+    root = Path(SYSTEM_ROOT if root is None else root)
+    found = []
+    machine = _meminfo_available(root)
+    if machine is not None:
+        found.append((machine, "this machine has"))
+    for version, folder, name in _cgroup_folders(root):
+        limit_file, usage_file = _CGROUP_FILES[version]
+        limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
+        if limit is None or limit >= 1 << 60:  # "max" or a huge number: no limit here
+            continue
+        usage = usage or 0
+        found.append(
+            (
+                max(0, limit - usage),
+                f"this process's cgroup {name} ({version}: {limit_file} {_size(limit)}, "
+                f"{_size(usage)} in use) has",
+            )
+        )
+    return found
+
+
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current"),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+}
+_MAX_SMALL_FILE = 1 << 20  # /proc/self/mountinfo and friends: far smaller
+
+
+def _read_small(path: Path) -> str | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        with open(path, "rb") as f:
+            return f.read(_MAX_SMALL_FILE).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read_small(path)
+    text = text.strip() if text is not None else ""
+    return int(text) if text.isdigit() and len(text) < 40 else None
+
+
+def _cgroup_folders(root: Path) -> list[tuple[str, Path, str]]:
+    """``(version, folder, cgroup path)`` of this process's memory cgroup and its parents."""
+    cgroups = _read_small(root / "proc/self/cgroup") or ""
+    mounts = _cgroup_mounts(root)
+    out = []
+    for line in cgroups.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        version = "v2" if hierarchy == "0" and controllers == "" else "v1"
+        if version == "v1" and "memory" not in controllers.split(","):
+            continue
+        for mount_root, mount_point in mounts.get(version, []):
+            relative = os.path.relpath(path, mount_root) if path.startswith(mount_root) else "."
+            relative = "" if relative == "." or relative.startswith("..") else relative
+            base = root / mount_point.lstrip("/")
+            levels = [p for p in Path(relative).parts if p not in ("/", "..")][:64]
+            for depth in range(len(levels), -1, -1):  # the process's cgroup, then each parent
+                name = "/" + "/".join(levels[:depth])
+                out.append((version, base.joinpath(*levels[:depth]), name))
+    return out
+
+
+def _cgroup_mounts(root: Path) -> dict[str, list[tuple[str, str]]]:
+    """``{"v2": [(mount root, mount point)], "v1": [...]}`` from /proc/self/mountinfo
+    (v1: only hierarchies with the memory controller); the usual places if unreadable."""
+    text = _read_small(root / "proc/self/mountinfo")
+    if text is None:
+        return {"v2": [("/", "/sys/fs/cgroup")], "v1": [("/", "/sys/fs/cgroup/memory")]}
+    mounts: dict[str, list[tuple[str, str]]] = {"v2": [], "v1": []}
+    for line in text.splitlines():
+        head, _, tail = line.partition(" - ")
+        fields, extra = head.split(), tail.split()
+        if len(fields) < 5 or len(extra) < 3:
+            continue
+        if extra[0] == "cgroup2":
+            mounts["v2"].append((fields[3], fields[4]))
+        elif extra[0] == "cgroup" and "memory" in extra[2].split(","):
+            mounts["v1"].append((fields[3], fields[4]))
+    return mounts
+
+
+def _meminfo_available(root: Path = Path("/")) -> int | None:
+    for line in (_read_small(root / "proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            try:
                 return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+            except (ValueError, IndexError):
+                break
+    if root != Path("/"):
+        return None
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def _cgroup_room() -> int | None:
-    """A container's memory limit less its current use (cgroup v2, then v1)."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
-            return max(0, int(limit) - usage)
-    return None
 
 
 def check_training_fits(
@@ -276,7 +366,8 @@ def check_training_fits(
 ) -> MemoryEstimate:
     """Refuse a run whose training cannot fit in ``device``'s memory, before building it.
 
-    The parameters are counted on the ``meta`` device (nothing allocated) and
+    The parameters are counted from a few tiny models on the ``meta`` device (nothing
+    allocated, and nothing proportional to the config's numbers) and
     :func:`training_memory` estimates the rest. With ``cfg.train.check_memory`` off,
     or where the available memory cannot be told, only the count is checked (a model
     too large to describe at all is still refused).
@@ -288,10 +379,10 @@ def check_training_fits(
         MemoryBudgetError: the estimate exceeds the memory available (the message
             gives both, what makes up the estimate, and the keys to change).
     """
-    from moglstm.lm.models import build_on_meta, count_parameters
+    from moglstm.lm.models import parameter_count
 
     try:
-        parameters = count_parameters(build_on_meta(cfg.model, vocab_size))
+        parameters = parameter_count(cfg.model, vocab_size)  # bounded: a few tiny meta models
     except (RuntimeError, OverflowError) as exc:  # a size whose element count overflows
         raise MemoryBudgetError(
             f"the model of this config is too large to build at all ({_first_line(exc)}); "
@@ -306,11 +397,25 @@ def check_training_fits(
             f"{_size(available)} available: {parameters:,} parameters take "
             f"{_size(estimate.state)} (weights, gradients, Adam's moments) and a window of "
             f"{estimate.tokens:,} tokens (data.batch_size x data.bptt) about "
-            f"{_size(estimate.activations)} of activations. Lower model.hidden_size, "
-            "model.num_layers, data.batch_size or data.bptt, or set train.check_memory=false "
-            "to try anyway"
+            f"{_size(estimate.activations)} of activations{_buffers(estimate)}. Lower "
+            f"{_keys_to_lower(cfg)}, or set train.check_memory=false to try anyway"
         )
     return estimate
+
+
+def _buffers(estimate: MemoryEstimate) -> str:
+    if not estimate.buffers:
+        return ""
+    return f", and the position table (model.transformer.max_len) {_size(estimate.buffers)}"
+
+
+def _keys_to_lower(cfg: Any) -> str:
+    if cfg.model.kind == "transformer":
+        return (
+            "model.transformer.d_model, model.transformer.depth, model.transformer.max_len, "
+            "data.batch_size or data.bptt"
+        )
+    return "model.hidden_size, model.num_layers, data.batch_size or data.bptt"
 
 
 #: What to lower after an allocation failure, by command (``train``'s for any other).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,6 @@ def metrics_for(loss: float, level: str) -> dict[str, float]:
     return {"loss": loss, "ppl": ppl}
 
 
-
 class MetricsLog:
     """Appends metric records to ``metrics.jsonl`` (and TensorBoard when installed).
 
@@ -58,12 +58,19 @@ class MetricsLog:
             are removed first, so no event is recorded twice. ``None`` for a new run.
         tensorboard: also write TensorBoard events if ``torch.utils.tensorboard``
             imports.
+        before_write: called before each record is written; an exception it raises
+            stops the write (training passes :func:`~moglstm.lm.runlock.check_writer`).
     """
 
     def __init__(
-        self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True
+        self,
+        run_dir: str | Path,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._before_write = before_write
         if resume_step is not None:
             _truncate_metrics(self.path, resume_step)
         self._file = _append(self.path)  # closed in close()
@@ -71,12 +78,17 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a flat dict with ``step`` and ``split``)."""
+        if self._before_write is not None:
+            self._before_write()  # e.g. the run's lock still holds this very folder
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
             for key, value in record.items():
                 if key not in ("step", "split") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+            # TensorBoard writes by file name from a thread: leave nothing pending that
+            # could land in another folder if this one is replaced before the next write
+            self._writer.flush()
 
     def hparams(self, config: dict[str, Any], results: dict[str, Any]) -> None:
         """Log the run's config and final metrics to TensorBoard's HParams view.
@@ -109,9 +121,17 @@ class MetricsLog:
         self._writer.flush()
 
     def close(self) -> None:
-        """Close the file (and the TensorBoard writer)."""
+        """Close the file (and the TensorBoard writer, whose pending events it writes)."""
         self._file.close()
         if self._writer is not None:
+            try:
+                if self._before_write is not None:
+                    self._before_write()
+            except Exception:  # noqa: BLE001 (the run is failing with it already)
+                # TensorBoard writes its files by name: its pending events would land in
+                # whatever folder now has the run's path. Dropped instead.
+                self._writer = None
+                return
             self._writer.close()
 
     def rewind(self, step: int) -> None:

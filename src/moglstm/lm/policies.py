@@ -24,6 +24,7 @@ __all__ = [
     "NonFiniteLossError",
     "PlateauSchedule",
     "make_optimizer",
+    "nonfinite_weights",
 ]
 
 logger = logging.getLogger("moglstm.lm.train")
@@ -38,6 +39,20 @@ class NonFiniteLossError(RuntimeError):
     """The training (or validation) loss became NaN or infinite; the run stopped."""
 
 
+def nonfinite_weights(model: nn.Module) -> str | None:
+    """``None`` if every parameter of ``model`` is finite, else which is not and how much.
+
+    A run checks this before each checkpoint: weights can diverge while the loss stays
+    finite (an infinite forget bias saturates its gate), and a checkpoint of them would
+    replace the last usable one.
+    """
+    bad = [(n, p) for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if not bad:
+        return None
+    name, p = bad[0]
+    count = int((~torch.isfinite(p)).sum())
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    return f"{name} holds {count:,} NaN or infinite values of {p.numel():,}{more}"
 
 
 class PlateauSchedule:

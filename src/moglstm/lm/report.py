@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,13 @@ import torch
 
 from moglstm.lm.errors import UserError
 from moglstm.lm.runs.folder import EVALUATIONS_FILE, STATUS_FILE
-from moglstm.lm.safety import load_yaml_file, short_repr
+from moglstm.lm.safety import (
+    MAX_RUN_TEXT_BYTES,
+    load_yaml_file,
+    open_run_file,
+    read_regular,
+    short_repr,
+)
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -341,33 +348,64 @@ def _is_run(path: Path) -> bool:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The complete JSON-object lines of ``path`` (a line being written is skipped; no
-    file, no records)."""
-    if not path.is_file():
+    file, no records). The file is read like every run-folder file
+    (:func:`~moglstm.lm.safety.read_regular`: no link followed, no FIFO waited on, size
+    capped); lines that are not UTF-8 JSON objects with well-typed values are left out
+    with one warning line for the file."""
+    if not os.path.lexists(path):
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+    try:
+        raw = read_regular(path, MAX_RUN_TEXT_BYTES)
+    except (OSError, UserError) as exc:
+        why = exc if isinstance(exc, UserError) else f"cannot read {str(path)!r}: {exc.strerror}"
+        logger.warning("%s; its records are left out", why)
+        return []
+    out, bad = [], 0
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
             continue
-        if isinstance(record, dict):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            bad += i < len(lines) - 1  # the last line may still be being written
+            continue
+        if isinstance(record, dict) and _well_typed(record):
             out.append(record)
+        else:
+            bad += 1
+    if bad:
+        logger.warning(
+            "%s: %d line(s) that are not well-formed records (not UTF-8 JSON, or a value of "
+            "the wrong type) are left out",
+            short_repr(str(path)),
+            bad,
+        )
     return out
 
 
+def _well_typed(record: dict[str, Any]) -> bool:
+    """``step`` an int, ``split`` a string, and every other value a number, string or null."""
+    step, split = record.get("step", 0), record.get("split", "")
+    if isinstance(step, bool) or not isinstance(step, int) or not isinstance(split, str):
+        return False
+    return all(
+        v is None or isinstance(v, (str, float)) or (isinstance(v, int) and abs(v) < 1 << 63)
+        for v in record.values()
+    )
+
+
 def _count_parameters(path: Path) -> int | None:
-    """Parameters of the run's model, rebuilt on the meta device (no memory, no data)."""
+    """Parameters of the run's model, counted from its config (no memory, no data)."""
     from moglstm.lm.config import from_dict
     from moglstm.lm.data import Vocab
-    from moglstm.lm.models import build_model, count_parameters
+    from moglstm.lm.models import parameter_count
 
     for name in ("best.pt", "last.pt"):
         try:
-            # mmap: only the small config and vocab are read, not the weights
-            payload = torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+            payload = _load_for_config(path / name)
             cfg, vocab = from_dict(payload["config"]), Vocab.from_dict(payload["vocab"])
-            with torch.device("meta"):
-                return count_parameters(build_model(cfg.model, len(vocab)))
+            return parameter_count(cfg.model, len(vocab))
         except Exception as exc:  # missing, being replaced, or unreadable: try the other
             logger.debug("no parameter count from %s: %s", path / name, exc)
     return None
@@ -376,8 +414,7 @@ def _count_parameters(path: Path) -> int | None:
 def _saved_elapsed(path: Path) -> float | None:
     """``elapsed`` of the run's last.pt (only its counters are read), or None."""
     try:
-        payload = torch.load(path / "last.pt", map_location="cpu", weights_only=True, mmap=True)
-        elapsed = payload["counters"]["elapsed"]
+        elapsed = _load_for_config(path / "last.pt")["counters"]["elapsed"]
     except Exception as exc:  # missing, being replaced, or unreadable: the log lines tell
         logger.debug("no elapsed time from %s: %s", path / "last.pt", exc)
         return None
@@ -385,25 +422,21 @@ def _saved_elapsed(path: Path) -> float | None:
     return float(elapsed) if ok and math.isfinite(elapsed) and elapsed >= 0 else None
 
 
+def _load_for_config(path: Path) -> Any:
+    """A checkpoint opened by the run-folder opener (a FIFO or link is refused at once)
+    and memory-mapped where the platform allows: only its config and vocab are read."""
+    with open_run_file(path) as f:
+        by_fd = f"/proc/self/fd/{f.fileno()}"  # the very file checked, mapped by name
+        if os.path.exists(by_fd):
+            return torch.load(by_fd, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def _is_running(path: Path) -> bool:
     """Whether a process holds the run's lock (see :mod:`moglstm.lm.runlock`)."""
-    from moglstm.lm.runlock import LOCK_FILE
+    from moglstm.lm.runlock import is_locked
 
-    lock = path / LOCK_FILE
-    try:
-        import fcntl
-
-        if lock.stat().st_size == 0:  # released locks are emptied: nobody trains here
-            return False
-        with open(lock, "rb") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    except (ImportError, OSError):
-        return False
-    return False
+    return is_locked(path)
 
 
 # --------------------------------------------------------------------------- the table

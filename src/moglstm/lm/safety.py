@@ -45,13 +45,14 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
 from moglstm.lm.errors import UserError
 
 __all__ = [
+    "MAX_RUN_TEXT_BYTES",
     "MAX_YAML_BYTES",
     "REPR_LIMIT",
     "ArchiveError",
@@ -64,6 +65,7 @@ __all__ = [
     "load_yaml",
     "load_yaml_file",
     "open_regular",
+    "open_run_file",
     "read_regular",
     "short_repr",
     "temp_name",
@@ -328,10 +330,43 @@ def check_regular_or_absent(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_regular(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file in a run folder, read without following a link."""
-    with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
-        return f.read()
+#: The largest text file of a run folder read whole (metrics.jsonl, evaluations.jsonl).
+MAX_RUN_TEXT_BYTES = 1 << 28
+
+
+def open_run_file(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
+    """A run folder's file opened for reading: the one opener every command uses.
+
+    No symbolic link is followed, nothing but a regular file is opened (a FIFO, socket
+    or device is refused at once, never waited on), and with ``limit`` a file larger
+    than that many bytes is refused before anything is read.
+
+    Raises:
+        UnsafePathError: a link, not a regular file, or larger than ``limit``.
+        OSError: any other failure to open it (e.g. ``FileNotFoundError``).
+    """
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if limit is not None and size > limit:
+            raise UnsafePathError(
+                f"{str(path)!r} is {size:,} bytes, more than the {limit:,} such a file may be: "
+                "not read"
+            )
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of a regular file in a run folder (:func:`open_run_file`; at most
+    ``limit`` bytes, else :class:`UnsafePathError`)."""
+    with open_run_file(path, limit) as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:  # it grew since it was measured
+        raise UnsafePathError(f"{str(path)!r} is more than the {limit:,} bytes it may be")
+    return data
 
 
 def temp_name(path: str | os.PathLike) -> Path:

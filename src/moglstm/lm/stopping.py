@@ -11,17 +11,19 @@ SIGTERM raises :class:`KeyboardInterrupt` at once (nothing more is saved).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
 from moglstm.lm.errors import UserError
 
-__all__ = ["GracefulStop", "format_duration", "parse_duration"]
+__all__ = ["GracefulStop", "StopRequested", "format_duration", "parse_duration"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,10 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+class StopRequested(Exception):  # noqa: N818 (a request, not an error)
+    """The first SIGINT/SIGTERM, raised at once inside :meth:`GracefulStop.interruptible`."""
+
+
 class GracefulStop:
     """While entered, the first SIGINT/SIGTERM sets :attr:`requested`; a second one aborts.
 
@@ -94,6 +100,7 @@ class GracefulStop:
         self.handled_inside = False  # the request came through a nested stop, which acts on it
         self._what = what
         self._previous: dict[int, Any] = {}
+        self._interruptible = 0  # depth of interruptible() blocks entered
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
@@ -120,3 +127,18 @@ class GracefulStop:
             outer = getattr(outer._previous.get(number), "__self__", None)
         key = "Ctrl-C" if name == "SIGINT" else name
         logger.warning("%s received: %s (%s again to quit at once)", name, self._what, key)
+        if self._interruptible:
+            raise StopRequested(name)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A block of long work that needs no saving (a validation, a temperature search):
+        the first signal raises :class:`StopRequested` in it at once, instead of waiting
+        for it to end; entering it after a signal raises at once too."""
+        if self.requested is not None:
+            raise StopRequested(self.requested)
+        self._interruptible += 1
+        try:
+            yield
+        finally:
+            self._interruptible -= 1

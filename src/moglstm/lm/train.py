@@ -39,14 +39,15 @@ the model is built: :func:`~moglstm.lm.runs.payload.check_training_checkpoint`);
 ``best.pt`` keeps ``best.prev.pt`` the same way. Nothing in the run folder is
 followed out of it (see :mod:`moglstm.lm.safety`). Before the model is built its
 training memory is estimated and a run that cannot fit is refused
-(:mod:`moglstm.lm.budget`). A run holds an exclusive lock on its folder
-(``.lock``, see :mod:`moglstm.lm.runlock`), so a second run on the same folder
-refuses to start. A NaN or infinite training loss stops the run, skips the step or
-rolls back to ``last.pt`` with a lower learning rate (``train.nonfinite``).
+(:mod:`moglstm.lm.budget`). A run holds an exclusive lock on its folder itself
+(see :mod:`moglstm.lm.runlock`), so a second run on the same folder refuses to start.
+A NaN or infinite training loss stops the run, skips the step or rolls back to
+``last.pt`` with a lower learning rate (``train.nonfinite``).
 
 Stopping early loses no work: the first SIGINT (Ctrl-C) or SIGTERM lets the current step
-finish, saves ``last.pt`` at the step reached and returns (``stopped`` is the signal's
-name); a second one raises ``KeyboardInterrupt`` at once (:mod:`moglstm.lm.stopping`).
+finish (a validation or its temperature search is abandoned at once), saves ``last.pt`` at
+the step reached and returns (``stopped`` is the signal's name); a second one raises
+``KeyboardInterrupt`` at once (:mod:`moglstm.lm.stopping`).
 ``train.max_time`` stops a session before the step that would overrun it, leaving time for
 the final validation and checkpoint. A start that fails before writing anything removes
 the run folder it created.
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -94,9 +96,14 @@ from moglstm.lm.evaluate import (
 )
 from moglstm.lm.metrics import MetricsLog, NullLog, metric_name, metrics_for
 from moglstm.lm.models import build_model, count_parameters, with_resolved_sizes
-from moglstm.lm.policies import NonFiniteLossError, PlateauSchedule, make_optimizer
+from moglstm.lm.policies import (
+    NonFiniteLossError,
+    PlateauSchedule,
+    make_optimizer,
+    nonfinite_weights,
+)
 from moglstm.lm.regularize import WeightAverager, drop_state, l2_penalty
-from moglstm.lm.runlock import LOCK_FILE, RunLock
+from moglstm.lm.runlock import LOCK_FILE, RunFolderChangedError, RunLock, check_writer
 from moglstm.lm.runs.checkpoint import remove_stale_temp_files, save_checkpoint
 from moglstm.lm.runs.folder import (
     STATUS_FILE,
@@ -115,7 +122,7 @@ from moglstm.lm.runtime import (
 )
 from moglstm.lm.safety import write_atomic
 from moglstm.lm.state import cat_states, detach_state, map_state, split_state
-from moglstm.lm.stopping import GracefulStop, format_duration, parse_duration
+from moglstm.lm.stopping import GracefulStop, StopRequested, format_duration, parse_duration
 
 __all__ = ["train"]
 
@@ -520,7 +527,9 @@ def train(
                 run.deadline = started + parse_duration(cfg.train.max_time)
             return _train_run(run, resume, quiet, on_step)
         finally:
-            failed_start = new_folder and ctx.is_main and _holds_only_the_lock(run_dir)
+            failed_start = (
+                new_folder and ctx.is_main and lock.owns_folder() and _holds_only_the_lock(run_dir)
+            )
             if failed_start:  # unlinked while still locked: no other run can be using it
                 (run_dir / LOCK_FILE).unlink(missing_ok=True)
             lock.release()
@@ -559,7 +568,13 @@ def _train_run(run: _Run, resume: bool, quiet: bool, on_step: OnStep | None) -> 
     if not resume and cfg.train.nonfinite == "rollback":
         _save_checkpoints(run, best=False)  # somewhere to go back to before the first validation
     resume_step = run.counters.step if resume else None
-    log = distributed.run_on_main(lambda: MetricsLog(run.run_dir, resume_step), ctx) or NullLog()
+    guard = functools.partial(check_writer, run.run_dir)  # still the folder this run locked
+    log = (
+        distributed.run_on_main(
+            lambda: MetricsLog(run.run_dir, resume_step, before_write=guard), ctx
+        )
+        or NullLog()
+    )
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.counters.step,
@@ -601,8 +616,9 @@ def _write_status(run: _Run, stopped: str, error: BaseException | None = None) -
     if error is not None:
         record["error"] = f"{type(error).__name__}: {error}"[:500]
     try:
+        check_writer(run.run_dir)  # never into a folder that replaced the one this run locked
         write_atomic(run.run_dir / STATUS_FILE, json.dumps(record).encode("utf-8"))
-    except OSError as exc:  # the run's outcome matters more than its label
+    except (OSError, RunFolderChangedError) as exc:  # the outcome matters more than its label
         logger.warning("could not record the run's status: %s", exc)
 
 
@@ -675,7 +691,9 @@ def _loop(
 
         if c.step % t.eval_every == 0:
             eval_start = time.perf_counter()
-            _evaluate_and_save(run, log, on_schedule=True)
+            if not _validation_finished(run, log, on_schedule=True):
+                stopped = run.stop.requested  # a signal ended it: save the step reached
+                break
             eta.validation_done(time.perf_counter() - eval_start)
             last_eval = c.step
 
@@ -686,7 +704,9 @@ def _loop(
         if c.step > (c.last_saved_step or 0):
             _save_checkpoints(run, best=False)
     elif c.step > last_eval:  # the run ended between two scheduled validations
-        _evaluate_and_save(run, log, on_schedule=False)
+        if not _validation_finished(run, log, on_schedule=False):
+            stopped = run.stop.requested
+            _save_checkpoints(run, best=False)
     c.elapsed = time.perf_counter() - run.session_start
     if stopped is None:
         stopped = "early_stop" if _early_stopped(run) else "max_steps"
@@ -775,6 +795,19 @@ def _early_stopped(run: _Run) -> bool:
     return patience > 0 and run.schedule.bad >= patience
 
 
+def _validation_finished(run: _Run, log: MetricsLog, *, on_schedule: bool) -> bool:
+    """:func:`_evaluate_and_save`, unless SIGINT/SIGTERM ends the validation (or its
+    temperature search) at once: then nothing is recorded or saved and the step reached
+    is saved without it as the loop stops (False)."""
+    try:
+        _evaluate_and_save(run, log, on_schedule=on_schedule)
+    except StopRequested as exc:
+        run.model.train()
+        logger.warning("%s: validation of step %d abandoned", exc, run.counters.step)
+        return False
+    return True
+
+
 def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None:
     """Validate, log, and save ``best.pt`` (if improved) and ``last.pt``.
 
@@ -784,7 +817,8 @@ def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None
     """
     c = run.counters
     start = time.perf_counter()
-    c.valid_loss, scored = _validate(run)
+    with run.stop.interruptible() if run.stop is not None else contextlib.nullcontext():
+        c.valid_loss, scored = _validate(run)  # a signal ends it at once (StopRequested)
     speed = scored / max(time.perf_counter() - start, 1e-9)
     if on_schedule:
         run.schedule.update(c.valid_loss)
@@ -817,6 +851,12 @@ def _save_checkpoints(run: _Run, *, best: bool) -> None:
     Every rank must call this (the payload gathers state from all); rank 0 writes,
     and an error writing (e.g. a full disk) is raised on every rank.
     """
+    diverged = nonfinite_weights(run.model)  # never replace a usable checkpoint with these
+    if diverged is not None:
+        raise NonFiniteLossError(
+            f"the weights diverged by step {run.counters.step}: {diverged}; nothing saved. "
+            + _checkpoint_note(run)
+        )
     c = run.counters
     c.nonfinite_streak = 0  # progress is saved: the allowance starts over
     if run.session_start:  # in the loop: the checkpoint holds the time trained so far
@@ -824,6 +864,7 @@ def _save_checkpoints(run: _Run, *, best: bool) -> None:
     payload = _payload(run)
 
     def save() -> None:
+        check_writer(run.run_dir)  # still the folder this run locked: else write nothing
         if best:
             save_checkpoint(run.run_dir / "best.pt", payload, keep_previous=True)
         save_checkpoint(run.run_dir / "last.pt", payload, keep_previous=True)

@@ -8,13 +8,13 @@ checked by the same rules). The choice lists come from the modules that use them
 
 from __future__ import annotations
 
-import math
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any, Union
 
 from moglstm.lm.config.plain import _SCALAR_COERCERS, _type_name, hints
+from moglstm.lm.config.ranges import range_problems
 from moglstm.lm.config.schema import (
     CONFIG_VERSION,
     DataConfig,
@@ -26,7 +26,6 @@ from moglstm.lm.data.sources import CORPORA, LEVELS
 from moglstm.lm.errors import ConfigError, ConfigTypeError
 from moglstm.lm.layers import DROPOUT_MASKS
 from moglstm.lm.models.kinds import (
-    INIT_FACTORS,
     INITS,
     MODEL_KINDS,
     POSITIONAL_KINDS,
@@ -148,12 +147,6 @@ def _at_least_zero(section: Any, prefix: str, names: Sequence[str]) -> list[str]
     ]
 
 
-def _fraction(key: str, value: float) -> list[str]:
-    if 0.0 <= value < 1.0:
-        return []
-    return [f"{key}={value!r} must be in [0, 1)"]
-
-
 def _check_run(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.version != CONFIG_VERSION:
@@ -192,14 +185,6 @@ def _check_data(data: DataConfig) -> list[str]:
     return problems
 
 
-_DROPOUTS = (
-    "embedding_dropout",
-    "input_dropout",
-    "layer_dropout",
-    "state_dropout",
-    "output_dropout",
-    "drop_state_probability",
-)
 _MOGRIFIER_ONLY = ("coupled", "peephole", "cap_input_gate")
 _FORGET_GATE_KINDS = ("mogrifier", "lstm")
 # fields whose other values need a recurrent model kind: their defaults
@@ -245,8 +230,7 @@ def model_problems(m: ModelConfig, data: DataConfig | None = None) -> list[str]:
     problems = _choice("model.kind", m.kind, MODEL_KINDS)
     problems += _positive(m, "model.", ["hidden_size", "num_layers"])
     problems += _positive(m, "model.", ["embedding_size"], optional=True)
-    problems += [p for name in _DROPOUTS for p in _fraction(f"model.{name}", getattr(m, name))]
-    problems += _finite(m, "model.")
+    problems += range_problems(m, "model.")  # every float: config/ranges.py
     problems += _check_mogrifier(m) + _check_output(m) + _check_recipe(m)
     return problems + _check_transformer(m, data)
 
@@ -294,10 +278,7 @@ def _check_rank(m: ModelConfig) -> list[str]:
 
 def _check_output(m: ModelConfig) -> list[str]:
     o, prefix = m.output, "model.output."
-    problems = _fraction(f"{prefix}mos_dropout", o.mos_dropout)
-    problems += _fraction(f"{prefix}projection_dropout", o.projection_dropout)
-    problems += _positive(o, prefix, ["mos_components"])
-    problems += _finite(o, prefix)
+    problems = _positive(o, prefix, ["mos_components"]) + range_problems(o, prefix)
     if m.kind == "transformer":  # the Transformer's softmax is always tied, plain
         defaults = type(o)()
         problems += [
@@ -308,9 +289,7 @@ def _check_output(m: ModelConfig) -> list[str]:
         ]
         return problems
     if o.mos_dropout > 0 and o.mos_components == 1:
-        problems.append(
-            f"{prefix}mos_dropout={o.mos_dropout!r} needs {prefix}mos_components > 1"
-        )
+        problems.append(f"{prefix}mos_dropout={o.mos_dropout!r} needs {prefix}mos_components > 1")
     if o.projection_dropout > 0 and (o.mos_components > 1 or not o.tie_weights):
         problems.append(
             f"{prefix}projection_dropout={o.projection_dropout!r} needs the projection of a "
@@ -335,8 +314,6 @@ def _check_recipe(m: ModelConfig) -> list[str]:
     if m.state_dropout_mask is not None:
         problems += _choice("model.state_dropout_mask", m.state_dropout_mask, DROPOUT_MASKS)
     problems += _choice("model.init", m.init, INITS)
-    problems += _positive(m, "model.", INIT_FACTORS)
-    problems += _positive(m, "model.", ["embedding_ratio"], optional=True)
     if m.num_params is not None:
         try:
             parse_count(m.num_params)
@@ -349,8 +326,7 @@ def _check_recipe(m: ModelConfig) -> list[str]:
         )
     if m.kind not in RECURRENT_KINDS:
         problems += [
-            f"model.{name}={getattr(m, name)!r} needs a recurrent model.kind (kind is "
-            f"{m.kind!r})"
+            f"model.{name}={getattr(m, name)!r} needs a recurrent model.kind (kind is {m.kind!r})"
             for name, default in _RECURRENT_ONLY.items()
             if getattr(m, name) != default
         ]
@@ -371,7 +347,7 @@ def _check_transformer(m: ModelConfig, data: DataConfig | None) -> list[str]:
     t, prefix = m.transformer, "model.transformer."
     problems = _positive(t, prefix, ["d_model", "heads", "depth", "max_len"])
     problems += _positive(t, prefix, ["ffn_size"], optional=True)
-    problems += _fraction(f"{prefix}dropout", t.dropout) + _finite(t, prefix)
+    problems += range_problems(t, prefix)
     problems += _choice(f"{prefix}positional_kind", t.positional_kind, POSITIONAL_KINDS)
     if problems or m.kind != "transformer":
         return problems
@@ -390,19 +366,11 @@ def _check_transformer(m: ModelConfig, data: DataConfig | None) -> list[str]:
 def _check_train(t: TrainConfig) -> list[str]:
     problems = _choice("train.schedule", t.schedule, SCHEDULES)
     problems += _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
-    problems += _positive(t, "train.", ["lr", "eps", "max_steps", "eval_every", "log_every"])
-    problems += _positive(t, "train.", ["max_nonfinite", "dist_timeout"])
+    problems += _positive(t, "train.", ["max_steps", "eval_every", "log_every", "max_nonfinite"])
     problems += _positive(t, "train.", ["eval_max_tokens", "threads"], optional=True)
-    problems += _at_least_zero(
-        t, "train.", ["weight_decay", "clip", "lr_patience", "early_stop_patience", "seed"]
-    )
-    problems += _at_least_zero(t, "train.", ["l2", "average_after_bad_evals", "average_from_step"])
+    problems += _at_least_zero(t, "train.", ["lr_patience", "early_stop_patience", "seed"])
+    problems += _at_least_zero(t, "train.", ["average_after_bad_evals", "average_from_step"])
     problems += _at_least_zero(t, "train.", ["eval_temperature_tokens"])
-    problems += [p for i, b in enumerate(t.betas) for p in _fraction(f"train.betas[{i}]", b)]
-    if not 0.0 < t.lr_decay <= 1.0:
-        problems.append(f"train.lr_decay={t.lr_decay!r} must be in (0, 1]")
-    if not 0.0 < t.rollback_lr_factor <= 1.0:
-        problems.append(f"train.rollback_lr_factor={t.rollback_lr_factor!r} must be in (0, 1]")
     if not is_device_spec(t.device):
         problems.append(f"train.device={t.device!r} is not one of: {DEVICE_HELP}")
     if t.max_time is not None:
@@ -412,7 +380,7 @@ def _check_train(t: TrainConfig) -> list[str]:
             parse_duration(t.max_time)
         except ValueError as exc:
             problems.append(f"train.max_time: {exc}")
-    return problems + _finite(t, "train.")
+    return problems + range_problems(t, "train.")
 
 
 def _check_accumulation(cfg: RunConfig) -> list[str]:
@@ -425,15 +393,3 @@ def _check_accumulation(cfg: RunConfig) -> list[str]:
             f"data.batch_size={batch}"
         ]
     return []
-
-
-def _finite(section: Any, prefix: str) -> list[str]:
-    problems = []
-    for name in hints(type(section)):
-        values = getattr(section, name)
-        for value in values if isinstance(values, tuple) else (values,):
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"{prefix}{name}={values!r} must be finite")
-    return problems
-
-

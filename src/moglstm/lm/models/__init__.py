@@ -23,6 +23,7 @@ from moglstm.lm.models.build import (
     build_model,
     build_on_meta,
     count_parameters,
+    parameter_count,
     resolve_sizes,
     with_resolved_sizes,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "build_model",
     "build_on_meta",
     "count_parameters",
+    "parameter_count",
     "detach_state",
     "init_official",
     "resolve_sizes",

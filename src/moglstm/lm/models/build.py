@@ -8,6 +8,7 @@ here by building candidate models on the ``meta`` device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,13 @@ from moglstm.lm.models.transformer import TransformerLanguageModel
 if TYPE_CHECKING:
     from moglstm.lm.config import ModelConfig
 
-__all__ = ["build_model", "build_on_meta", "count_parameters", "resolve_sizes"]
+__all__ = [
+    "build_model",
+    "build_on_meta",
+    "count_parameters",
+    "parameter_count",
+    "resolve_sizes",
+]
 
 logger = logging.getLogger("moglstm.lm.models")
 
@@ -154,10 +161,67 @@ def _count_on_meta(cfg: ModelConfig, vocab_size: int, hidden_size: int) -> int |
     rank = cfg.mogrifier.rank if cfg.kind == "mogrifier" and cfg.mogrifier.rounds else None
     if rank is not None and not rank < min(hidden_size, embedding):
         return None  # a mogrifier rank must be below both sizes it connects
-    sized = _sized(cfg, hidden_size, embedding)
+    # trainable only: init="official" freezes bias_hh (the official cell has one bias)
+    return parameter_count(_sized(cfg, hidden_size, embedding), vocab_size, trainable_only=True)
+
+
+def parameter_count(cfg: ModelConfig, vocab_size: int, trainable_only: bool = False) -> int:
+    """:func:`count_parameters` of :func:`build_model`'s model, in bounded time and memory.
+
+    The count is affine in each depth-like number of the config, so it is computed
+    from at most eight models built on the ``meta`` device with those numbers set to 1
+    to 4, however large they are (``model.num_layers``, ``model.mogrifier.rounds``,
+    ``model.transformer.depth``, ``model.transformer.max_len``):
+
+    * recurrent: the first layer reads the embedding and every other one the hidden
+      state, so the count is ``P(1) + (L - 1) (P(2) - P(1))`` in the layers ``L``;
+      per layer, each pair of mogrifier rounds adds the same two matrices (``Q``
+      then ``R``), so from 3 or 4 rounds on (by parity) it grows by a constant per pair;
+    * Transformer: identical blocks (affine in ``depth``) and, with learned positions,
+      one row per position (affine in ``max_len``).
+
+    Args:
+        cfg: the model section (a ``num_params`` budget is solved first).
+        vocab_size: number of token types.
+        trainable_only: count only parameters with ``requires_grad``.
+    """
+    if cfg.kind != "transformer" and (cfg.num_params is not None or cfg.embedding_ratio):
+        cfg = _sized(cfg, *resolve_sizes(cfg, vocab_size))
+    count = functools.partial(_count_small, vocab_size=vocab_size, trainable_only=trainable_only)
+    if cfg.kind == "transformer":
+        t = cfg.transformer
+        base = count(cfg, depth=1, max_len=1)
+        per_block = count(cfg, depth=2, max_len=1) - base
+        per_position = count(cfg, depth=1, max_len=2) - base
+        return base + (t.depth - 1) * per_block + (t.max_len - 1) * per_position
+    rounds = cfg.mogrifier.rounds if cfg.kind == "mogrifier" else 0
+
+    def with_rounds(r: int) -> int:  # exact for cfg.num_layers and r rounds
+        one = count(cfg, num_layers=1, rounds=r)
+        if cfg.num_layers == 1:
+            return one
+        return one + (cfg.num_layers - 1) * (count(cfg, num_layers=2, rounds=r) - one)
+
+    if rounds <= 4:
+        return with_rounds(rounds)
+    top = 4 - rounds % 2  # 3 or 4: the same parity as `rounds`, with a pair below it
+    high = with_rounds(top)
+    return high + (rounds - top) // 2 * (high - with_rounds(top - 2))
+
+
+def _count_small(cfg: ModelConfig, *, vocab_size: int, trainable_only: bool, **small: int) -> int:
+    """Parameters of ``cfg``'s model with the depth-like numbers in ``small`` (all <= 4)."""
+    if cfg.kind == "transformer":
+        cfg = dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, **small))
+    else:
+        rounds = small.pop("rounds")
+        if cfg.kind == "mogrifier":
+            cfg = dataclasses.replace(
+                cfg, mogrifier=dataclasses.replace(cfg.mogrifier, rounds=rounds)
+            )
+        cfg = dataclasses.replace(cfg, **small)
     with torch.device("meta"), _SkipMetaInPlace():
-        # trainable only: init="official" freezes bias_hh (the official cell has one bias)
-        return count_parameters(RNNLanguageModel(vocab_size, sized), trainable_only=True)
+        return count_parameters(build_model(cfg, vocab_size), trainable_only=trainable_only)
 
 
 def build_on_meta(cfg: ModelConfig, vocab_size: int) -> nn.Module:

@@ -50,7 +50,7 @@ from moglstm.lm.safety import (
     ArchiveError,
     UnsafePathError,
     fsync_folder,
-    open_regular,
+    open_run_file,
     short_repr,
     temp_name,
     verify_archive,
@@ -235,9 +235,9 @@ def _keep_as_previous(path: Path) -> None:
     if not os.path.lexists(path):
         return
     try:
-        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+        with open_run_file(path) as f:
             verify_archive(path, f)
-    except (ArchiveError, UnsafePathError) as exc:  # never push out the good .prev one
+    except (ArchiveError, UnsafePathError, PermissionError) as exc:  # keep the good .prev one
         logger.warning("not keeping %s as the previous checkpoint: %s", path, exc)
         return
     previous = previous_path(path)
@@ -281,9 +281,9 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is truncated, corrupt, holds more than plain
-            data, is not a moglstm checkpoint, comes from a newer format, or is a
-            symbolic link or not a regular file.
+        CheckpointError: the file is truncated, corrupt, unreadable (permissions),
+            holds more than plain data, is not a moglstm checkpoint, comes from a newer
+            format, or is a symbolic link or not a regular file.
     """
     path = Path(path)
     if not os.path.lexists(path):
@@ -291,7 +291,7 @@ def load_checkpoint(
     if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(f"checkpoint path {str(path)!r} is a folder, not a file")
     try:
-        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+        with open_run_file(path) as f:  # no link followed, no FIFO waited on
             verify_archive(path, f)
             f.seek(0)
             payload = torch.load(f, map_location=map_location, weights_only=True)
@@ -299,8 +299,10 @@ def load_checkpoint(
         raise CheckpointError(f"cannot read checkpoint: {exc}") from None
     except ArchiveError as exc:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
-    except PermissionError as exc:
-        raise PermissionError(exc.errno, f"cannot read checkpoint {str(path)!r}") from exc
+    except PermissionError as exc:  # unreadable is damaged, as far as a fallback goes
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: {exc.strerror or 'permission denied'}"
+        ) from exc
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{str(path)!r} is not a moglstm checkpoint: it is corrupt or holds objects other "
@@ -380,6 +382,10 @@ def _warn_once(path: Path, message: str, *args: Any) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message, *args)
+
+
+#: For other modules: a warning about a run-folder file, given once per process per file.
+warn_once = _warn_once
 
 
 #: Temporary files this package writes next to their destination (see save_checkpoint).

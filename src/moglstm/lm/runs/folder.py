@@ -35,6 +35,7 @@ from moglstm.lm.runs.checkpoint import (
     load_checkpoint,
     load_newest_checkpoint,
     previous_path,
+    warn_once,
 )
 from moglstm.lm.runs.payload import check_training_checkpoint
 from moglstm.lm.runtime import resolve_device
@@ -192,16 +193,36 @@ def _keeps_value(cfg: RunConfig, item: str) -> bool:
 
 
 def _load_last(run_dir: Path) -> dict[str, Any]:
-    """The newest readable of ``last.pt`` and ``last.prev.pt`` (with a warning on a bad one)."""
-    path = run_dir / "last.pt"
-    if os.path.lexists(path) or os.path.lexists(previous_path(path)):
-        return load_newest_checkpoint(path, check=_resumable_checkpoint)[0]
-    _check_run_folder(run_dir)
-    raise RunNotFoundError(
-        f"nothing to resume: {str(run_dir)!r} has no last.pt (the run stopped before its "
-        "first checkpoint, saved every train.eval_every steps); run the same command "
-        "without --resume to start it over"
-    )
+    """The newest readable of ``last.pt`` and ``last.prev.pt`` (with a warning on a bad one);
+    where neither is usable, ``best.pt`` (or ``best.prev.pt``), said once: a run killed
+    between the two installs of its first save has only ``best.pt``, and resumes from it."""
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    chains = [p for p in (last, best) if os.path.lexists(p) or os.path.lexists(previous_path(p))]
+    if not chains:
+        _check_run_folder(run_dir)
+        raise RunNotFoundError(
+            f"nothing to resume: {str(run_dir)!r} has no last.pt (the run stopped before its "
+            "first checkpoint, saved every train.eval_every steps); run the same command "
+            "without --resume to start it over"
+        )
+    failures = []
+    for chain in chains:
+        try:
+            payload, source = load_newest_checkpoint(chain, check=_resumable_checkpoint)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            continue
+        if chain == best:
+            step = payload["counters"]["step"]
+            warn_once(
+                source,
+                "%s has no usable last.pt: resuming from %s (step %d, its best validation)",
+                run_dir,
+                source.name,
+                step,
+            )
+        return payload
+    raise CheckpointError("; ".join(failures))
 
 
 def _resumable_checkpoint(payload: dict[str, Any], path: Path) -> None:

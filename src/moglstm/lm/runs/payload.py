@@ -9,6 +9,7 @@ other before anything is built from them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -128,12 +129,15 @@ def check_training_checkpoint(
         check_tree_size(payload["config"], "its config")
         cfg = _checked_config(payload["config"])
         vocab_size = _checked_vocab(payload["vocab"])
+        _check_depth(cfg, payload["model"])  # before building: bounded by the file's tensors
         model = _meta_model(cfg, vocab_size)
         for key in ("model", "train_model"):
             if key in payload:
                 _check_weights(payload[key], model, key, cfg)
         if resume:
             _check_counters(payload["counters"])
+            _check_data_position(payload["data"])
+            _check_train_state(payload.get("train_state"), model, cfg)
             _check_optimizer(payload["optimizer"], model, cfg)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
@@ -156,9 +160,7 @@ def _checked_vocab(vocab: Any) -> int:
 
     if not isinstance(vocab, Mapping) or not isinstance(vocab.get("tokens"), (list, tuple)):
         raise UserError("its vocab is not a mapping with a list of tokens")
-    check_tree_size(
-        {k: v for k, v in vocab.items() if k != "tokens"}, "its vocab", max_values=100
-    )
+    check_tree_size({k: v for k, v in vocab.items() if k != "tokens"}, "its vocab", max_values=100)
     if not all(isinstance(t, str) for t in vocab["tokens"]):
         raise UserError("its vocab holds tokens that are not strings")
     try:
@@ -211,12 +213,77 @@ def _check_finite(t: torch.Tensor, label: str) -> None:
 def _check_counters(counters: Any) -> None:
     if not isinstance(counters, Mapping):
         raise TypeError("its counters are not a mapping")
-    step = counters.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise UserError(f"its counters have step={short_repr(step)}: expected an int >= 0")
+    for name in ("step", "epoch", "tokens"):
+        value = counters.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"its counters have {name}={short_repr(value)}: expected an int >= 0")
     for name, value in counters.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"its counter {short_repr(name)} is {short_repr(value)}, not a number")
+        if isinstance(value, float) and math.isnan(value):
+            raise UserError(f"its counter {short_repr(name)} is NaN")
+    elapsed, lr = counters.get("elapsed", 0.0), counters.get("lr", 1.0)
+    if elapsed is not None and not 0 <= elapsed < math.inf:
+        raise UserError(f"its counters have elapsed={short_repr(elapsed)}: expected seconds >= 0")
+    if lr is not None and not 0 < lr < math.inf:
+        raise UserError(f"its counters have lr={short_repr(lr)}: expected a finite rate > 0")
+
+
+def _check_data_position(data: Any) -> None:
+    """The batch stream's place: the corpus-dependent bound is checked when it is restored."""
+    if not isinstance(data, Mapping):
+        raise TypeError("its data entry is not a mapping")
+    for name in ("position", "epoch"):
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"its data {name} is {short_repr(value)}: expected an int >= 0")
+    generator = data.get("generator")
+    if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+        raise TypeError("its data generator state is not a byte tensor")
+
+
+def _check_train_state(state: Any, model: torch.nn.Module, cfg: Any) -> None:
+    """The carried state: per layer ``(h, c)`` (mogrifier/lstm) or ``h``, each
+    ``(1, data.batch_size, hidden_size)`` and finite; ``None`` (zeros) is always fine."""
+    if state is None:
+        return
+    hidden = getattr(model, "hidden_size", None)
+    if hidden is None:
+        raise UserError("its carried state is not None, but a Transformer keeps no state")
+    layers, pair = cfg.model.num_layers, cfg.model.kind in ("mogrifier", "lstm")
+    if not isinstance(state, (list, tuple)) or len(state) != layers:
+        raise UserError(f"its carried state is not a list of {layers} layers' states")
+    want = (1, cfg.data.batch_size, hidden)
+    for i, entry in enumerate(state):
+        parts = entry if pair and isinstance(entry, (list, tuple)) else (entry,)
+        if len(parts) != (2 if pair else 1):
+            raise UserError(f"its carried state of layer {i} is not {'(h, c)' if pair else 'h'}")
+        for t in parts:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise UserError(
+                    f"its carried state of layer {i} has shape {shape}, but its config gives "
+                    f"{want} (1, data.batch_size, hidden size)"
+                )
+            _check_finite(t, f"its carried state of layer {i}")
+
+
+def _check_depth(cfg: Any, weights: Any) -> None:
+    """Refuse a config with more layers (or rounds, or blocks) than the weights hold
+    tensors, before a model of that depth is built on the meta device."""
+    m = cfg.model
+    if m.kind == "transformer":
+        depth, what = m.transformer.depth, f"model.transformer.depth={m.transformer.depth}"
+    else:
+        rounds = m.mogrifier.rounds if m.kind == "mogrifier" else 0
+        depth, what = m.num_layers * max(1, rounds), f"model.num_layers={m.num_layers}"
+        if rounds:
+            what += f" with model.mogrifier.rounds={rounds}"
+    held = len(weights) if isinstance(weights, Mapping) else 0
+    if depth > held:
+        raise UserError(
+            f"its config ({what}) needs more weight tensors than the {held} its model entry holds"
+        )
 
 
 def _check_optimizer(state: Any, model: torch.nn.Module, cfg: Any) -> None:
@@ -241,7 +308,7 @@ def _check_optimizer(state: Any, model: torch.nn.Module, cfg: Any) -> None:
             raise UserError(
                 f"its optimizer state names parameter {short_repr(index)}, not one of its model's"
             )
-        for name, value in (entry.items() if isinstance(entry, Mapping) else ()):
+        for name, value in entry.items() if isinstance(entry, Mapping) else ():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 if value.shape != params[index].shape:
                     raise UserError(
@@ -269,6 +336,5 @@ def _model_summary(cfg: Any) -> str:
             f"model.transformer.depth={t.depth}"
         )
     return (
-        f"model.kind={m.kind!r}, model.hidden_size={m.hidden_size}, "
-        f"model.num_layers={m.num_layers}"
+        f"model.kind={m.kind!r}, model.hidden_size={m.hidden_size}, model.num_layers={m.num_layers}"
     )
