@@ -16,6 +16,7 @@ would change the per-window losses by percents.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -334,10 +335,14 @@ def test_two_gloo_processes_match_one_process(make_text_corpus, tmp_path, free_p
         assert a[key] == b[key], key
     assert a["valid_loss"] == pytest.approx(single["valid_loss"], rel=LOSS_RTOL)
     # only rank 0 wrote: no doubled lines, nothing but the run's own files
-    assert {p.name for p in (out / "ddp").iterdir()} - {"best.prev.pt"} == {
+    written = {p.name for p in (out / "ddp").iterdir()} - {"best.prev.pt"}
+    events = {n for n in written if n.startswith("events.out.tfevents")}
+    assert len(events) == (1 if importlib.util.find_spec("tensorboard") else 0), events
+    assert written - events == {
         ".lock",
         "config.yaml",
         "metrics.jsonl",
+        "status.json",
         "best.pt",
         "last.pt",
         "last.prev.pt",
