@@ -555,3 +555,41 @@ def test_a_signal_before_the_trial_trains_stops_at_its_first_step(
     assert waiting.state.name == "WAITING" and waiting.user_attrs["resumes"] == 0
     run = read_run(tmp_path / "t" / "space" / "trial-0000")
     assert run.status == "interrupted" and run.ended["step"] == 1
+
+
+def test_a_resume_of_a_resume_trains_in_the_first_trials_folder(tmp_path: Path) -> None:
+    """Interrupted twice: trial 1 resumed trial 0 in trial-0000 and was interrupted in turn;
+    the trial that resumes trial 1 goes on in trial-0000, not in an empty trial-0001."""
+    from moglstm.lm.tune import _trial_folder
+
+    study = optuna.create_study()
+    first = study.ask()
+    first.set_user_attr("run_dir", str(tmp_path / "trial-0000"))
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({}, user_attrs={"resumes": 0})
+    second = study.ask()
+    second.set_user_attr("run_dir", str(tmp_path / "trial-0000"))  # as the objective records
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    assert _trial_folder(study, 1, tmp_path) == tmp_path / "trial-0000"
+    assert _trial_folder(study, 0, tmp_path) == tmp_path / "trial-0000"
+    assert _trial_folder(study, 7, tmp_path) == tmp_path / "trial-0007"  # nothing recorded
+    # a recorded folder is taken by name only: never a folder outside the study
+    third = study.ask()
+    third.set_user_attr("run_dir", "/elsewhere/trial-0002")
+    assert _trial_folder(study, third.number, tmp_path) == tmp_path / "trial-0002"
+
+
+def test_a_queued_resume_taken_after_a_signal_is_queued_again() -> None:
+    from moglstm.lm.tune import StudyInterrupted, _Session
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.5}, user_attrs={"resumes": 3})
+    session = _Session(optuna, study, trials=None)
+    session.stop.requested = "SIGINT"  # the signal came between two trials
+    trial = study.ask()
+    with pytest.raises(StudyInterrupted):
+        session.start_trial(trial)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    (waiting,) = study.get_trials(states=[optuna.trial.TrialState.WAITING])
+    assert waiting.user_attrs["resumes"] == 3
+    assert waiting.system_attrs["fixed_params"] == {"x": 0.5}

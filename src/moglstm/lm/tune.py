@@ -396,6 +396,17 @@ def _retried_number(optuna: Any, study: Any, trial: Any) -> int | None:
     return _retry_class(optuna).retried_trial_number(frozen)
 
 
+def _trial_folder(study: Any, number: int, study_dir: Path) -> Path:
+    """The run folder trial ``number`` trained in: its recorded ``run_dir`` (a resume
+    trains in the folder of the trial it resumes, so a chain of interruptions stays in the
+    first trial's folder), else ``trial-NNNN`` by its number."""
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    recorded = None if frozen is None else frozen.user_attrs.get("run_dir")
+    if isinstance(recorded, str) and recorded:
+        return study_dir / Path(recorded).name  # by name: never a folder outside the study
+    return study_dir / f"trial-{number:04d}"
+
+
 def _pruner(optuna: Any, kind: str, startup: int, warmup: int, cfg: RunConfig) -> Any:
     """The pruner; none prunes a trial at its first ``warmup`` validations."""
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -478,6 +489,7 @@ class _Session:
         if self.stop.requested is not None:
             self.quiet.add(trial.number)
             trial.set_user_attr("interrupted", self.stop.requested)
+            self._queue_again(trial)  # a resume taken now must still be there next time
             raise StudyInterrupted(self.stop.requested)
         if self.trials is None:
             return
@@ -488,6 +500,14 @@ class _Session:
             self.quiet.add(trial.number)
             trial.set_user_attr("skipped", f"the study's budget of {self.trials} trials is used")
             raise _OverBudget(trial.number)
+
+    def _queue_again(self, trial: Any) -> None:
+        """Queue a queued resume again, with its values, when it is stopped before it ran."""
+        if "resumes" not in trial.user_attrs:
+            return
+        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        params = frozen.system_attrs.get("fixed_params", {})
+        self.study.enqueue_trial(params, user_attrs={"resumes": trial.user_attrs["resumes"]})
 
     def interrupted(self, trial: Any, signal: str, step: int) -> StudyInterrupted:
         """The exception that ends the study after ``signal`` stopped ``trial`` at ``step``:
@@ -839,8 +859,10 @@ def tune(
         session.start_trial(trial)
         retried = trial.user_attrs.get("resumes")  # after a signal, else a stale heartbeat
         retried = _retried_number(optuna, study_obj, trial) if retried is None else retried
-        number = trial.number if retried is None else retried
-        run_dir = study_dir / f"trial-{number:04d}"
+        if retried is None:
+            run_dir = study_dir / f"trial-{trial.number:04d}"
+        else:  # the folder the retried trial trained in (itself a resume, maybe)
+            run_dir = _trial_folder(study_obj, retried, study_dir)
         values = {p.key: p.suggest(trial) for p in space.params}
         resume = retried is not None and (run_dir / "last.pt").is_file()
         if resume:
