@@ -5,6 +5,7 @@ never hang a run. Each test is one row of the table in docs/reliability.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -1146,8 +1147,9 @@ def test_a_signal_ends_a_long_validation_at_once(where, trained, tmp_path, monke
     def slow(*args: Any, **kwargs: Any) -> Any:
         stopped_at.setdefault("sent", time.perf_counter())
         os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(600):  # a validation of a minute, in small pieces of work
+        for _ in range(600):  # a validation of a minute: 600 windows, polled between them
             time.sleep(0.1)
+            kwargs["progress"].update(0, None)
         return real[target](*args, **kwargs)
 
     monkeypatch.setattr(train_module, target, slow)
@@ -1161,6 +1163,17 @@ def test_a_signal_ends_a_long_validation_at_once(where, trained, tmp_path, monke
     assert last["counters"]["step"] == steps
     records = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"split": "valid"' not in records  # the abandoned validation left no record
+    # the resume owes that validation: it does it first, so no step goes unvalidated
+    monkeypatch.undo()
+    resumed = train(load_config(None, [*overrides, *extra]), resume=True, quiet=True)
+    assert resumed["stopped"] == "max_steps" and resumed["step"] == steps
+    valid = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"split": "valid"' in line
+    ]
+    assert [r["step"] for r in valid] == [steps], valid
+    assert resumed["valid_loss"] == pytest.approx(valid[0]["loss"])
 
 
 _SLOW_SCORING = """

@@ -256,3 +256,21 @@ def test_the_bar_shows_its_fields_from_the_first_step_and_nothing_left_at_the_en
     first = next(f for f in frames if " 1/6" in f)
     assert "loss=" in first and "ppl=" in first and "left=" in first  # before the first log
     assert frames[-1].rstrip().endswith("left=0s]")  # not the estimate of an earlier step
+
+
+def test_a_signal_never_raises_inside_the_work_it_interrupts() -> None:
+    """The handler only records the request: an exception at an arbitrary bytecode could
+    cut a ``finally`` (the averaged weights swapped back) in two. Interruptible work polls."""
+    import os
+    import signal
+
+    from moglstm.lm.stopping import GracefulStop, StopRequested
+
+    with GracefulStop() as stop:
+        with stop.interruptible():
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, raises nothing
+            restored = True  # the `finally` of a swap-back would run to its end
+        assert restored and stop.requested == "SIGTERM"
+        with pytest.raises(StopRequested):  # entering after the signal stops at once
+            with stop.interruptible():
+                pass

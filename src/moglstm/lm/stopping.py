@@ -76,7 +76,8 @@ def format_duration(seconds: float) -> str:
 
 
 class StopRequested(Exception):  # noqa: N818 (a request, not an error)
-    """The first SIGINT/SIGTERM, raised at once inside :meth:`GracefulStop.interruptible`."""
+    """The first SIGINT/SIGTERM, raised at a safe point of an interruptible block
+    (:meth:`GracefulStop.interruptible`)."""
 
 
 class GracefulStop:
@@ -100,7 +101,6 @@ class GracefulStop:
         self.handled_inside = False  # the request came through a nested stop, which acts on it
         self._what = what
         self._previous: dict[int, Any] = {}
-        self._interruptible = 0  # depth of interruptible() blocks entered
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
@@ -127,18 +127,15 @@ class GracefulStop:
             outer = getattr(outer._previous.get(number), "__self__", None)
         key = "Ctrl-C" if name == "SIGINT" else name
         logger.warning("%s received: %s (%s again to quit at once)", name, self._what, key)
-        if self._interruptible:
-            raise StopRequested(name)
+        # no exception from here: raised at an arbitrary bytecode it could cut a `finally`
+        # (averaged weights half swapped back) in two; interruptible work polls instead
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
         """A block of long work that needs no saving (a validation, a temperature search):
-        the first signal raises :class:`StopRequested` in it at once, instead of waiting
-        for it to end; entering it after a signal raises at once too."""
+        entering it after a signal raises :class:`StopRequested` at once; inside it, the
+        work polls :attr:`requested` at safe points (between evaluation windows) and
+        raises :class:`StopRequested` there, instead of running to its end."""
         if self.requested is not None:
             raise StopRequested(self.requested)
-        self._interruptible += 1
-        try:
-            yield
-        finally:
-            self._interruptible -= 1
+        yield

@@ -151,6 +151,8 @@ class _Counters:
     skipped_steps: int = 0  # steps without an update: non-finite loss, train.nonfinite=skip
     rollbacks: int = 0  # returns to last.pt after a non-finite loss (train.nonfinite=rollback)
     nonfinite_streak: int = 0  # non-finite losses since the last checkpoint
+    # a scheduled validation a signal abandoned at this step (0: none): a resume does it first
+    unvalidated_step: int = 0
     last_saved_step: int | None = None  # step of last.pt (not stored in it)
 
 
@@ -414,11 +416,15 @@ def _validate(run: _Run) -> tuple[float, int]:
         run.valid_temperature = t = _search_temperature(run, data)
         if data.size(1) and cap != 0:  # more ranks than streams leaves some with nothing
             bptt, amp = run.cfg.data.bptt, run.amp_dtype
+            poll = _StopPoll(run.stop)  # a signal ends the validation between two windows
             if t == 1.0:
-                loss, count = evaluate_loss(run.model, data, bptt, max_tokens=cap, amp_dtype=amp)
+                loss, count = evaluate_loss(
+                    run.model, data, bptt, max_tokens=cap, amp_dtype=amp, progress=poll
+                )
             else:
                 (loss,), count = score_split(
-                    run.model, data, bptt, temperatures=[t], max_tokens=cap, amp_dtype=amp
+                    run.model, data, bptt, temperatures=[t], max_tokens=cap, amp_dtype=amp,
+                    progress=poll,
                 )
     loss, count = distributed.average_loss(loss, count, run.dist)
     run.model.train()
@@ -428,6 +434,20 @@ def _validate(run: _Run) -> tuple[float, int]:
             + _checkpoint_note(run)
         )
     return loss, count
+
+
+class _StopPoll:
+    """Passed as an evaluation's ``progress``: between two windows it raises
+    :class:`StopRequested` once SIGINT/SIGTERM asked the run to stop. Only there: a
+    validation is never cut inside a window or while the averaged weights are swapped
+    back, so what the run saves next is whole."""
+
+    def __init__(self, stop: GracefulStop | None) -> None:
+        self.stop = stop
+
+    def update(self, tokens: int, loss: Any) -> None:
+        if self.stop is not None and self.stop.requested is not None:
+            raise StopRequested(self.stop.requested)
 
 
 def _search_temperature(run: _Run, data: Tensor) -> float:
@@ -447,6 +467,7 @@ def _search_temperature(run: _Run, data: Tensor) -> float:
             temperatures=OFFICIAL_TEMPERATURES,
             max_tokens=cap,
             amp_dtype=run.amp_dtype,
+            progress=_StopPoll(run.stop),
         )
     losses = [distributed.average_loss(loss, count, run.dist)[0] for loss in losses]
     return OFFICIAL_TEMPERATURES[losses.index(min(losses))]  # ties: the first, as official
@@ -650,9 +671,13 @@ def _loop(
     run.session_start = time.perf_counter() - c.elapsed
     train_time = session_tokens = 0.0
     train_loss = None
-    last_eval = c.step  # the checkpoint (if any) was taken right after a validation
+    last_eval = c.step  # the checkpoint (if any) was taken right after a validation...
     eta = _Eta(run)
     stopped = None
+    if c.unvalidated_step and c.unvalidated_step == c.step:  # ...or a signal abandoned it
+        if not _validation_finished(run, log, on_schedule=c.step % t.eval_every == 0):
+            return run.stop.requested, None, 0.0  # still owed; last.pt is as it was
+        c.unvalidated_step = 0
 
     while c.step < t.max_steps and not _early_stopped(run):
         stopped = _stop_requested(run, eta)
@@ -693,6 +718,7 @@ def _loop(
             eval_start = time.perf_counter()
             if not _validation_finished(run, log, on_schedule=True):
                 stopped = run.stop.requested  # a signal ended it: save the step reached
+                c.unvalidated_step = c.step  # and the resume validates it first
                 break
             eta.validation_done(time.perf_counter() - eval_start)
             last_eval = c.step
@@ -706,6 +732,7 @@ def _loop(
     elif c.step > last_eval:  # the run ended between two scheduled validations
         if not _validation_finished(run, log, on_schedule=False):
             stopped = run.stop.requested
+            c.unvalidated_step = c.step  # the resume validates it first
             _save_checkpoints(run, best=False)
     c.elapsed = time.perf_counter() - run.session_start
     if stopped is None:
@@ -818,7 +845,7 @@ def _evaluate_and_save(run: _Run, log: MetricsLog, *, on_schedule: bool) -> None
     c = run.counters
     start = time.perf_counter()
     with run.stop.interruptible() if run.stop is not None else contextlib.nullcontext():
-        c.valid_loss, scored = _validate(run)  # a signal ends it at once (StopRequested)
+        c.valid_loss, scored = _validate(run)  # a signal ends it early (StopRequested)
     speed = scored / max(time.perf_counter() - start, 1e-9)
     if on_schedule:
         run.schedule.update(c.valid_loss)

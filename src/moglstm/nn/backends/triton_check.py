@@ -291,9 +291,12 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 def deferred(x: Tensor) -> bool:
     """Whether no check can run now: inside an outer CUDA-graph capture (it reads values
-    on the host), or under a tracer or a ``torch.func`` transform (its windows would be
-    traced or transformed too)."""
+    on the host), under a tracer or a ``torch.func`` transform (its windows would be
+    traced or transformed too), or in ``torch.inference_mode`` (its tensors cannot carry
+    the gradients the check compares). Until then the torch-ops loop runs."""
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    if torch.is_inference_mode_enabled():
         return True
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
     return tracing or torch._C._are_functorch_transforms_active()
