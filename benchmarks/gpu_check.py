@@ -59,6 +59,7 @@ import torch  # noqa: E402
 from childproc import run_group  # noqa: E402  (beside this script)
 from latency_probe import probe  # noqa: E402
 
+from moglstm.benchmark import tf32_allowed  # noqa: E402
 from moglstm.nn import MogrifierLSTM, backends  # noqa: E402
 from moglstm.nn.backends import graphs  # noqa: E402
 from moglstm.nn.backends import triton as tb  # noqa: E402
@@ -93,20 +94,6 @@ def environment() -> dict:
     except ImportError:
         info["triton"] = None
     return info
-
-
-class tf32:
-    """Context: TF32 products on or off (cuBLAS, cuDNN, and so the Triton backend)."""
-
-    def __init__(self, on: bool) -> None:
-        self.on = on
-
-    def __enter__(self) -> None:
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.on
-
-    def __exit__(self, *exc) -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
 # -- the shapes: the target, and ptb-paper's layers as its preset builds them
@@ -284,7 +271,7 @@ def run_correctness(dry: bool, device: str, deadline: float) -> list[dict]:
 
 def correct_one(name, layer, x, cot, truth, label, dtype, on, device) -> dict:
     dt = getattr(torch, dtype)
-    with tf32(on):
+    with tf32_allowed(on):
         graphs.GRAPHS.clear()
         before = (graphs.GRAPHS.captures, graphs.GRAPHS.replays)
         tri = copy.deepcopy(layer).to(device, dt)
